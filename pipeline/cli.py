@@ -1,0 +1,81 @@
+"""The ``dvt`` console script. Each subcommand is one module of ``jobs/``, so ``dvt NAME ...`` and
+``python -m jobs.NAME ...`` (or ``ray job submit ... -- python -m jobs.NAME ...``) take the same flags.
+
+A job module provides ``add_arguments(parser)``, ``run(args) -> int`` and a one-line docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["JOBS", "build_parser", "main", "job_main"]
+
+#: Subcommand name -> module under ``jobs/``. Order is the order ``dvt --help`` lists them.
+JOBS: dict[str, str] = {
+    "info": "jobs.info",
+}
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _describe(module) -> str:
+    return (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dvt", description="Denoising Vision Transformers at dataset scale (stage 1, 2 and 3 on Ray).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in JOBS.items():
+        module = importlib.import_module(module_name)
+        desc = _describe(module)
+        p = sub.add_parser(name, help=desc, description=desc)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose)
+    return _run_job(args._run, args)
+
+
+def _run_job(run, args: argparse.Namespace) -> int:
+    from pipeline.backbone import BackboneError
+
+    try:
+        return int(run(args) or 0)
+    except (BackboneError, FileNotFoundError, PermissionError) as e:
+        logging.getLogger("dvt").error("%s", e)
+        return 1
+
+
+def job_main(module_name: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point behind ``python -m jobs.NAME``: same flags as ``dvt NAME``."""
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=_describe(module))
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    return _run_job(module.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Shared fixtures: a real S3-compatible server on 127.0.0.1, a loopback-only Ray, no network for models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports timm, huggingface_hub or ray.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds and talks on 127.0.0.1 only
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "dvt-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dvt-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "pipeline" / "samples"
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Endpoint URL of an S3 server on 127.0.0.1: the one in AWS_ENDPOINT_URL_S3 if it answers, else a
+    moto server started here (a separate process, so Ray workers and writer processes reach it too)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint and endpoint.startswith(("http://127.0.0.1", "http://localhost")) and _answers(endpoint):
+        yield endpoint
+        return
+    port = _free_port()
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not _answers(endpoint):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"moto_server did not start on {endpoint}")
+        time.sleep(0.1)
+    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    try:
+        yield endpoint
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket; yields its ``s3://`` URL."""
+    from pipeline.storage import filesystem
+
+    name = f"dvt-test-{uuid.uuid4().hex[:12]}"
+    fs, _ = filesystem(f"s3://{name}", skip_instance_cache=True)
+    fs.mkdir(name)
+    yield f"s3://{name}"
+    try:
+        fs.rm(name, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (starting Ray costs seconds), loopback only."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Path]:
+    paths = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    assert paths, f"no sample images in {SAMPLES}"
+    return paths
