@@ -68,6 +68,8 @@ def _run_job(run, args: argparse.Namespace) -> int:
 
 def job_main(module_name: str, argv: Sequence[str] | None = None) -> int:
     """Entry point behind ``python -m jobs.NAME``: same flags as ``dvt NAME``."""
+    if module_name == "__main__":  # run as `python -m jobs.NAME`: name it as users typed it
+        module_name = sys.modules["__main__"].__spec__.name
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=_describe(module))
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")

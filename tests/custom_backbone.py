@@ -1,0 +1,26 @@
+"""A user's own backbone, built through ``--model tests.custom_backbone:create`` (see pipeline/backbone.py)."""
+
+import torch
+from torch import nn
+
+
+class TinyConvViT(nn.Module):
+    patch_size = 8
+    embed_dim = 12
+    num_prefix_tokens = 0
+    mean = (0.5, 0.5, 0.5)
+    std = (0.25, 0.25, 0.25)
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, self.embed_dim, self.patch_size, self.patch_size)
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def create(weights=None) -> TinyConvViT:
+    model = TinyConvViT()
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    return model
