@@ -1,0 +1,100 @@
+"""Turn image bytes into RGB pixels the backbone can take, or a one-line reason why not.
+
+Everything a corpus throws at us is normalised here: EXIF orientation, grey, grey+alpha, palette, RGBA,
+CMYK and 16-bit images become 8-bit RGB (alpha is composited onto white). Truncated files, non-images,
+empty files, decompression bombs and absurd dimensions raise :class:`ImageDecodeError`, which the jobs
+record as a failed manifest row instead of stopping.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["DecodeConfig", "DecodedImage", "ImageDecodeError", "decode_image", "resize_to_tensor"]
+
+
+class ImageDecodeError(ValueError):
+    """An input image cannot be used; the message is the reason stored in the manifest."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Limits on what is accepted as an image.
+
+    Attributes:
+        max_pixels: larger images are refused before their pixels are decoded (decompression bombs).
+        min_side: smaller sides cannot hold one patch worth of content.
+        max_aspect: longer/shorter side ratio above this is refused (strips, corrupt headers).
+    """
+
+    max_pixels: int = 100_000_000
+    min_side: int = 8
+    max_aspect: float = 20.0
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # (H, W, 3) uint8, upright
+    width: int  # original width and height, after EXIF rotation
+    height: int
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedImage:
+    """Decode ``data`` into upright 8-bit RGB, enforcing ``config``'s limits."""
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            w, h = image.size
+            if w * h > config.max_pixels:
+                raise ImageDecodeError(f"{w}x{h} pixels exceeds the limit of {config.max_pixels} "
+                                       "(decompression bomb?); raise DecodeConfig.max_pixels to accept it")
+            if min(w, h) < config.min_side:
+                raise ImageDecodeError(f"{w}x{h} is too small: sides must be at least {config.min_side} pixels")
+            if max(w, h) / min(w, h) > config.max_aspect:
+                raise ImageDecodeError(f"{w}x{h} has an aspect ratio above {config.max_aspect}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    return DecodedImage(pixels=pixels, width=pixels.shape[1], height=pixels.shape[0])
+
+
+def resize_to_tensor(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 -> ``(3, size, size)`` float in ``[0, 1]``, resized with an antialiased bicubic.
+
+    Images are resized to a square, as the DVT reference does; the original width and height are kept
+    in the manifest so features can be mapped back to the image's aspect ratio.
+    """
+    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
