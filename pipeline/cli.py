@@ -17,6 +17,7 @@ __all__ = ["JOBS", "build_parser", "main", "job_main"]
 #: Subcommand name -> module under ``jobs/``. Order is the order ``dvt --help`` lists them.
 JOBS: dict[str, str] = {
     "info": "jobs.info",
+    "store": "jobs.store",
 }
 
 

@@ -2,7 +2,7 @@
 
 * ``manifest/listing.parquet`` (written by the driver): one row per input image, ``image_id`` dense from 0
   and ``uri``. ``image_id`` is the row of every array, so a re-run maps each image to the same row. The
-  listing only ever grows at the end: known URIs keep their ids and new ones are appended in sorted order.
+  listing only ever grows at the end: known URIs keep their ids and new ones get the next ids.
 * ``manifest/parts/part-<unit>.parquet`` (one object per work unit, written after the unit's array data):
   one row per image of the unit with :data:`MANIFEST_SCHEMA`. An image counts as done only when a part holds
   a row for it. A retried unit has the same ``<unit>`` name and overwrites its own part.
@@ -249,11 +249,12 @@ def compact_parts(fs: fsspec.AbstractFileSystem, root: str) -> tuple[int, str | 
 # ---------------------------------------------------------------------------------------------------- listing
 
 def make_listing(uris: Iterable[str]) -> pa.Table:
-    """A listing for ``uris``: duplicates dropped, sorted, ``image_id`` dense from 0.
+    """A listing for ``uris`` in the order given (repeats dropped), ``image_id`` dense from 0.
 
-    Sorting makes the ids independent of the order a bucket listing or a glob happened to return.
+    Same order as :mod:`pipeline.listing`, which sorts folder and glob sources and keeps list-file order, so
+    the same source always gives the same ids.
     """
-    unique = sorted(set(str(u) for u in uris))
+    unique = list(dict.fromkeys(str(u) for u in uris))
     return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": pa.array(unique, pa.string())})
 
 
@@ -271,8 +272,8 @@ def _check_listing(table: pa.Table) -> pa.Table:
 def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Table:
     """The listing after adding ``new``: append-only, so every image keeps its id (and its row).
 
-    ``new`` is either URIs (those not listed yet get the next ids, in sorted order) or a full listing table
-    whose first ``len(old)`` rows must match ``old``.
+    ``new`` is either URIs (those not listed yet get the next ids, in the order given) or a full listing
+    table (as :func:`pipeline.listing.read_listing` returns) whose first ``len(old)`` rows must match ``old``.
     """
     if old is None or old.num_rows == 0:
         return _check_listing(new) if isinstance(new, pa.Table) else make_listing(new)
@@ -284,7 +285,7 @@ def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Ta
                              f"listing ({n} images): a listing may only grow at the end")
         return new
     known = set(old["uri"].to_pylist())
-    added = sorted(set(str(u) for u in new) - known)
+    added = [u for u in dict.fromkeys(str(u) for u in new) if u not in known]
     if not added:
         return old
     start = old.num_rows

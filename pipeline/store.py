@@ -230,7 +230,8 @@ def _to_numpy(x: Any, dtype: str) -> np.ndarray:
         if str(x.dtype) == "torch.bfloat16":
             x = x.float()
         x = x.numpy()
-    return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+    with np.errstate(over="ignore"):  # overflow to inf is caught by the finiteness check of write_unit
+        return np.ascontiguousarray(np.asarray(x), dtype=dtype)
 
 
 class FeatureStore:
@@ -302,7 +303,8 @@ class FeatureStore:
 
         Args:
             layout: what the store holds.
-            listing: input URIs (ids assigned in sorted order) or a table with dense ``image_id`` and ``uri``.
+            listing: a table with dense ``image_id`` and ``uri`` (:func:`pipeline.listing.read_listing`), or URIs
+                (ids in the order given).
             overwrite: delete an existing store (of any configuration) and start empty.
             allow_config_change: append even though ``layout.stage1`` differs from the store's; the previous
                 configuration is kept in the ``history`` attribute. Geometry changes are never appended.
@@ -410,6 +412,15 @@ class FeatureStore:
         self._manifest = None
         return self
 
+    def update_attrs(self, **attrs: Any) -> None:
+        """Merge JSON-serialisable ``attrs`` into the group attributes (driver only, e.g. a run's summary)."""
+        if self.mode != "r+":
+            raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write")
+        loc, so = zarr_location(self.url, **self._options)
+        with storage_errors(self.url):
+            zarr.open_group(loc, mode="r+", storage_options=so).attrs.update(_jsonable(attrs))
+        self.attrs.update(_jsonable(attrs))
+
     def ids(self, status: str = STATUS_OK) -> np.ndarray:
         """Image ids whose manifest status is ``status`` (``"ok"`` or ``"failed"``)."""
         m = self.manifest()
@@ -447,8 +458,9 @@ class FeatureStore:
         if not recs:
             raise ValueError("a unit needs at least one record")
         ids = np.array([r.image_id for r in recs], dtype=np.int64)
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError(f"a unit lists an image twice: {sorted(ids[np.unique(ids, return_counts=True)[1] > 1])}")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if len(uniq) != len(ids):
+            raise ValueError(f"a unit lists an image twice: {uniq[counts > 1].tolist()}")
         out = ids[(ids < 0) | (ids >= self.num_rows)]
         if len(out):
             raise ValueError(f"image ids {out[:5].tolist()} are outside the store's {self.num_rows} rows: grow the "
@@ -578,9 +590,9 @@ class FeatureStore:
             yield current["raw"], current["clean"]
 
     def to_ray_dataset(self, arrays: Sequence[str] = ("raw", "clean"), *, ids: Sequence[int] | None = None,
-                       batch_size: int = 8, num_cpus: float = 0.5, rows_per_block: int | None = None
-                       ) -> ray.data.Dataset:
-        """A Ray Dataset of ok images: columns ``image_id``, ``uri`` and one tensor column per array.
+                       batch_size: int = 8, num_cpus: float = 0.5, with_uri: bool = False,
+                       rows_per_block: int | None = None) -> ray.data.Dataset:
+        """A Ray Dataset of ok images: columns ``image_id`` (``uri`` if asked) and one tensor column per array.
 
         Built from the manifest on the driver; the arrays are read lazily by Ray tasks, a batch at a time, so it
         streams into ``iter_torch_batches`` or Ray Train's ``get_dataset_shard``. Not for ``memory://`` stores
@@ -589,7 +601,7 @@ class FeatureStore:
         import ray.data
 
         m = self.manifest()
-        m = m.filter(pc.equal(m["status"], STATUS_OK)).select(["image_id", "uri"])
+        m = m.filter(pc.equal(m["status"], STATUS_OK)).select(["image_id", "uri"] if with_uri else ["image_id"])
         if ids is not None:
             m = m.filter(pc.is_in(m["image_id"], pa.array(np.asarray(ids, dtype=np.int64))))
         step = rows_per_block or max(batch_size, math.ceil(m.num_rows / 64))

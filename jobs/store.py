@@ -1,0 +1,45 @@
+"""Inspect and maintain feature stores: counts, failures, attributes and size on storage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+
+from pipeline.store import FeatureStore, StoreError
+
+_log = logging.getLogger("dvt.store")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    info = sub.add_parser("info", help="counts ok/failed/pending, failure reasons, attributes, arrays, size")
+    info.add_argument("url", help="store URL: local path, file://, s3://, memory://")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    compact = sub.add_parser("compact", help="merge the manifest parts into one object (no writer may be running)")
+    compact.add_argument("url", help="store URL")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not getattr(args, "action", None):
+        sys.stderr.write("usage: dvt store {info,compact} URL\n")
+        return 2
+    try:
+        if args.action == "info":
+            info = FeatureStore.open(args.url).info()
+            sys.stdout.write((json.dumps(asdict(info), indent=2, default=str) if args.json else info.format()) + "\n")
+        elif args.action == "compact":
+            merged = FeatureStore.open(args.url, "r+").compact()
+            _log.info("merged %d manifest parts of %s", merged, args.url)
+    except (StoreError, FileNotFoundError, PermissionError) as e:
+        _log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import job_main
+
+    sys.exit(job_main(__name__))
