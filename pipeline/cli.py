@@ -16,6 +16,7 @@ __all__ = ["JOBS", "build_parser", "main", "job_main"]
 
 #: Subcommand name -> module under ``jobs/``. Order is the order ``dvt --help`` lists them.
 JOBS: dict[str, str] = {
+    "denoise": "jobs.denoise",
     "info": "jobs.info",
     "store": "jobs.store",
 }
@@ -58,12 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_job(run, args: argparse.Namespace) -> int:
-    from pipeline.backbone import BackboneError
+    """Run a job; errors about the user's input end in one logged sentence (a traceback too with -v)."""
+    from pipeline.store import StoreError
 
     try:
         return int(run(args) or 0)
-    except (BackboneError, FileNotFoundError, PermissionError) as e:
-        logging.getLogger("dvt").error("%s", e)
+    except (ValueError, StoreError, OSError, KeyError) as e:
+        logging.getLogger("dvt").error("%s: %s", type(e).__name__, e, exc_info=args.verbose > 0)
         return 1
 
 

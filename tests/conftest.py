@@ -88,8 +88,11 @@ def s3_bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the whole session (starting Ray costs seconds), loopback only."""
+def ray_local(s3_endpoint):
+    """One local Ray instance for the whole session (starting Ray costs seconds), loopback only.
+
+    Started after the S3 server so its workers inherit the endpoint, as a job's runtime_env gives it them.
+    """
     import ray
 
     if not ray.is_initialized():

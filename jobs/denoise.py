@@ -1,0 +1,61 @@
+"""Denoise an image corpus with stage 1 into a feature store (Ray Data; resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.denoise import DEFAULT_MODEL, DenoiseConfig, run_denoise
+from pipeline.stage1 import PRESETS
+
+SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
+
+#: Exit status when the job finished but some images failed (they are recorded in the manifest).
+EXIT_SOME_FAILED = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("data")
+    io.add_argument("--images", default=SAMPLES,
+                    help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled samples)")
+    io.add_argument("--output", default="outputs/denoised.zarr", help="feature store URL (path, file://, s3://)")
+    io.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
+    io.add_argument("--overwrite", action="store_true", help="delete the store and redo every image")
+    io.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
+                    help="skip images a previous run recorded as failed")
+    io.add_argument("--allow-config-change", action="store_true",
+                    help="add to a store made with another stage-1 configuration")
+    io.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    io.add_argument("--no-artifact", dest="keep_artifact", action="store_false", help="do not store G")
+    model = parser.add_argument_group("backbone")
+    model.add_argument("--model", default=DEFAULT_MODEL, help="timm model name or package.module:factory")
+    model.add_argument("--weights", default="hub", help="'hub' (timm pretrained), 'none' (random), or a local file")
+    model.add_argument("--block", type=int, default=-1, help="transformer block to denoise (default: last)")
+    model.add_argument("--stride", type=int, default=None, help="patch stride (default: the patch size)")
+    model.add_argument("--input-size", type=int, default=518, help="images are resized to this square size")
+    fit = parser.add_argument_group("stage 1")
+    fit.add_argument("--preset", choices=sorted(PRESETS), default="default", help="stage-1 preset")
+    fit.add_argument("--views", type=int, default=None, help="random views per image (overrides the preset)")
+    fit.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the preset)")
+    fit.add_argument("--seed", type=int, default=0, help="seed for views and random draws")
+    run = parser.add_argument_group("resources")
+    run.add_argument("--images-per-batch", type=int, default=4, help="images fitted together per worker")
+    run.add_argument("--workers", type=int, default=1, help="number of stage-1 workers (actors)")
+    run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
+    run.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
+                     help="seconds between progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {f for f in DenoiseConfig.__dataclass_fields__}
+    config = DenoiseConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    summary = run_denoise(config)
+    return EXIT_SOME_FAILED if summary.failed else 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import job_main
+
+    sys.exit(job_main(__name__))
