@@ -96,10 +96,34 @@ def ray_local(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": always a private instance, never a cluster another test (ray_head) started.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_endpoint, tmp_path_factory):
+    """A Ray head started with `ray start` on 127.0.0.1 with its dashboard, for `ray job submit` tests.
+
+    Yields the dashboard address. The venv's bin comes first on PATH, as a cluster image would have it, so
+    job entry points' `python` is the one with the package installed.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = [str(Path(bin_dir) / "ray")]
+    subprocess.run(ray_cli + ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                              "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        yield address, env
+    finally:
+        subprocess.run(ray_cli + ["stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")
