@@ -15,7 +15,8 @@ from typing import Any
 import fsspec
 
 __all__ = ["s3_endpoint", "storage_options", "filesystem", "strip_protocol", "is_remote", "is_local",
-           "local_path", "zarr_location", "BucketNotFoundError", "AccessDeniedError", "storage_errors"]
+           "local_path", "zarr_location", "BucketNotFoundError", "AccessDeniedError", "missing_bucket",
+           "storage_errors"]
 
 #: botocore retry policy for object storage: exponential backoff with jitter on throttling and 5xx.
 S3_RETRIES = {"max_attempts": 8, "mode": "adaptive"}
@@ -101,6 +102,13 @@ def _error_code(error: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+def missing_bucket(url: str) -> BucketNotFoundError:
+    """The error for an ``s3://`` URL whose bucket does not exist."""
+    bucket = _bucket(url)
+    return BucketNotFoundError(f"S3 bucket '{bucket}' does not exist{_where()} (URL {url}): create it first "
+                               f"(aws s3 mb s3://{bucket}) or fix the URL.")
+
+
 @contextmanager
 def storage_errors(url: str) -> Iterator[None]:
     """Turn an object store's missing-bucket and access errors into messages that say what to do.
@@ -115,10 +123,7 @@ def storage_errors(url: str) -> Iterator[None]:
         text = str(e).lower()
         if fsspec.utils.get_protocol(url) in ("s3", "s3a") and (
                 _error_code(e) == "NoSuchBucket" or "bucket does not exist" in text):
-            bucket = _bucket(url)
-            raise BucketNotFoundError(
-                f"S3 bucket '{bucket}' does not exist{_where()} (URL {url}): create it first "
-                f"(aws s3 mb s3://{bucket}) or fix the URL.") from e
+            raise missing_bucket(url) from e
         raise
     except PermissionError as e:
         code = _error_code(e) or str(e).splitlines()[0][:200]

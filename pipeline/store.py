@@ -37,7 +37,7 @@ import zarr
 from . import __version__
 from .manifest import (LISTING_FILE, PARTS_DIR, STATUS_FAILED, STATUS_OK, ImageRecord, compact_parts,
                        extend_listing, put_atomic, read_manifest, unit_id, write_part)
-from .storage import BucketNotFoundError, filesystem, storage_errors, strip_protocol, zarr_location
+from .storage import filesystem, missing_bucket, storage_errors, strip_protocol, zarr_location
 
 if TYPE_CHECKING:
     import ray.data
@@ -56,6 +56,7 @@ DESCRIPTIONS = {
     "artifact": "position-dependent artifact term (stage-1 G)",
 }
 _MAX_ERROR = 2000
+_IO_THREADS = 16
 
 
 class StoreError(Exception):
@@ -224,6 +225,15 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _nonfinite_rows(a: np.ndarray) -> np.ndarray:
+    """Per image: does it hold inf or NaN? Tests exponent bits one image at a time (~8x isfinite on float16)."""
+    uint, top = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}[a.itemsize]
+    bits = a.reshape(len(a), -1).view(uint)
+    buf = np.empty(bits.shape[1], dtype=uint)
+    magnitude = uint(np.iinfo(uint).max >> 1)  # all bits but the sign
+    return np.array([np.bitwise_and(row, magnitude, out=buf).max() >= top for row in bits], dtype=bool)
+
+
 def _to_numpy(x: Any, dtype: str) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch
         x = x.detach().to("cpu")
@@ -249,7 +259,9 @@ class FeatureStore:
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.layout = StoreLayout.from_attrs(self.attrs)
         self.num_rows = int(self.attrs["num_rows"])
-        self._arrays = {name: group[name] for name in self.layout.arrays}
+        # Workers only write chunks they fill completely, never the fill value: skip zarr's per-chunk
+        # "is it all NaN?" scan (slow on float16) by declaring empty chunks worth writing.
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in self.layout.arrays}
         for name, arr in self._arrays.items():
             if arr.shape != (self.num_rows, *self.layout.image_shape):
                 raise StoreError(f"{self.url}: array {name!r} has shape {arr.shape}, the store's attributes say "
@@ -257,6 +269,8 @@ class FeatureStore:
                                  f"FeatureStore.create again with the same listing.")
         self._listing: pa.Table | None = None
         self._manifest: pa.Table | None = None
+        self._status: np.ndarray | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.url!r}, mode={self.mode!r}, rows={self.num_rows})"
@@ -406,11 +420,25 @@ class FeatureStore:
         if self._manifest is None or refresh:
             with storage_errors(self.url):
                 self._manifest = read_manifest(self.fs, self.root)
+            self._status = None
         return self._manifest
 
     def refresh(self) -> FeatureStore:
-        self._manifest = None
+        """Forget the cached manifest, so the next read sees units committed since."""
+        self._manifest = self._status = None
         return self
+
+    def _row_status(self) -> np.ndarray:
+        """Per row: 0 pending, 1 ok, 2 failed (cached with the manifest)."""
+        m = self.manifest()
+        if self._status is None:
+            status = np.zeros(self.num_rows, dtype=np.int8)
+            ids = m["image_id"].to_numpy()
+            code = np.where(pc.equal(m["status"], STATUS_OK).to_numpy(zero_copy_only=False), 1, 2).astype(np.int8)
+            keep = ids < self.num_rows  # rows a driver added after this store was opened are not ours to judge
+            status[ids[keep]] = code[keep]
+            self._status = status
+        return self._status
 
     def update_attrs(self, **attrs: Any) -> None:
         """Merge JSON-serialisable ``attrs`` into the group attributes (driver only, e.g. a run's summary)."""
@@ -422,17 +450,15 @@ class FeatureStore:
         self.attrs.update(_jsonable(attrs))
 
     def ids(self, status: str = STATUS_OK) -> np.ndarray:
-        """Image ids whose manifest status is ``status`` (``"ok"`` or ``"failed"``)."""
-        m = self.manifest()
-        mask = np.asarray(m["status"].to_numpy(zero_copy_only=False) == status)
-        return m["image_id"].to_numpy()[mask]
+        """Sorted image ids whose manifest status is ``status`` (``"ok"`` or ``"failed"``)."""
+        if status not in (STATUS_OK, STATUS_FAILED):
+            raise ValueError(f"status must be 'ok' or 'failed', got {status!r}")
+        return np.flatnonzero(self._row_status() == (1 if status == STATUS_OK else 2))
 
     def todo(self, retry_failed: bool = False) -> np.ndarray:
         """Ids a run still has to process: listed images without a manifest entry (and failed ones on request)."""
-        done = self.ids(STATUS_OK) if retry_failed else self.manifest()["image_id"].to_numpy()
-        mask = np.ones(self.num_rows, dtype=bool)
-        mask[done[done < self.num_rows]] = False
-        return np.flatnonzero(mask)
+        status = self._row_status()
+        return np.flatnonzero(status != 1 if retry_failed else status == 0)
 
     # ------------------------------------------------------------------------------------------ writing
     def unit(self) -> UnitWriter:
@@ -476,7 +502,7 @@ class FeatureStore:
             if len(ok_ids):
                 self._write_rows(ok_ids, data)
             write_part(self.fs, self.root, recs, name)
-        self._manifest = None
+        self.refresh()
         return name
 
     def _unit_arrays(self, recs: list[ImageRecord], arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -501,35 +527,38 @@ class FeatureStore:
             out[name] = a
         finite = np.ones(len(ok_idx), dtype=bool)
         for name, a in out.items():
-            bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            bad = _nonfinite_rows(a)
             for j in np.flatnonzero(bad & finite):
                 rec = recs[ok_idx[j]]
                 rec.status, rec.error = STATUS_FAILED, f"non-finite values in {name!r} (in {self.layout.dtype})"
                 _log.warning("image %d: %s; recorded as failed", rec.image_id, rec.error)
             finite &= ~bad
-        return {name: a[finite] for name, a in out.items()}
+        return out if finite.all() else {name: a[finite] for name, a in out.items()}
 
     def _write_rows(self, ids: np.ndarray, data: Mapping[str, np.ndarray]) -> None:
-        order = np.argsort(ids)
-        ids = ids[order]
-        contiguous = ids[-1] - ids[0] + 1 == len(ids)
+        """Write whole chunks, one ``setitem`` per chunk, all concurrently.
 
-        def put(name: str) -> None:
-            values = data[name][order]
-            if contiguous:
-                self._arrays[name][int(ids[0]):int(ids[-1]) + 1] = values
-            else:
-                self._arrays[name].oindex[ids] = values
+        A value shaped exactly like its chunk goes to the codec as is; a multi-chunk ``setitem`` would first
+        copy every chunk into a fresh fill-value buffer (an extra pass over the data).
+        """
+        def put(job: tuple[str, int]) -> None:
+            name, j = job
+            row = int(ids[j])
+            self._arrays[name][row:row + 1] = data[name][j:j + 1]
 
-        # One thread per array: zarr already writes the chunks of one call concurrently; this overlaps arrays.
-        with ThreadPoolExecutor(max_workers=len(data)) as pool:
-            list(pool.map(put, data))
+        list(self._executor().map(put, [(name, j) for name in data for j in range(len(ids))]))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """Threads that only wait on zarr's event loop, which does the I/O concurrently."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="dvt-store")
+        return self._pool
 
     def compact(self) -> int:
         """Merge all manifest parts into one object (driver only, no writer running). Returns parts merged."""
         with storage_errors(self.url):
             n, _ = compact_parts(self.fs, self.root)
-        self._manifest = None
+        self.refresh()
         return n
 
     # ------------------------------------------------------------------------------------------ reading
@@ -546,15 +575,19 @@ class FeatureStore:
         if unknown:
             raise KeyError(f"{self.url} has no array {sorted(unknown)}; it holds {list(self.layout.arrays)}")
         if check:
-            not_ok = np.setdiff1d(ids, self.ids(STATUS_OK))
-            if len(not_ok):
-                raise KeyError(f"images {not_ok[:10].tolist()} are not finished (ok) in {self.url}")
+            in_range = (ids >= 0) & (ids < self.num_rows)
+            not_ok = ids[~in_range].tolist() + ids[in_range][self._row_status()[ids[in_range]] != 1].tolist()
+            if not_ok:
+                raise KeyError(f"images {not_ok[:10]} are not finished (ok) in {self.url}")
         uniq, inverse = np.unique(ids, return_inverse=True)
+        contiguous = len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq)
+
+        def load(name: str) -> np.ndarray:
+            arr = self._arrays[name]
+            return arr[int(uniq[0]):int(uniq[-1]) + 1] if contiguous else arr.oindex[uniq]
+
         with storage_errors(self.url):
-            if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):
-                raw = {n: self._arrays[n][int(uniq[0]):int(uniq[-1]) + 1] for n in names}
-            else:
-                raw = {n: self._arrays[n].oindex[uniq] for n in names}
+            raw = dict(zip(names, self._executor().map(load, names)))
         out = {n: a[inverse] if len(uniq) != len(ids) or not np.array_equal(uniq, ids) else a for n, a in raw.items()}
         if torch:
             import torch as _torch
@@ -717,11 +750,9 @@ def _has_objects(fs: Any, root: str) -> bool:
 def _raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:
     fs, root = filesystem(url, **dict(storage_options or {}))
     if url.startswith(("s3://", "s3a://")):
-        bucket = strip_protocol(url).split("/", 1)[0]
         with storage_errors(url):
-            if not fs.exists(bucket):
-                raise BucketNotFoundError(f"S3 bucket '{bucket}' does not exist (URL {url}): create it first "
-                                          f"(aws s3 mb s3://{bucket}) or fix the URL.")
+            if not fs.exists(strip_protocol(url).split("/", 1)[0]):
+                raise missing_bucket(url)
     raise StoreNotFoundError(f"{url} is not a DVT feature store: there is no zarr.json there. Create one with "
                              f"FeatureStore.create (stage 1 does) or check the URL.")
 
