@@ -1,0 +1,179 @@
+"""DVT's per-image noise model ``raw(view, p) = F(x) + G(p) + h(raw)``, batched over images, with its losses.
+
+``F`` (a neural field over global image coordinates ``x``) is the clean feature map; ``G`` (a ``C x K x K``
+map over the position ``p`` of a token inside the ViT's view grid) is the input-independent artifact,
+shared by all views of an image; ``h`` (an MLP ``C -> C/4 -> C/4 -> C`` on the raw token) the
+image-dependent residual (high-norm tokens). Losses follow the reference exactly:
+
+* phase 1: ``MSE(F + G, raw) + (1 - cos(F + G, raw))``;
+* phase 2 (``G`` frozen): the same on ``F + G + sg(h)``, plus ``0.1 * MSE(h, sg(raw - F - G))`` and
+  ``0.02 * mean|h|``.
+
+Every loss is a per-image mean, so image ``b``'s gradients never depend on the other images in the batch.
+:meth:`NoiseModel.solve_linear` is the closed-form start of the default preset: alternating exact ``G``
+solves and Jacobi ``F`` solves of the MSE problem when ``F`` is a dense bilinear grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .field import BatchedGrid, BatchedMLP, FieldConfig, GridField, create_field
+
+__all__ = ["LossWeights", "NoiseModel"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Loss weights of the reference (``cos`` multiplies ``1 - cos``)."""
+
+    mse: float = 1.0
+    cos: float = 1.0
+    residual: float = 0.1
+    sparsity: float = 0.02
+
+
+class NoiseModel(nn.Module):
+    """``F``, ``G`` and ``h`` for ``B`` images.
+
+    Args:
+        field: how ``F`` is parametrised.
+        channels: feature dimension ``C``.
+        full_coords: ``(gh, gw, 2)`` global patch-centre coordinates of the full view (where ``F`` is read out).
+        view_coords: ``(gh, gw, 2)`` patch-centre coordinates inside a view (where ``G``'s nodes sit).
+        generators: one CPU generator per image; all initial values of image ``b`` come from ``generators[b]``.
+        g_init_std: ``G`` starts as ``N(0, std^2)`` (reference: 0.02), or from ``g_init`` if given.
+        g_init: optional ``(C, gh, gw)`` or ``(B, C, gh, gw)`` starting ``G`` (e.g. a model-level estimate).
+    """
+
+    def __init__(self, field: FieldConfig, channels: int, full_coords: torch.Tensor, view_coords: torch.Tensor,
+                 generators: Sequence[torch.Generator], *, g_init_std: float = 0.02,
+                 g_init: torch.Tensor | None = None, residual: bool = True):
+        super().__init__()
+        gh, gw = view_coords.shape[:2]
+        self.field = create_field(field, channels, generators, full_coords)
+        span = ((float(view_coords[0, 0, 0]), float(view_coords[0, -1, 0])),
+                (float(view_coords[0, 0, 1]), float(view_coords[-1, 0, 1])))
+        self.artifact = BatchedGrid(channels, (gh, gw), generators, span=span, init_std=g_init_std)
+        if g_init is not None:
+            with torch.no_grad():
+                self.artifact.grid.copy_(g_init.expand_as(self.artifact.grid))
+        hidden = max(1, channels // 4)
+        self.residual = BatchedMLP((channels, hidden, hidden, channels), generators) if residual else None
+        self.register_buffer("view_coords", view_coords.reshape(1, -1, 2).float(), persistent=False)
+        self.batch = len(generators)
+
+    def artifact_tokens(self) -> torch.Tensor:
+        """``G`` at every view-grid position: ``(B, gh * gw, C)`` (exact node values when ``K`` is the grid)."""
+        return self.artifact(self.view_coords.expand(self.batch, -1, -1))
+
+    def freeze_artifact(self) -> None:
+        self.artifact.grid.requires_grad_(False)
+        self.artifact.grid.grad = None
+
+    def losses(self, raw: torch.Tensor, coords: torch.Tensor, pos: torch.Tensor, *, use_residual: bool,
+               weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+        """Per-image losses ``(B,)`` on tokens ``raw (B, N, C)`` at global ``coords (B, N, 2)`` and view-grid
+        indices ``pos (B, N)``; ``"total"`` is what is optimised."""
+        clean = self.field(coords).float()
+        g_all = self.artifact_tokens()
+        art = torch.gather(g_all, 1, pos[..., None].expand(-1, -1, g_all.shape[-1]))
+        raw = raw.float()
+        base = clean + art
+        pred = base
+        out: dict[str, torch.Tensor] = {}
+        if use_residual and self.residual is not None:
+            h = self.residual(raw).float()
+            pred = base + h.detach()
+            out["residual"] = weights.residual * (h - (raw - base).detach()).square().mean((1, 2))
+            out["sparsity"] = weights.sparsity * h.abs().mean((1, 2))
+        out["mse"] = weights.mse * (pred - raw).square().mean((1, 2))
+        out["cos"] = weights.cos * (1 - F.cosine_similarity(pred, raw, dim=-1, eps=1e-8).mean(1))
+        out["total"] = sum(out.values())
+        return out
+
+    # ---- closed-form start for a linear F (dense bilinear grid) ---- #
+
+    @torch.no_grad()
+    def solve_linear(self, raw: torch.Tensor, coords: torch.Tensor, views: int, iters: int,
+                     robust: float = 3.0) -> None:
+        """Alternate exact ``G`` and Jacobi ``F`` updates of ``min ||F(x) + G(p) - raw||^2``.
+
+        ``raw (B, V * P, C)`` and ``coords (B, V * P, 2)`` hold every token, view by view (``P = gh * gw``).
+        ``G(p)`` is the mean over views of ``raw - F``; ``F += splat(residual) / splat(1)`` is a Jacobi step
+        (it converges: every bilinear weight row sums to one, so ``W^T W <= diag(W^T 1)``). In the second half,
+        tokens whose studentized residual exceeds ``robust`` times the median are dropped and ``F`` is re-solved
+        from zero, so sparse high-norm tokens do not leak into
+        ``F`` before ``h`` exists (0 disables).
+        """
+        if not isinstance(self.field, GridField):
+            raise TypeError("solve_linear needs a dense grid F (FieldConfig(kind='grid')).")
+        b, n, c = raw.shape
+        grid = self.field.grid
+        rh, rw = grid.shape[-2:]
+        idx, w = _bilinear(self.field, coords)  # (B, N, 4)
+        flat = grid.data.flatten(2).transpose(1, 2).contiguous()  # (B, R, C)
+        offs = (torch.arange(b, device=raw.device) * rh * rw)[:, None, None]
+        gidx = (idx + offs).reshape(-1)
+        g_nodes = self.artifact.grid.data.flatten(2).transpose(1, 2)  # (B, P, C) node values
+        p = g_nodes.shape[1]
+        raw = raw.float()
+        tok_w = torch.ones(b, n, 1, device=raw.device)  # robust (IRLS) token weights, 1 = inlier
+        for it in range(iters):
+            fx = _gather(flat, idx, w)
+            g_nodes = _weighted_view_mean(raw - fx, tok_w, views, p)
+            resid = raw - fx - g_nodes.repeat(1, views, 1)
+            wt = w[..., None] * tok_w[:, :, None]  # (B, N, 4, 1)
+            splat = torch.zeros(b * rh * rw, c + 2, device=raw.device)
+            vals = torch.cat([resid[:, :, None, :] * wt, wt, wt * w[..., None]], -1).reshape(-1, c + 2)
+            splat.index_add_(0, gidx, vals)
+            acc, weight = splat[:, :c], splat[:, c:c + 1]
+            if robust and it == iters // 2:
+                # Sparse high-norm tokens are h's job. A token alone on a node is fitted by F whatever its value,
+                # so judge it by its leverage-corrected (studentized) residual r / (1 - leverage), and drop it
+                # from the solve when that exceeds `robust` times the median (trimmed least squares).
+                lev = (w * w * tok_w / weight.view(b, -1)[torch.arange(b, device=raw.device)[:, None, None], idx]
+                       .clamp_min(1e-6)).sum(-1, keepdim=True)
+                r = resid.norm(dim=-1, keepdim=True) / (1 - lev).clamp_min(0.05)
+                tok_w = (r <= robust * r.median(1, keepdim=True).values).float()
+                flat = torch.zeros_like(flat)  # re-solve from scratch: F must not keep what outliers put there
+                continue
+            flat = flat + torch.where(weight > 1e-6, acc / weight.clamp_min(1e-6), 0).view(b, rh * rw, c)
+        g_nodes = _weighted_view_mean(raw - _gather(flat, idx, w), tok_w, views, p)
+        grid.data.copy_(flat.transpose(1, 2).reshape(b, c, rh, rw))
+        self.artifact.grid.data.copy_(g_nodes.transpose(1, 2).reshape_as(self.artifact.grid))
+
+
+def _weighted_view_mean(x: torch.Tensor, w: torch.Tensor, views: int, p: int) -> torch.Tensor:
+    """Per view-grid position, the ``w``-weighted mean over views of ``x (B, V * P, C)``: ``(B, P, C)``."""
+    b, _, c = x.shape
+    num = (x * w).view(b, views, p, c).sum(1)
+    return num / w.view(b, views, p, 1).sum(1).clamp_min(1e-12)
+
+
+def _bilinear(grid: BatchedGrid, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat node indices and weights ``(B, N, 4)`` of ``grid_sample(align_corners=True, border)``."""
+    rh, rw = grid.grid.shape[-2:]
+    unit = (grid.to_unit(coords.float()) + 1) / 2
+    px = (unit[..., 0] * (rw - 1)).clamp(0, rw - 1)
+    py = (unit[..., 1] * (rh - 1)).clamp(0, rh - 1)
+    x0, y0 = px.floor().clamp(max=max(rw - 2, 0)), py.floor().clamp(max=max(rh - 2, 0))
+    fx, fy = px - x0, py - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=rw - 1), (y0 + 1).clamp(max=rh - 1)
+    idx = torch.stack([y0 * rw + x0, y0 * rw + x1, y1 * rw + x0, y1 * rw + x1], -1)
+    w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    return idx, w
+
+
+def _gather(flat: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k * flat[idx_k]``: ``flat (B, R, C)``, ``idx, w (B, N, 4)`` -> ``(B, N, C)``."""
+    b, n, _ = idx.shape
+    c = flat.shape[-1]
+    vals = torch.gather(flat, 1, idx.reshape(b, -1, 1).expand(-1, -1, c)).view(b, n, 4, c)
+    return (vals * w[..., None]).sum(2)

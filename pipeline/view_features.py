@@ -1,0 +1,71 @@
+"""Backbone features of many random views of one image, in memory-bounded chunks.
+
+The boxes are exactly :func:`pipeline.views.make_views`'s (same generator, full view first), but the crops
+are rendered and passed through the ViT ``chunk`` views at a time, so 768 views of a 518-pixel image never
+sit in memory as pixels at once; only the ``(V, gh, gw, C)`` features and coordinates are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .views import ViewConfig, patch_coords, render_views, sample_boxes, view_generator
+
+__all__ = ["ViewFeatures", "view_boxes", "extract_view_features"]
+
+
+@dataclass
+class ViewFeatures:
+    """Features ``(V, gh, gw, C)`` of ``V`` views and their patch centres' global ``(x, y)`` ``(V, gh, gw, 2)``;
+    view 0 is the full image when ``ViewConfig.include_full``."""
+
+    features: torch.Tensor
+    coords: torch.Tensor
+
+
+def view_boxes(config: ViewConfig, image_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boxes and flips :func:`pipeline.views.make_views` uses for ``(image_id, seed)``."""
+    boxes, flips = sample_boxes(config.num_views, config, view_generator(image_id, seed))
+    if config.include_full:
+        boxes = torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0]]), boxes])
+        flips = torch.cat([torch.zeros(1, dtype=torch.bool), flips])
+    return boxes, flips
+
+
+@torch.no_grad()
+def extract_view_features(backbone, image: torch.Tensor, config: ViewConfig, *, image_id: int, seed: int,
+                          chunk: int = 32, dtype: torch.dtype = torch.float32,
+                          autocast_dtype: torch.dtype | None = None) -> ViewFeatures:
+    """Run ``backbone.features`` over every view of ``image`` ``(3, S, S)``, ``chunk`` views per pass.
+
+    Raises:
+        ValueError: the backbone returned non-finite values or an unexpected shape.
+    """
+    size = image.shape[-1]
+    boxes, flips = view_boxes(config, image_id, seed)
+    boxes, flips = boxes.to(image.device), flips.to(image.device)
+    coords = patch_coords(boxes, flips, size, backbone.patch_size, backbone.stride)
+    gh, gw = coords.shape[1:3]
+    out: torch.Tensor | None = None
+    for start in range(0, len(boxes), chunk):
+        sl = slice(start, start + chunk)
+        pixels = render_views(image, boxes[sl], flips[sl], size)
+        with torch.autocast(image.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            feats = backbone.features(pixels)
+        if feats.ndim != 4 or feats.shape[:3] != (pixels.shape[0], gh, gw):
+            raise ValueError(f"image {image_id}: backbone returned features of shape {tuple(feats.shape)} for "
+                             f"{pixels.shape[0]} views of {size} px; expected ({pixels.shape[0]}, {gh}, {gw}, C).")
+        bad = ~torch.isfinite(feats).flatten(1).all(1)
+        if bad.any():
+            first = start + int(bad.nonzero()[0])
+            raise ValueError(f"image {image_id}: backbone features of view {first} (box "
+                             f"{[round(v, 3) for v in boxes[first].tolist()]}) contain NaN or Inf; "
+                             "check the input pixels and the model's dtype (try fp32).")
+        if out is None:
+            out = torch.empty(len(boxes), gh, gw, feats.shape[-1], dtype=dtype, device=image.device)
+        out[sl] = feats.to(dtype)
+    assert out is not None
+    return ViewFeatures(features=out, coords=coords)
