@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", help="counts ok/failed/pending, failure reasons, attributes, arrays, size")
     info.add_argument("url", help="store URL: local path, file://, s3://, memory://")
     info.add_argument("--json", action="store_true", help="print as JSON")
+    info.add_argument("--no-size", dest="size", action="store_false",
+                      help="skip the size on storage (it lists every object: slow for millions of images)")
     compact = sub.add_parser("compact", help="merge the manifest parts into one object (no writer may be running)")
     compact.add_argument("url", help="store URL")
 
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.action == "info":
-            info = FeatureStore.open(args.url).info()
+            info = FeatureStore.open(args.url).info(size=args.size)
             sys.stdout.write((json.dumps(asdict(info), indent=2, default=str) if args.json else info.format()) + "\n")
         elif args.action == "compact":
             merged = FeatureStore.open(args.url, "r+").compact()

@@ -37,6 +37,9 @@ _log = logging.getLogger(__name__)
 LISTING_FILE = "manifest/listing.parquet"
 PARTS_DIR = "manifest/parts"
 
+#: Longest ``error`` text kept; a traceback's tail rarely helps more than its first lines.
+MAX_ERROR = 2000
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
@@ -87,6 +90,8 @@ class ImageRecord:
             raise ValueError(f"image {self.image_id}: status must be 'ok' or 'failed', got {self.status!r}")
         if self.status == STATUS_FAILED and not self.error:
             self.error = "unknown error"
+        if self.error is not None and len(str(self.error)) > MAX_ERROR:
+            self.error = str(self.error)[:MAX_ERROR - 3] + "..."
 
     @classmethod
     def coerce(cls, value: ImageRecord | Mapping[str, Any]) -> ImageRecord:
@@ -168,7 +173,8 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if {"file", "local"} & set(protocols):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"  # hidden: Parquet dataset readers skip dot files
         fs.makedirs(fs._parent(path), exist_ok=True)
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)

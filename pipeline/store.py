@@ -55,7 +55,6 @@ DESCRIPTIONS = {
     "clean": "denoised features (stage-1 neural field F)",
     "artifact": "position-dependent artifact term (stage-1 G)",
 }
-_MAX_ERROR = 2000
 _IO_THREADS = 16
 
 
@@ -188,9 +187,9 @@ class StoreInfo:
     failed: int
     pending: int
     failures: list[tuple[str, int]]
-    size_bytes: int
-    objects: int
     manifest_parts: int
+    size_bytes: int | None = None
+    objects: int | None = None
 
     def format(self) -> str:
         a = self.attrs
@@ -204,8 +203,9 @@ class StoreInfo:
         for name, arr in self.arrays.items():
             lines.append(f"  array {name:9s} shape {tuple(arr['shape'])} {arr['dtype']} chunks {tuple(arr['chunks'])}"
                          f" compressor {arr['compressor']}")
-        lines.append(f"  storage:  {_human(self.size_bytes)} in {self.objects} objects "
-                     f"({self.manifest_parts} manifest parts)")
+        size = "size not measured" if self.size_bytes is None else \
+            f"{_human(self.size_bytes)} in {self.objects} objects"
+        lines.append(f"  storage:  {size}, {self.manifest_parts} manifest parts")
         if self.failures:
             lines.append("  failures:")
             lines += [f"    {n:6d} x {reason}" for reason, n in self.failures]
@@ -274,6 +274,22 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.url!r}, mode={self.mode!r}, rows={self.num_rows})"
+
+    def __reduce__(self) -> tuple:
+        """Pickles as its URL: a copy sent to a Ray task or actor reopens the store there."""
+        return _reopen, (self.url, self.mode, self._options)
+
+    def close(self) -> None:
+        """Stop the I/O threads (they also end with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return self.num_rows
@@ -649,22 +665,24 @@ class FeatureStore:
             fn_kwargs={"url": self.url, "arrays": tuple(arrays), "options": json.dumps(options, sort_keys=True)})
 
     # ------------------------------------------------------------------------------------------ summary
-    def info(self) -> StoreInfo:
-        """Counts, failure reasons, attributes, arrays and size on storage."""
-        m = self.manifest(refresh=True)
-        status = m["status"].to_numpy(zero_copy_only=False)
-        ok, failed = int((status == STATUS_OK).sum()), int((status == STATUS_FAILED).sum())
-        errors = [e.splitlines()[0][:120] if e else "unknown" for e, s in
-                  zip(m["error"].to_pylist(), status) if s == STATUS_FAILED]
+    def info(self, size: bool = True) -> StoreInfo:
+        """Counts, failure reasons, attributes, arrays and (unless ``size=False``: it lists every object) the
+        size on storage."""
+        m = self.refresh().manifest()
+        status = self._row_status()
+        ok, failed = int((status == 1).sum()), int((status == 2).sum())
+        failed_rows = m.filter(pc.equal(m["status"], STATUS_FAILED))["error"].to_pylist()
+        errors = [e.splitlines()[0][:120] if e else "unknown" for e in failed_rows]
         with storage_errors(self.url):
-            objects = self.fs.find(self.root, detail=True)
+            parts = len(self.fs.find(f"{self.root}/{PARTS_DIR}"))
+            objects = self.fs.find(self.root, detail=True) if size else None
         arrays = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
                       "compressor": self.layout.compressor or "none"} for n, a in self._arrays.items()}
         return StoreInfo(
             url=self.url, attrs=self.attrs, arrays=arrays, listed=self.num_rows, ok=ok, failed=failed,
-            pending=self.num_rows - ok - failed, failures=Counter(errors).most_common(10),
-            size_bytes=int(sum(o.get("size") or 0 for o in objects.values())), objects=len(objects),
-            manifest_parts=sum(1 for p in objects if f"/{PARTS_DIR}/" in p))
+            pending=self.num_rows - ok - failed, failures=Counter(errors).most_common(10), manifest_parts=parts,
+            size_bytes=None if objects is None else int(sum(o.get("size") or 0 for o in objects.values())),
+            objects=None if objects is None else len(objects))
 
 
 class UnitWriter:
@@ -704,7 +722,7 @@ class UnitWriter:
         """One image that could not be processed; recorded with ``status="failed"`` and no array data."""
         base = {"image_id": record} if isinstance(record, (int, np.integer)) else record
         rec = ImageRecord.coerce(base)
-        rec.status, rec.error = STATUS_FAILED, str(error)[:_MAX_ERROR]
+        rec.status, rec.error = STATUS_FAILED, str(error)
         self.records.append(rec)
 
     def commit(self) -> str | None:
@@ -767,6 +785,10 @@ def _check_format(url: str, attrs: Mapping[str, Any]) -> None:
     if version > FORMAT_VERSION:
         raise StoreError(f"{url} has store format {version}; this dvt {__version__} reads up to {FORMAT_VERSION}: "
                          f"upgrade the package")
+
+
+def _reopen(url: str, mode: str, options: Mapping[str, Any]) -> FeatureStore:
+    return FeatureStore.open(url, mode, storage_options=options)
 
 
 @functools.lru_cache(maxsize=8)

@@ -201,11 +201,25 @@ def test_urls_that_are_not_stores(mem_url, tmp_path):
     assert (tmp_path / "photos" / "cat.jpg").exists()
 
 
+def test_unfinished_creation_is_redone_and_stores_pickle_as_urls(mem_url):
+    import pickle
+
+    import zarr
+
+    zarr.open_group(mem_url, mode="w", attributes={"format": "dvt-feature-store", "creating": True})
+    with pytest.raises(StoreNotFoundError, match="did not finish"):
+        FeatureStore.open(mem_url)
+    store = FeatureStore.create(mem_url, LAYOUT, URIS)  # a driver killed while creating: start again
+    store.write_unit(records([1]), unit_arrays([1]))
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.mode == "r+" and copy.ids().tolist() == [1]
+
+
 def test_local_store_and_iter_pairs(tmp_path):
     store = FeatureStore.create(tmp_path / "f.zarr", LAYOUT, URIS)
     for ids in ([0, 1, 2], [3, 4], [6, 9]):
         store.write_unit(records(ids), unit_arrays(ids))
-    assert not [p for p in store.fs.find(store.root) if ".tmp-" in p]
+    assert not [p for p in store.fs.find(store.root) if ".tmp-" in p] and store.ids().size == 7
     batches = list(FeatureStore.open(f"file://{tmp_path}/f.zarr").iter_pairs(batch_size=3))
     assert [len(raw) for raw, _ in batches] == [3, 3, 1]
     raw, clean = batches[1]
@@ -223,9 +237,9 @@ def test_cli_info(store, capsys):
     out = capsys.readouterr().out
     assert "12 listed, 2 ok, 1 failed, 9 pending" in out and "1 x cannot decode: truncated" in out
     assert "vit_small_patch14_dinov2 block 11" in out and "array clean" in out
-    assert main(["store", "info", "--json", store.url]) == 0
+    assert main(["store", "info", "--json", "--no-size", store.url]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["ok"] == 2 and info["arrays"]["raw"]["chunks"] == [1, *GRID, C]
+    assert info["ok"] == 2 and info["arrays"]["raw"]["chunks"] == [1, *GRID, C] and info["size_bytes"] is None
     assert main(["store", "info", store.url + "-missing"]) == 1
 
 
