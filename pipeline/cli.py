@@ -17,7 +17,9 @@ __all__ = ["JOBS", "build_parser", "main", "job_main"]
 #: Subcommand name -> module under ``jobs/``. Order is the order ``dvt --help`` lists them.
 JOBS: dict[str, str] = {
     "denoise": "jobs.denoise",
+    "eval": "jobs.eval",
     "info": "jobs.info",
+    "show": "jobs.show",
     "store": "jobs.store",
 }
 

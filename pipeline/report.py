@@ -1,0 +1,232 @@
+"""Where the evaluation's features come from, and the JSON + Markdown report it writes.
+
+A *source* is a named set of feature maps of the same images: ``raw`` (the backbone), ``stage-1`` (a
+store's ``clean`` array, the neural field ``F``) and ``stage-2`` (a store written by the apply job, whose
+``clean`` holds the denoiser's output, or a denoiser run on the fly). Maps come from a feature store
+(:func:`load_store_rows`) or are computed from images (:func:`features_from_images`); anything that maps
+pixels to ``(B, gh, gw, C)`` is a feature function for the crop-based measure and the probes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .decode import decode_image, resize_to_tensor
+from .metrics import artifact_metrics
+from .storage import filesystem
+
+__all__ = ["FeatureSet", "load_store_rows", "load_image", "features_from_images", "stage1_maps", "load_models",
+           "label_free", "write_report", "format_markdown", "MEASURES"]
+
+_log = logging.getLogger(__name__)
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: Measure -> (title, which direction is better, one-line definition) for the Markdown report.
+MEASURES: dict[str, tuple[str, str, str]] = {
+    "positional_energy": ("positional energy", "lower", "share of feature variance explained by grid position "
+                          "alone across images (omega squared)"),
+    "grid_energy": ("grid energy", "lower", "share of DCT energy of the mean-removed maps at periods "
+                    "shorter than 4 patches"),
+    "position_information": ("position information", "lower", "maximal information between feature "
+                             "summaries (norm, 3 PCs) and the patch row/column on equal-frequency grids (a "
+                             "lower bound on the paper's MIC)"),
+    "cross_view_consistency": ("cross-view consistency", "higher", "cosine similarity of two overlapping "
+                               "crops' features at the same image point"),
+}
+
+
+@dataclass
+class FeatureSet:
+    """Feature maps ``(N, gh, gw, C)`` of ``N`` images, each ``None`` when the source lacks it.
+
+    Attributes:
+        raw, clean, artifact: backbone features, denoised features, the stage-1 artifact map ``G``.
+        images: ``(N, 3, S, S)`` pixels in ``[0, 1]`` at the features' input size (``None`` rows are images
+            that could not be read).
+        titles: a short name per image.
+        uris: where each image came from.
+    """
+
+    raw: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+    artifact: torch.Tensor | None = None
+    images: list[torch.Tensor | None] | None = None
+    titles: list[str] = field(default_factory=list)
+    uris: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+
+def load_image(uri: str, size: int) -> torch.Tensor:
+    """Read, decode and resize one image to ``(3, size, size)`` in ``[0, 1]``."""
+    fs, path = filesystem(uri)
+    return resize_to_tensor(decode_image(fs.cat_file(path)).pixels, size)
+
+
+def _title(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def load_store_rows(url: str, rows: Sequence[int] | None = None, *, limit: int | None = None,
+                    images: bool = True, arrays: Sequence[str] | None = None) -> FeatureSet:
+    """Rows of a feature store (default: every finished row, at most ``limit``) and, on request, their images
+    read from the manifest's URIs and resized to the store's input size (``None`` where unreadable)."""
+    from .store import FeatureStore
+
+    store = FeatureStore.open(url)
+    ids = np.asarray(rows if rows is not None else store.ids(), dtype=np.int64)
+    if limit is not None:
+        ids = ids[:limit]
+    if not len(ids):
+        raise ValueError(f"{url} has no finished rows to evaluate.")
+    names = [a for a in (arrays or ("raw", "clean", "artifact")) if a in store.layout.arrays]
+    data = store.get(ids, names, torch=True)
+    listing = store.listing()
+    uri_of = dict(zip(listing["image_id"].to_pylist(), listing["uri"].to_pylist()))
+    uris = [str(uri_of.get(int(i), f"row {i}")) for i in ids]
+    pictures: list[torch.Tensor | None] | None = None
+    if images:
+        pictures = []
+        for uri in uris:
+            try:
+                pictures.append(load_image(uri, store.layout.input_size[0]))
+            except Exception as e:  # noqa: BLE001 - a missing picture leaves its panel blank
+                _log.warning("cannot read image %s (%s); its picture is left blank", uri, e)
+                pictures.append(None)
+    return FeatureSet(raw=data.get("raw"), clean=data.get("clean"), artifact=data.get("artifact"), images=pictures,
+                      titles=[f"{int(i)}: {_title(u)}" for i, u in zip(ids, uris)], uris=uris)
+
+
+@torch.no_grad()
+def features_from_images(uris: Sequence[str], size: int, raw_fn: FeatureFn | None = None,
+                         clean_fn: FeatureFn | None = None, batch: int = 8) -> FeatureSet:
+    """Decode ``uris`` at ``size`` pixels and run the feature functions over them (``raw_fn``: the backbone;
+    ``clean_fn``: e.g. a stage-2 :class:`pipeline.denoiser.DenoisedViT`)."""
+    pixels = torch.stack([load_image(u, size) for u in uris])
+
+    def run(fn: FeatureFn | None) -> torch.Tensor | None:
+        if fn is None:
+            return None
+        return torch.cat([fn(pixels[i:i + batch]).float().cpu() for i in range(0, len(pixels), batch)])
+
+    return FeatureSet(raw=run(raw_fn), clean=run(clean_fn), images=list(pixels), titles=[_title(u) for u in uris],
+                      uris=list(uris))
+
+
+def stage1_maps(backbone: Any, pixels: torch.Tensor, preset: str = "ci", seed: int = 0,
+                batch: int = 4) -> dict[str, torch.Tensor]:
+    """Fit stage 1 to ``pixels`` ``(N, 3, S, S)`` with a named preset: ``raw``, ``clean`` and ``artifact``."""
+    from .stage1 import Stage1Config, fit_images
+
+    config = Stage1Config.preset(preset)
+    out: dict[str, list[torch.Tensor]] = {"raw": [], "clean": [], "artifact": []}
+    for start in range(0, len(pixels), batch):
+        ids = list(range(start, min(start + batch, len(pixels))))
+        for r in fit_images(backbone, pixels[ids[0]:ids[-1] + 1], config, image_ids=ids, seed=seed):
+            out["raw"].append(r.raw)
+            out["clean"].append(r.clean)
+            out["artifact"].append(r.artifact)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def label_free(sources: Mapping[str, torch.Tensor], *, information: bool = True) -> dict[str, dict[str, float]]:
+    """:func:`pipeline.metrics.artifact_metrics` for each named source."""
+    out = {}
+    for name, maps in sources.items():
+        t0 = time.perf_counter()
+        out[name] = artifact_metrics(maps.float(), information=information)
+        _log.info("%s: %s (%.1fs)", name, ", ".join(f"{k} {v:.3f}" for k, v in out[name].items()),
+                  time.perf_counter() - t0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def format_markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown rendering of a report dict (see :func:`write_report`)."""
+    lines = ["# DVT evaluation", ""]
+    inputs = report.get("inputs", {})
+    if inputs:
+        lines += [f"- **{k}**: `{v}`" for k, v in inputs.items() if v not in (None, "", [])] + [""]
+    measures = report.get("artifacts", {})
+    if measures:
+        sources = list(measures)
+        keys = [k for k in MEASURES if any(k in measures[s] for s in sources)]
+        lines += ["## Artifact measures (no labels)", ""]
+        lines += _table(["measure", "better", *sources],
+                        [[MEASURES[k][0], MEASURES[k][1], *(_fmt(measures[s].get(k)) for s in sources)] for k in keys])
+        lines += ["", *(f"- *{MEASURES[k][0]}*: {MEASURES[k][2]}." for k in keys), ""]
+        if report.get("notes"):
+            lines += [f"> {n}" for n in report["notes"]] + [""]
+    for task, metrics, title in (("segmentation", ("miou", "pixel_accuracy"), "Linear segmentation probe"),
+                                 ("depth", ("rmse", "abs_rel", "delta1"), "Linear depth probe")):
+        res = report.get("probes", {}).get(task)
+        if not res:
+            continue
+        info = res.get("dataset", {})
+        lines += [f"## {title}", "", f"{info.get('root', '')}: {info.get('train', '?')} train / "
+                  f"{info.get('val', '?')} val images, labels at {info.get('label_size', '?')} px.", ""]
+        sources = [s for s in res if s != "dataset"]
+        lines += _table(["source", *metrics], [[s, *(_fmt(res[s].get(m)) for m in metrics)] for s in sources])
+        lines += [""]
+    lines += [f"Written {report.get('written', '')} in {_fmt(report.get('seconds'))} s.", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "report.json", out / "report.md"
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, Mapping):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    json_path.write_text(json.dumps(clean(report), indent=2) + "\n")
+    md_path.write_text(format_markdown(report))
+    return json_path, md_path
+
+
+def load_models(model: str, weights: str, input_size: int, *, block: int = -1, stride: int | None = None,
+                denoiser: str | None = None) -> tuple[Any, Any]:
+    """The backbone, and a stage-2 :class:`pipeline.denoiser.DenoisedViT` over it when ``denoiser`` names a file
+    (``None`` otherwise)."""
+    from .backbone import BackboneConfig, create_backbone
+
+    backbone = create_backbone(BackboneConfig(model=model, weights=weights, block=block, stride=stride,
+                                              img_size=input_size))
+    if not denoiser:
+        return backbone, None
+    try:
+        from .denoiser import DenoisedViT
+    except ImportError as e:
+        raise ValueError(f"--denoiser needs the stage-2 module pipeline.denoiser ({e}).") from None
+    return backbone, DenoisedViT.from_file(denoiser, backbone=backbone).eval()
