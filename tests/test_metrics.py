@@ -133,3 +133,40 @@ def test_artifacts_lower_consistency(images):
     s_noisy = cross_view_consistency(noisy.features, images, size=SIZE, patch=PATCH, config=cfg)
     assert s_clean > 0.98  # content-only features agree across crops, flips included
     assert s_noisy < s_clean - 0.2
+
+
+# ------------------------------------------------------------------------------------------ dvt eval
+
+def _store(url: str, uris: list[str], **arrays: torch.Tensor) -> None:
+    from pipeline.store import FeatureStore, StoreLayout
+
+    layout = StoreLayout(backbone="t", block=0, input_size=(96, 96), patch_size=8, stride=8, grid=(GH, GW),
+                         channels=C, dtype="float32", arrays=tuple(arrays))
+    store = FeatureStore.create(url, layout, uris)
+    store.write_unit([{"image_id": i, "uri": u} for i, u in enumerate(uris)], arrays)
+
+
+def test_eval_job_on_stores(tmp_path, pattern, position_free):
+    import json
+
+    from pipeline.cli import main
+
+    uris = [f"/data/img{i}.jpg" for i in range(N)]
+    content = position_free
+    _store(str(tmp_path / "s1.zarr"), uris, raw=content + pattern, clean=content, artifact=pattern)
+    # the stage-2 store lists the same images in another order: rows are matched by URI
+    order = list(reversed(range(N)))
+    _store(str(tmp_path / "s2.zarr"), [uris[i] for i in order], raw=(content + pattern)[order],
+           clean=(content + 0.1 * pattern)[order])
+    out = tmp_path / "report"
+    assert main(["eval", "--store", str(tmp_path / "s1.zarr"), "--stage2-store", str(tmp_path / "s2.zarr"),
+                 "--out", str(out), "--no-information"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    art = report["artifacts"]
+    assert set(art) == {"raw", "stage-1", "stage-2"}
+    assert art["raw"]["positional_energy"] > 0.3
+    assert art["stage-1"]["positional_energy"] < 0.02
+    assert 0.0 < art["stage-2"]["positional_energy"] < 0.05  # the 1% of the pattern that is left
+    md = (out / "report.md").read_text()
+    assert "| positional energy | lower |" in md and "stage-2" in md
+    assert main(["eval", "--out", str(out)]) == 1  # nothing to evaluate: one error line

@@ -158,3 +158,28 @@ def test_store_features_match_by_uri(voc_root, tmp_path):
     assert got[:, 0, 0, 0].tolist() == [-3.0, -1.0]
     with pytest.raises(KeyError, match="not in"):
         store_features(store, ["/elsewhere/unknown.jpg"], "raw")
+
+
+def test_eval_job_with_images_and_probes(voc_root, nyu_root, tmp_path):
+    import json
+
+    from pipeline.cli import main
+
+    out = tmp_path / "report"
+    argv = ["eval", "--images", str(voc_root / "JPEGImages"), "--limit", "4", "--model", "tests.custom_backbone:create",
+            "--weights", "none", "--input-size", str(SIZE), "--stage1-preset", "ci", "--pairs", "2",
+            "--voc", str(voc_root), "--num-classes", "4", "--depth", str(nyu_root), "--max-train", "12",
+            "--label-size", "32", "--probe-steps", "80", "--probe-lr", "0.05", "--out", str(out)]
+    torch.manual_seed(0)
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    art = report["artifacts"]
+    assert set(art) == {"raw", "stage-1"}
+    assert 0.9 < art["raw"]["cross_view_consistency"] <= 1.0  # a position-free conv: crops agree
+    assert "cross_view_consistency" not in art["stage-1"]
+    seg, depth = report["probes"]["segmentation"], report["probes"]["depth"]
+    assert seg["dataset"] == {"root": str(voc_root), "train": 12, "val": 8, "label_size": 32}
+    assert seg["raw"]["miou"] > 0.5
+    assert depth["raw"]["rmse"] > 0 and depth["raw"]["delta1"] > 0.5
+    md = (out / "report.md").read_text()
+    assert "## Linear segmentation probe" in md and "## Linear depth probe" in md and "| raw |" in md
