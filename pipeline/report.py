@@ -191,7 +191,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         sources = [s for s in res if s != "dataset"]
         lines += _table(["source", *metrics], [[s, *(_fmt(res[s].get(m)) for m in metrics)] for s in sources])
         lines += [""]
-    lines += [f"Written {report.get('written', '')} in {_fmt(report.get('seconds'))} s.", ""]
+    lines += [f"Written {report.get('written', '')} in {float(report.get('seconds') or 0):.1f} s.", ""]
     return "\n".join(lines)
 
 
