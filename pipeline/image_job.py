@@ -1,0 +1,266 @@
+"""What every image-to-store job shares (``dvt denoise``, ``dvt apply``): a Ray Data pipeline from an image
+listing to a feature store, with per-image failures, progress, a summary and resume.
+
+::
+
+    listing (ids the store has not finished)  ->  fetch bytes (light CPU tasks, fsspec)
+        ->  ImageBatchWorker actors (decode, resize, model on the batch, write one store unit per batch)
+        ->  status rows back to the driver (progress, summary)
+
+A job subclasses :class:`ImageBatchWorker` with its model (:meth:`ImageBatchWorker.setup`) and what it computes
+for a batch (:meth:`ImageBatchWorker.process`), and calls :func:`run_image_job`. Each batch of images is one
+work unit of the store: array chunks first, manifest part last, so a killed worker leaves nothing a reader
+trusts and Ray's actor restarts and task retries redo the unit (rewriting the same rows is harmless).
+Per-image problems (unreadable, undecodable, a model error on that image, non-finite features) become
+``failed`` manifest rows and the job goes on. A re-run skips images already committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from .backbone import Backbone, BackboneConfig, create_backbone
+from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
+from .listing import iter_uris
+from .progress import Progress
+from .storage import filesystem
+from .store import FeatureStore, StoreLayout
+
+__all__ = ["JobSummary", "ImageBatchWorker", "fetch_bytes", "describe_backbone", "list_uris", "open_job_store",
+           "worker_resources", "run_image_job"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobSummary:
+    """What a run did (also written into the store's ``last_run`` attribute)."""
+
+    store: str
+    listed: int
+    skipped: int
+    todo: int
+    ok: int
+    failed: int
+    seconds: float
+    images_per_second: float
+    store_ok: int
+    store_failed: int
+    failures: list[tuple[str, int]] = field(default_factory=list)
+    job: str = "denoise"
+
+    def format(self) -> str:
+        lines = [f"{self.job} finished: {self.ok} ok, {self.failed} failed of {self.todo} to do "
+                 f"({self.skipped} already done) in {self.seconds:.1f} s, {self.images_per_second:.2f} images/s",
+                 f"store {self.store}: {self.store_ok} ok, {self.store_failed} failed of {self.listed} listed"]
+        lines += [f"  {count} x {reason}" for reason, count in self.failures]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline steps
+
+def fetch_bytes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read each ``uri``'s bytes through fsspec; unreadable ones get an ``error`` instead of stopping the job."""
+    data, errors = [], []
+    for uri in batch["uri"]:
+        try:
+            fs, path = filesystem(str(uri))
+            data.append(fs.cat_file(path))
+            errors.append("")
+        except Exception as e:  # noqa: BLE001 - any read failure is this image's failure
+            data.append(b"")
+            errors.append(f"cannot read {uri}: {type(e).__name__}: {e}")
+    return {**batch, "bytes": np.array(data, dtype=object), "error": np.array(errors, dtype=object)}
+
+
+class ImageBatchWorker:
+    """Base Ray Data actor: one model per process, one store unit per batch of images.
+
+    Subclasses set :attr:`stage` (names the step in failure messages), build their model in :meth:`setup` and
+    compute a batch in :meth:`process`.
+
+    Args:
+        output: store URL, opened with ``mode="r+"`` and checked against ``layout``.
+        layout: geometry the store must have.
+        input_size: square size images are resized to.
+        decode: limits on accepted images.
+        cpus_per_worker: CPU threads for torch when running on the CPU.
+    """
+
+    stage = "model"
+
+    def __init__(self, output: str, layout: dict[str, Any], *, input_size: int, decode: DecodeConfig = DecodeConfig(),
+                 cpus_per_worker: float | None = None):
+        self.input_size = input_size
+        self.decode = decode
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and cpus_per_worker:
+            torch.set_num_threads(max(1, round(cpus_per_worker)))
+        self.setup()
+        self.store = FeatureStore.open(output, "r+", expect=layout)
+        self.arrays = self.store.layout.arrays
+        self.worker = f"{os.uname().nodename}:{os.getpid()}"
+        _log.info("%s worker %s ready on %s", self.stage, self.worker, self.device)
+
+    def setup(self) -> None:
+        """Build the model (called once per actor, before the store is opened)."""
+
+    def process(self, ids: list[int], images: torch.Tensor) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """For a batch ``images`` ``(B, 3, S, S)`` in ``[0, 1]`` on :attr:`device`: one ``(record fields, arrays)``
+        per image, in order; the arrays are ``(gh, gw, C)`` per store array."""
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        ids, uris = [int(i) for i in batch["image_id"]], [str(u) for u in batch["uri"]]
+        rows: dict[int, dict[str, Any]] = {i: {"image_id": i, "uri": u} for i, u in zip(ids, uris)}
+        errors: dict[int, str] = {}
+        pixels: dict[int, torch.Tensor] = {}
+        for i, data, error in zip(ids, batch["bytes"], batch["error"]):
+            if error:
+                errors[i] = str(error)
+                continue
+            try:
+                image = decode_image(bytes(data), self.decode)
+            except ImageDecodeError as e:
+                errors[i] = str(e)
+                continue
+            rows[i].update(width=image.width, height=image.height)
+            pixels[i] = resize_to_tensor(image.pixels, self.input_size)
+        results = self._run(pixels, errors)
+        with self.store.unit() as unit:
+            for i in ids:
+                if i in errors:
+                    unit.fail(rows[i], errors[i])
+                    continue
+                record, arrays = results[i]
+                unit.add({**rows[i], **record}, **{k: arrays[k] for k in self.arrays})
+        elapsed = time.perf_counter() - started
+        return {"image_id": np.array(ids, dtype=np.int64),
+                "status": np.array(["failed" if i in errors else "ok" for i in ids], dtype=object),
+                "error": np.array([errors.get(i, "") for i in ids], dtype=object),
+                "seconds": np.full(len(ids), elapsed / max(1, len(ids)))}
+
+    def _run(self, pixels: dict[int, torch.Tensor], errors: dict[int, str]) -> dict[int, Any]:
+        """Process the batch together; if that fails, one by one so one bad image fails alone."""
+        if not pixels:
+            return {}
+        ids = list(pixels)
+        try:
+            return self._run_ids(ids, pixels)
+        except Exception as e:  # noqa: BLE001
+            if len(ids) == 1:
+                errors[ids[0]] = f"{self.stage} failed: {type(e).__name__}: {e}"
+                return {}
+            _log.warning("%s failed on a batch (%s); processing its %d images one by one", self.stage, e, len(ids))
+        results = {}
+        for i in ids:
+            try:
+                results.update(self._run_ids([i], pixels))
+            except Exception as e:  # noqa: BLE001
+                errors[i] = f"{self.stage} failed: {type(e).__name__}: {e}"
+        return results
+
+    def _run_ids(self, ids: list[int], pixels: dict[int, torch.Tensor]) -> dict[int, Any]:
+        images = torch.stack([pixels[i] for i in ids]).to(self.device)
+        return dict(zip(ids, self.process(ids, images)))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def describe_backbone(config: BackboneConfig) -> Backbone:
+    """The backbone's metadata without its weights (built on the meta device: no memory, no download)."""
+    meta = dataclasses.replace(config, weights="none")
+    try:
+        with torch.device("meta"):
+            return create_backbone(meta)
+    except Exception:  # noqa: BLE001 - some custom factories cannot build on meta; fall back to CPU
+        return create_backbone(meta)
+
+
+def list_uris(images: str, limit: int | None = None) -> list[str]:
+    """The URIs of an image listing (folder, glob, prefix or list file), the first ``limit`` only if given."""
+    uris: list[str] = []
+    for uri in iter_uris(images):
+        if limit is not None and len(uris) >= limit:
+            break
+        uris.append(uri)
+    return uris
+
+
+def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, overwrite: bool = False,
+                   allow_config_change: bool = False, retry_failed: bool = True) -> tuple[FeatureStore, int, pa.Table]:
+    """Create or reopen the store for a run over ``uris``.
+
+    Returns the store, how many images this run covers, and the listing rows it still has to do.
+    """
+    store = FeatureStore.create(output, layout, list(uris), overwrite=overwrite, allow_config_change=allow_config_change)
+    listing = store.listing()
+    mine = listing.filter(pc.is_in(listing["uri"], pa.array(list(uris), pa.string())))
+    todo = store.todo(retry_failed=retry_failed)
+    pending = mine.filter(pc.is_in(mine["image_id"], pa.array(todo, pa.int64())))
+    return store, mine.num_rows, pending
+
+
+def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[float, float]:
+    """``(gpus, cpus)`` per actor: 1 GPU when the cluster has GPUs; on CPUs an even share that leaves room to fetch."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    cpus = cpus_per_worker
+    if cpus is None:
+        # Leave a little CPU for the fetch tasks, or an actor pool that takes every core starves them.
+        cpus = 1.0 if gpus else max(0.25, min(4.0, 0.9 * cluster.get("CPU", 1) / max(1, workers)))
+    return gpus, cpus
+
+
+def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Table, worker: type,
+                  worker_kwargs: dict[str, Any], images_per_batch: int, workers: int, gpus: float, cpus: float,
+                  progress_every_s: float = 30.0, started: float | None = None) -> JobSummary:
+    """Run ``worker`` actors over the ``pending`` listing rows into ``store`` and summarise the run.
+
+    ``worker`` is an :class:`ImageBatchWorker` subclass built with ``worker_kwargs``.
+    """
+    import ray
+
+    started = time.monotonic() if started is None else started
+    todo = pending.num_rows
+    _log.info("%s: %d images into %s, %d to do; %d worker(s) with %.2g GPU and %.2g CPU each",
+              job, covered, store.url, todo, workers, gpus, cpus)
+    progress = Progress(total=todo, label=job, every_s=progress_every_s)
+    if todo:
+        per_block = max(images_per_batch, 1) * 4
+        blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=0.1)
+        ds = ds.map_batches(
+            worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, max_tasks_in_flight_per_actor=1))
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            failed = int((out["status"] == "failed").sum())
+            progress.update(ok=len(out["status"]) - failed, failed=failed)
+    progress.close()
+    seconds = time.monotonic() - started
+    info = store.refresh().info()
+    summary = JobSummary(
+        store=store.url, listed=store.num_rows, skipped=covered - todo, todo=todo,
+        ok=progress.ok, failed=progress.failed, seconds=seconds,
+        images_per_second=progress.done / seconds if seconds > 0 else 0.0,
+        store_ok=info.ok, store_failed=info.failed, failures=[(str(r), int(n)) for r, n in info.failures], job=job)
+    store.update_attrs(last_run={**dataclasses.asdict(summary), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _log.info("%s", summary.format())
+    return summary
