@@ -132,3 +132,27 @@ def test_show_job_from_images(tmp_path, sample_images):
                  "--weights", "none", "--input-size", "64", "--out", str(out), "--cell", str(CELL)]) == 0
     assert Image.open(out / "features.png").size == (9 * CELL, 2 * 28 + CELL)
     _not_blank(out / "features.png")
+
+
+def test_eval_and_show_with_a_stage2_denoiser(tmp_path, sample_images):
+    """A denoiser file gives the stage-2 source (skipped until pipeline.denoiser is part of the package)."""
+    import json
+
+    denoiser = pytest.importorskip("pipeline.denoiser")
+    from pipeline.backbone import create_backbone
+    from pipeline.cli import main
+    from pipeline.store import StoreLayout
+
+    torch.manual_seed(0)
+    backbone = create_backbone("tests.custom_backbone:create", weights="none")
+    cfg = denoiser.DenoiserConfig(channels=backbone.embed_dim, num_heads=2, pos_grid=(GH, GW))
+    path = str(tmp_path / "denoiser.safetensors")
+    denoiser.save_denoiser(path, denoiser.Denoiser(cfg),
+                           denoiser.DenoiserSpec.from_layout(StoreLayout.from_backbone(backbone, 64), cfg))
+    common = ["--images", str(sample_images[0].parent), "--limit", "2", "--model", "tests.custom_backbone:create",
+              "--weights", "none", "--input-size", "64", "--denoiser", path]
+    assert main(["eval", *common, "--pairs", "1", "--no-information", "--out", str(tmp_path / "r")]) == 0
+    art = json.loads((tmp_path / "r" / "report.json").read_text())["artifacts"]
+    assert set(art) == {"raw", "stage-2"} and "cross_view_consistency" in art["stage-2"]
+    assert main(["show", *common, "--out", str(tmp_path / "s"), "--cell", str(CELL)]) == 0
+    assert Image.open(tmp_path / "s" / "features.png").size == (7 * CELL, 2 * 28 + 2 * CELL)
