@@ -20,7 +20,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -97,7 +97,7 @@ class ImageRecord:
     def coerce(cls, value: ImageRecord | Mapping[str, Any]) -> ImageRecord:
         """Build from a dict; unknown numeric keys go to ``stats`` so stage 1 can report new scalars freely."""
         if isinstance(value, ImageRecord):
-            return value
+            return replace(value, losses=dict(value.losses), stats=dict(value.stats))  # never edit the caller's
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in value.items() if k in known}
         if "image_id" not in kwargs and "row" in value:
