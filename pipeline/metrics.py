@@ -29,11 +29,12 @@ import torch.nn.functional as F
 
 from .views import ViewConfig, patch_coords, render_views, sample_boxes, view_generator
 
-__all__ = ["fit_pca", "positional_energy", "grid_energy", "position_information", "ConsistencyConfig",
-           "cross_view_consistency", "artifact_metrics"]
+__all__ = ["FeatureFn", "fit_pca", "positional_energy", "grid_energy", "position_information", "ConsistencyConfig",
+           "cross_view_consistency", "sample_at", "artifact_metrics"]
 
 _log = logging.getLogger(__name__)
 
+#: Pixels ``(B, 3, S, S)`` in ``[0, 1]`` -> patch features ``(B, gh, gw, C)`` (a backbone, a denoised ViT, ...).
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -328,6 +329,7 @@ def cross_view_consistency(features_fn: FeatureFn, images: torch.Tensor | Sequen
         count += int(inside.sum())
     if count == 0:
         raise ValueError("cross_view_consistency: no crop pair overlapped; widen ConsistencyConfig.scale/zoom.")
+    _log.debug("cross-view consistency over %d shared points of %d images", count, len(images))
     return total / count
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 from torch import nn
 
 from .decode import decode_image, resize_to_tensor
+from .metrics import FeatureFn
 from .storage import filesystem, is_local, local_path
 
 __all__ = ["ProbeConfig", "LinearProbe", "voc_pairs", "depth_pairs", "load_images", "load_segmentation",
@@ -41,8 +42,6 @@ __all__ = ["ProbeConfig", "LinearProbe", "voc_pairs", "depth_pairs", "load_image
            "confusion_iou", "VOC_CLASSES"]
 
 _log = logging.getLogger(__name__)
-
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",

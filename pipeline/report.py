@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,13 @@ import numpy as np
 import torch
 
 from .decode import decode_image, resize_to_tensor
-from .metrics import artifact_metrics
+from .metrics import FeatureFn, artifact_metrics
 from .storage import filesystem
 
 __all__ = ["FeatureSet", "load_store_rows", "load_image", "features_from_images", "stage1_maps", "load_models",
            "label_free", "write_report", "format_markdown", "MEASURES"]
 
 _log = logging.getLogger(__name__)
-
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 #: Measure -> (title, which direction is better, one-line definition) for the Markdown report.
 MEASURES: dict[str, tuple[str, str, str]] = {
