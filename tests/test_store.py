@@ -314,6 +314,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
     import pipeline.store as ps
+    import pipeline.store.writer as psw
 
     def feature(image_id, name):
         seed = image_id * 1000 + sum(map(ord, name))
@@ -323,13 +324,13 @@ WRITER = textwrap.dedent("""
     units = [list(map(int, u.split(","))) for u in sys.argv[2].split(";")]
     store = ps.FeatureStore.open(url, "r+")
     if mode == "hang":  # stop after the data of the last unit, before its manifest part
-        real = ps.write_part
+        real = psw.write_part
         def write_part(fs, root, recs, unit):
             if recs[0].image_id == units[-1][0]:
                 print("DATA", flush=True)
                 time.sleep(120)
             return real(fs, root, recs, unit)
-        ps.write_part = write_part
+        psw.write_part = write_part
     print("READY", flush=True)
     sys.stdin.readline()
     for ids in units:

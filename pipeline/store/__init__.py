@@ -1,0 +1,32 @@
+"""Feature store: per-image ViT feature maps in a Zarr v3 group, with a Parquet ledger beside them.
+
+Every job reads and writes features through :class:`FeatureStore`, opened from a local path, ``file://``,
+``s3://`` or ``memory://`` URL. The layout is plain Zarr v3 + Parquet so it stays readable without this
+package (full description in ``docs/store.md``)::
+
+    <url>/zarr.json                       group; attributes: format, backbone, block, sizes, stage-1 config
+    <url>/raw/, <url>/clean/, [artifact/] arrays (image, y, x, channel), one image per chunk, NaN = unwritten
+    <url>/manifest/listing.parquet        image_id -> uri (image_id is the array row), written by the driver
+    <url>/manifest/parts/part-<unit>.parquet   one per work unit, written after its data: the commit record
+
+Commit protocol: the driver creates all metadata (:meth:`FeatureStore.create`); workers open with
+``mode="r+"`` and write whole chunks of their own rows only, then one manifest part per unit. An image is
+done only when a part lists it, so a writer killed mid-unit leaves chunks nobody trusts and a resume
+rewrites them. Object PUTs are atomic, so no reader ever sees a torn part.
+
+Modules: :mod:`.layout` (what a store holds, format constants, root attributes), :mod:`.errors`,
+:mod:`.feature_store` (open, ledger, reads, Ray datasets), :mod:`.create` (create or append, driver side),
+:mod:`.writer` (committing units), :mod:`.info` (``dvt store info``). Import from ``pipeline.store``.
+"""
+
+from __future__ import annotations
+
+from ..manifest import ImageRecord
+from .errors import StoreError, StoreMismatchError, StoreNotFoundError
+from .feature_store import FeatureStore, _cached_store, _read_batch, _reopen
+from .info import StoreInfo
+from .layout import DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout
+from .writer import UnitWriter
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "StoreLayout", "FeatureStore", "UnitWriter", "StoreInfo",
+           "StoreError", "StoreNotFoundError", "StoreMismatchError", "ImageRecord"]

@@ -1,0 +1,87 @@
+"""What ``dvt store info`` shows: :class:`StoreInfo`, built from a store, and its text formatting."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.compute as pc
+
+from ..manifest import PARTS_DIR, STATUS_FAILED
+from ..storage import storage_errors
+
+if TYPE_CHECKING:
+    from .feature_store import FeatureStore
+
+__all__ = ["StoreInfo", "store_info"]
+
+
+@dataclass
+class StoreInfo:
+    """Summary of a store for ``dvt store info``."""
+
+    url: str
+    attrs: dict[str, Any]
+    arrays: dict[str, dict[str, Any]]
+    listed: int
+    ok: int
+    failed: int
+    pending: int
+    failures: list[tuple[str, int]]
+    manifest_parts: int
+    size_bytes: int | None = None
+    objects: int | None = None
+
+    def format(self) -> str:
+        a = self.attrs
+        lines = [
+            f"DVT feature store {self.url} (format {a.get('format_version')}, written by dvt {a.get('package_version')})",
+            f"  images:   {self.listed} listed, {self.ok} ok, {self.failed} failed, {self.pending} pending",
+            f"  features: {a.get('backbone')} block {a.get('block')}, input {_x(a.get('input_size'))}, "
+            f"patch {a.get('patch_size')} stride {a.get('stride')}, grid {_x(a.get('grid'))} x {a.get('channels')} "
+            f"channels, {a.get('dtype')}",
+        ]
+        for name, arr in self.arrays.items():
+            lines.append(f"  array {name:9s} shape {tuple(arr['shape'])} {arr['dtype']} chunks {tuple(arr['chunks'])}"
+                         f" compressor {arr['compressor']}")
+        size = "size not measured" if self.size_bytes is None else \
+            f"{_human(self.size_bytes)} in {self.objects} objects"
+        lines.append(f"  storage:  {size}, {self.manifest_parts} manifest parts")
+        if self.failures:
+            lines.append("  failures:")
+            lines += [f"    {n:6d} x {reason}" for reason, n in self.failures]
+        lines.append(f"  stage1:   {json.dumps(a.get('stage1', {}), sort_keys=True)}")
+        return "\n".join(lines)
+
+
+def store_info(store: FeatureStore, size: bool = True) -> StoreInfo:
+    """:meth:`FeatureStore.info`: counts, failure reasons, attributes, arrays and (``size``) bytes on storage."""
+    m = store.refresh().manifest()
+    status = store._row_status()
+    ok, failed = int((status == 1).sum()), int((status == 2).sum())
+    failed_rows = m.filter(pc.equal(m["status"], STATUS_FAILED))["error"].to_pylist()
+    errors = [e.splitlines()[0][:120] if e else "unknown" for e in failed_rows]
+    with storage_errors(store.url):
+        parts = len(store.fs.find(f"{store.root}/{PARTS_DIR}"))
+        objects = store.fs.find(store.root, detail=True) if size else None
+    arrays = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
+                  "compressor": store.layout.compressor or "none"} for n, a in store._arrays.items()}
+    return StoreInfo(
+        url=store.url, attrs=store.attrs, arrays=arrays, listed=store.num_rows, ok=ok, failed=failed,
+        pending=store.num_rows - ok - failed, failures=Counter(errors).most_common(10), manifest_parts=parts,
+        size_bytes=None if objects is None else int(sum(o.get("size") or 0 for o in objects.values())),
+        objects=None if objects is None else len(objects))
+
+
+def _x(v: Any) -> str:
+    return "x".join(str(i) for i in v) if isinstance(v, (list, tuple)) else str(v)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,162 @@
+"""What a store holds: :class:`StoreLayout`, the format constants, and reading and checking the root attributes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .. import __version__
+from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol, zarr_location
+from .errors import StoreError, StoreNotFoundError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout"]
+
+FORMAT = "dvt-feature-store"
+FORMAT_VERSION = 1
+DIMS = ("image", "y", "x", "channel")
+DESCRIPTIONS = {
+    "raw": "backbone features as computed, artifacts included",
+    "clean": "denoised features (stage-1 neural field F)",
+    "artifact": "position-dependent artifact term (stage-1 G)",
+}
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """What a store holds and which run settings it must match.
+
+    Attributes:
+        backbone: backbone name (timm name or ``package.module:factory``).
+        block: transformer block the features come from (non-negative index).
+        input_size: ``(height, width)`` in pixels the backbone sees.
+        patch_size, stride: ViT patch size and stride in pixels.
+        grid: feature grid ``(gh, gw)``.
+        channels: feature channels ``C``.
+        dtype: ``"float16"`` (default, half the bytes) or ``"float32"``.
+        arrays: array names; ``raw`` and ``clean`` always, ``artifact`` and more optionally.
+        compressor: ``None`` (chunk object = raw little-endian bytes) or ``"zstd"``.
+        stage1: the stage-1 configuration, recorded as given (JSON-serialisable).
+    """
+
+    backbone: str
+    block: int
+    input_size: tuple[int, int]
+    patch_size: int
+    stride: int
+    grid: tuple[int, int]
+    channels: int
+    dtype: str = "float16"
+    arrays: tuple[str, ...] = ("raw", "clean")
+    compressor: str | None = None
+    stage1: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    #: Settings that decide what the numbers in the arrays mean; never mixed within one store.
+    GEOMETRY = ("backbone", "block", "input_size", "patch_size", "stride", "grid", "channels")
+
+    def __post_init__(self) -> None:
+        size = self.input_size if isinstance(self.input_size, Sequence) else (self.input_size, self.input_size)
+        object.__setattr__(self, "input_size", tuple(int(v) for v in size))
+        object.__setattr__(self, "grid", tuple(int(v) for v in self.grid))
+        object.__setattr__(self, "arrays", tuple(self.arrays))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+        object.__setattr__(self, "stage1", _jsonable(self.stage1))
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
+        if not {"raw", "clean"} <= set(self.arrays) or len(set(self.arrays)) != len(self.arrays):
+            raise ValueError(f"arrays must name 'raw' and 'clean' once each, got {self.arrays}")
+        bad = [a for a in self.arrays if not a.isidentifier() or a == "manifest"]
+        if bad:
+            raise ValueError(f"array names must be identifiers other than 'manifest': {bad}")
+        if self.compressor not in (None, "zstd"):
+            raise ValueError(f"compressor must be None or 'zstd', got {self.compressor!r}")
+
+    @classmethod
+    def from_backbone(cls, backbone: Any, input_size: int | tuple[int, int], **kwargs: Any) -> StoreLayout:
+        """Layout for a :class:`pipeline.backbone.Backbone` fed ``input_size`` pixels."""
+        h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+        p, s = backbone.patch_size, backbone.stride
+        return cls(backbone=backbone.name, block=backbone.block, input_size=(h, w), patch_size=p, stride=s,
+                   grid=((h - p) // s + 1, (w - p) // s + 1), channels=backbone.embed_dim, **kwargs)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one image's entry in every array: ``(gh, gw, C)``."""
+        return (*self.grid, self.channels)
+
+    @property
+    def image_nbytes(self) -> int:
+        """Bytes of one image in one array (one chunk, before compression)."""
+        return math.prod(self.image_shape) * np.dtype(self.dtype).itemsize
+
+    def geometry(self) -> dict[str, Any]:
+        return {k: _jsonable(getattr(self, k)) for k in self.GEOMETRY}
+
+    def to_attrs(self) -> dict[str, Any]:
+        d = _jsonable(asdict(self))
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreLayout:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in attrs.items() if k in names})
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON round trip: tuples become lists, numpy scalars plain numbers, so comparisons are stable."""
+    return json.loads(json.dumps(value, sort_keys=True, default=_json_default))
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    if hasattr(v, "__dataclass_fields__"):
+        return asdict(v)
+    return str(v)
+
+
+def _describe_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return "; ".join(f"{k}: store has {ours.get(k)!r}, expected {theirs.get(k)!r}" for k in keys)
+
+
+def _geometry_diff(store: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    return [k for k in expected if _jsonable(store.get(k)) != _jsonable(expected[k])]
+
+
+# --------------------------------------------------------------------------------------------------- root attributes
+
+def _read_attrs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Root group attributes, or None when there is no Zarr group at ``url``."""
+    loc, so = zarr_location(url, **dict(storage_options or {}))
+    with storage_errors(url):
+        try:
+            return dict(zarr.open_group(loc, mode="r", storage_options=so).attrs)
+        except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
+            return None
+
+
+def _raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    fs, root = filesystem(url, **dict(storage_options or {}))
+    if url.startswith(("s3://", "s3a://")):
+        with storage_errors(url):
+            if not fs.exists(strip_protocol(url).split("/", 1)[0]):
+                raise missing_bucket(url)
+    raise StoreNotFoundError(f"{url} is not a DVT feature store: there is no zarr.json there. Create one with "
+                             f"FeatureStore.create (stage 1 does) or check the URL.")
+
+
+def _check_format(url: str, attrs: Mapping[str, Any]) -> None:
+    if attrs.get("format") != FORMAT:
+        raise StoreNotFoundError(f"{url} is a Zarr group but not a DVT feature store (its attributes have no "
+                                 f"'format': '{FORMAT}')")
+    if attrs.get("creating"):
+        raise StoreNotFoundError(f"{url}: creating this store did not finish; run FeatureStore.create again")
+    version = int(attrs.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise StoreError(f"{url} has store format {version}; this dvt {__version__} reads up to {FORMAT_VERSION}: "
+                         f"upgrade the package")
