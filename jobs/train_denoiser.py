@@ -1,0 +1,46 @@
+"""Train the stage-2 denoiser on feature stores with Ray Train, and export it (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.train_denoiser import TrainConfig, run_training
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--stores", nargs="+", required=True, help="feature store URLs made by `dvt denoise`")
+    data.add_argument("--output", default="outputs/denoiser",
+                      help="run folder (path or s3://): checkpoints in run/, the denoiser in denoiser.safetensors")
+    data.add_argument("--val-fraction", type=float, default=0.05, help="share of images held out (by URI hash)")
+    data.add_argument("--model", dest="expect_backbone", default=None,
+                      help="refuse stores of any other backbone (default: the backbone the stores name)")
+    data.add_argument("--overwrite", action="store_true", help="delete the run folder instead of resuming from it")
+    fit = parser.add_argument_group("training")
+    fit.add_argument("--epochs", type=int, default=10, help="passes over the training images")
+    fit.add_argument("--batch-size", type=int, default=8, help="feature maps per worker and step")
+    fit.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: 2e-4 * sqrt(global batch / 256), as the reference)")
+    fit.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
+    fit.add_argument("--warmup-fraction", type=float, default=0.15, help="share of steps with linear warm-up")
+    fit.add_argument("--num-blocks", type=int, default=1, help="Transformer blocks of the denoiser")
+    fit.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    run = parser.add_argument_group("resources")
+    run.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks)")
+    run.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker")
+    run.add_argument("--cpu", dest="use_gpu", action="store_false", help="train on CPUs (gloo)")
+    run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
+    run.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = set(TrainConfig.__dataclass_fields__)
+    run_training(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import job_main
+
+    sys.exit(job_main(__name__))

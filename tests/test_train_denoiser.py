@@ -1,0 +1,109 @@
+"""Denoiser training: loss, schedule, split and store checks, and a real 2-worker Ray Train run that loses a
+worker, resumes from its checkpoint, exports a denoiser file to S3 and resumes again when re-run."""
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.denoiser import load_denoiser
+from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError
+from pipeline.synthetic_pairs import synthetic_pairs, write_synthetic_store
+from pipeline.train_denoiser import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
+                                     split_ids)
+
+
+def die_once(marker: str, at_epoch: int, at_rank: int, *, epoch: int, rank: int) -> None:
+    """``TrainConfig.after_epoch`` hook: the first time ``at_rank`` finishes ``at_epoch``, its process dies."""
+    if epoch == at_epoch and rank == at_rank and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
+def test_loss_is_mse_plus_one_minus_cosine():
+    x = torch.randn(2, 3, 3, 8)
+    loss, parts = denoising_loss(x, x)
+    assert loss.item() == pytest.approx(0, abs=1e-6)
+    loss, parts = denoising_loss(-x, x)
+    assert parts["cos"].item() == pytest.approx(-1, abs=1e-5)
+    assert loss.item() == pytest.approx((4 * x ** 2).mean().item() + 2, rel=1e-5)
+
+
+def test_warmup_then_cosine_to_zero():
+    f = lr_lambda(total_steps=100, warmup_steps=15)
+    assert f(0) == pytest.approx(1 / 15) and f(14) == pytest.approx(1.0)
+    values = [f(s) for s in range(15, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0, abs=1e-9)
+    config = TrainConfig(stores=["x"], output="y", batch_size=16, workers=4)
+    assert config.peak_lr() == pytest.approx(2e-4 * (64 / 256) ** 0.5)
+
+
+def test_synthetic_pairs_have_a_positional_artifact():
+    raw, clean = synthetic_pairs(3, (4, 5), 16, seed=1)
+    artifact = raw - clean
+    np.testing.assert_allclose(artifact[0], artifact[2], atol=1e-5)  # same at each position in every image
+    assert not np.allclose(clean[0], clean[1])
+
+
+def test_split_is_by_uri_stable_and_disjoint(tmp_path):
+    store = write_synthetic_store(str(tmp_path / "a.zarr"), 40, channels=16)
+    train, val = split_ids(store, 0.25)
+    assert len(val) and len(train) and not set(train) & set(val) and len(train) + len(val) == 40
+    again_train, again_val = split_ids(FeatureStore.open(str(tmp_path / "a.zarr")), 0.25)
+    assert list(val) == list(again_val)
+    _, one = split_ids(write_synthetic_store(str(tmp_path / "b.zarr"), 2, channels=16), 0.01)
+    assert len(one) == 1  # a tiny store still holds one image out
+
+
+def test_stores_of_another_backbone_or_empty_are_refused(tmp_path):
+    a = str(tmp_path / "a.zarr")
+    write_synthetic_store(a, 8, channels=16)
+    other = str(tmp_path / "other.zarr")
+    write_synthetic_store(other, 8, channels=32, backbone="another_vit")
+    with pytest.raises(StoreMismatchError, match="another_vit"):
+        open_stores(TrainConfig(stores=[a, other], output=str(tmp_path / "out")))
+    with pytest.raises(StoreError, match="holds features of backbone 'synthetic', not 'vit_base"):
+        open_stores(TrainConfig(stores=[a], output=str(tmp_path / "out"), expect_backbone="vit_base_patch14_dinov2"))
+    empty = str(tmp_path / "empty.zarr")
+    layout = FeatureStore.open(a).layout
+    FeatureStore.create(empty, StoreLayout(**{**layout.to_attrs(), "stage1": {}}), ["x.png", "y.png"])
+    with pytest.raises(StoreError, match="no finished images"):
+        open_stores(TrainConfig(stores=[a, empty], output=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        run_training(TrainConfig(stores=[a], output=str(tmp_path / "out"), batch_size=8, workers=2))
+
+
+@pytest.mark.slow
+def test_two_workers_learn_survive_a_killed_worker_and_resume_on_rerun(ray_local, tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setattr(ray_local.data.DataContext.get_current(), "enable_progress_bars", False)
+    store = write_synthetic_store(str(tmp_path / "pairs.zarr"), 40, channels=64, grid=(4, 4))
+    output = f"{s3_bucket}/denoisers/synthetic"
+    marker = str(tmp_path / "worker-died")
+    config = TrainConfig(stores=[store.url], output=output, epochs=4, batch_size=4, workers=2, cpus_per_worker=0.5,
+                         lr=3e-3, val_fraction=0.2, max_failures=2,
+                         after_epoch=functools.partial(die_once, marker, 1, 1))
+    summary = run_training(config)
+    assert os.path.exists(marker), "no worker died: the resume was not tested"
+    # Ray Train restores the latest checkpoint its controller registered: epoch 1's, or epoch 0's if the worker
+    # died before the controller polled the epoch-1 report. Either way the epochs continue from there.
+    assert summary.resumed_from in ([0], [1]), f"the run did not resume from a checkpoint: {summary.resumed_from}"
+    assert [h["epoch"] for h in summary.history] == [0, 1, 2, 3]
+    val = [h["val_loss"] for h in summary.history]
+    assert val[-1] < 0.6 * val[0], f"validation loss did not fall: {val}"
+    assert summary.num_val >= 1 and summary.num_train + summary.num_val == 40
+    # the exported file (on S3) reproduces the run's last validation score
+    denoiser, spec = load_denoiser(summary.denoiser)
+    assert spec.backbone == "synthetic" and spec.training["num_train"] == summary.num_train and len(spec.training["history"]) == 4
+    _, val_ids = split_ids(store, 0.2)
+    pairs = store.get(val_ids, torch=True)
+    with torch.no_grad():
+        pred = denoiser(pairs["raw"].float())
+    mse = ((pred - pairs["clean"].float()) ** 2).flatten(1).mean(1).mean().item()
+    assert mse == pytest.approx(summary.history[-1]["val_mse"], rel=1e-4)
+    # re-running with more epochs continues from the latest checkpoint (here on one worker)
+    more = run_training(TrainConfig(**{**config.__dict__, "epochs": 5, "workers": 1, "cpus_per_worker": 1.0,
+                                       "after_epoch": None}))
+    assert more.resumed_from == [*summary.resumed_from, 3] and [h["epoch"] for h in more.history] == [0, 1, 2, 3, 4]
