@@ -17,6 +17,8 @@ __all__ = ["JOBS", "build_parser", "main", "job_main"]
 #: Subcommand name -> module under ``jobs/``. Order is the order ``dvt --help`` lists them.
 JOBS: dict[str, str] = {
     "denoise": "jobs.denoise",
+    "train": "jobs.train_denoiser",
+    "apply": "jobs.apply_denoiser",
     "eval": "jobs.eval",
     "info": "jobs.info",
     "show": "jobs.show",

@@ -1,0 +1,47 @@
+"""Run backbone + trained denoiser over an image corpus into a feature store (Ray Data; resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.apply import ApplyConfig, run_apply
+
+from .denoise import EXIT_SOME_FAILED, SAMPLES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("data")
+    io.add_argument("--denoiser", required=True, help="denoiser file from `dvt train` (path or URL)")
+    io.add_argument("--images", default=SAMPLES,
+                    help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled samples)")
+    io.add_argument("--output", default="outputs/applied.zarr", help="feature store URL (path, file://, s3://)")
+    io.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
+    io.add_argument("--overwrite", action="store_true", help="delete the store and redo every image")
+    io.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
+                    help="skip images a previous run recorded as failed")
+    io.add_argument("--allow-config-change", action="store_true", help="add to a store made with another denoiser")
+    io.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    model = parser.add_argument_group("backbone")
+    model.add_argument("--model", default=None, help="expected backbone; refuses a denoiser trained for another")
+    model.add_argument("--weights", default="hub", help="'hub' (timm pretrained), 'none' (random), or a local file")
+    model.add_argument("--input-size", type=int, default=None, help="square input size (default: the training size)")
+    run = parser.add_argument_group("resources")
+    run.add_argument("--images-per-batch", type=int, default=16, help="images per forward pass and store unit")
+    run.add_argument("--workers", type=int, default=1, help="number of workers (actors)")
+    run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
+    run.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
+                     help="seconds between progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = set(ApplyConfig.__dataclass_fields__)
+    summary = run_apply(ApplyConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    return EXIT_SOME_FAILED if summary.failed else 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import job_main
+
+    sys.exit(job_main(__name__))

@@ -1,0 +1,137 @@
+"""Stage 2 at dataset scale: images -> backbone -> trained denoiser -> feature store, on Ray Data.
+
+The same pipeline as ``dvt denoise`` (:mod:`pipeline.image_job`): a listing, fetched bytes, actors that decode,
+resize and run the model on a batch, one store unit per batch with ``failed`` rows for bad images, progress,
+a summary and resume. Only the model differs: one forward pass of :class:`pipeline.denoiser.DenoisedViT`
+instead of a stage-1 fit, so a corpus of any size becomes a clean feature dataset at the backbone's speed.
+
+The store has the usual layout: ``clean`` holds the denoiser's output and ``raw`` the backbone's features
+(the store format keeps both). Its ``stage1`` attribute records the denoiser (file, SHA-1, architecture,
+training stores), so adding to the store with another denoiser is refused unless asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from .backbone import Backbone
+from .decode import DecodeConfig
+from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
+from .image_job import (ImageBatchWorker, JobSummary, describe_backbone, list_uris, open_job_store, run_image_job,
+                        worker_resources)
+from .store import FeatureStore, StoreLayout
+
+__all__ = ["ApplyConfig", "ApplyWorker", "prepare_apply_store", "run_apply"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyConfig:
+    """An apply run; the CLI flags of ``dvt apply`` map one to one onto these fields.
+
+    Attributes:
+        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs.
+        output: feature store URL (local path, ``file://``, ``s3://``).
+        denoiser: denoiser file from ``dvt train`` (local path or URL).
+        weights: backbone weights: ``"hub"``, ``"none"`` or a local file.
+        model: the backbone the caller expects; a denoiser trained for another one is refused.
+        input_size: square size images are resized to; ``None`` means the size the denoiser was trained at.
+        images_per_batch: images per forward pass and per store unit.
+        workers, gpus_per_worker, cpus_per_worker: actors and their resources (see ``dvt denoise``).
+        limit, overwrite, retry_failed, allow_config_change, dtype, progress_every_s: as for ``dvt denoise``.
+    """
+
+    images: str
+    output: str
+    denoiser: str
+    weights: str = "hub"
+    model: str | None = None
+    input_size: int | None = None
+    images_per_batch: int = 16
+    workers: int = 1
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    retry_failed: bool = True
+    allow_config_change: bool = False
+    dtype: str = "float16"
+    progress_every_s: float = 30.0
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+class ApplyWorker(ImageBatchWorker):
+    """A Ray Data actor: the backbone and denoiser loaded once, one forward pass and one store unit per batch."""
+
+    stage = "denoiser"
+
+    def __init__(self, config: ApplyConfig, layout: dict[str, Any]):
+        self.config = config
+        super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
+                         cpus_per_worker=config.cpus_per_worker)
+
+    def setup(self) -> None:
+        self.model = DenoisedViT.from_file(self.config.denoiser, self.config.weights, input_size=self.config.input_size,
+                                           device=self.device)
+
+    @torch.no_grad()
+    def process(self, ids: list[int], images: torch.Tensor) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        started = time.perf_counter()
+        raw, clean = self.model.features(images, return_raw=True)
+        seconds = (time.perf_counter() - started) / len(ids)
+        return [({"seconds": seconds}, {"raw": raw[j], "clean": clean[j]}) for j in range(len(ids))]
+
+
+def _check_backbone(config: ApplyConfig, spec: DenoiserSpec, backbone: Backbone) -> None:
+    if config.model and config.model != spec.backbone:
+        raise DenoiserMismatchError(f"denoiser {config.denoiser} was trained for backbone {spec.backbone!r}, not "
+                                    f"{config.model!r}: use a denoiser trained on {config.model!r} features, or drop "
+                                    f"--model to run the backbone the denoiser names")
+    spec.check_backbone(backbone)
+
+
+def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Table, ApplyConfig]:
+    """Check the denoiser, create or reopen the store, and list what is left to do.
+
+    Returns the store, how many images this run covers, the listing rows still to do, and the config with
+    its defaults resolved (input size).
+    """
+    data = read_denoiser_bytes(config.denoiser)
+    spec = read_spec(config.denoiser, data)
+    if config.input_size is None:
+        config = dataclasses.replace(config, input_size=int(spec.input_size[0]))
+    backbone = describe_backbone(spec.backbone_config(config.weights, config.input_size))
+    _check_backbone(config, spec, backbone)
+    record = {"stage": 2, "denoiser": config.denoiser, "sha1": hashlib.sha1(data).hexdigest(),
+              "architecture": dataclasses.asdict(spec.denoiser), "trained_on": spec.training.get("stores")}
+    layout = StoreLayout.from_backbone(backbone, config.input_size, arrays=("raw", "clean"), dtype=config.dtype,
+                                       stage1=record)
+    store, covered, pending = open_job_store(
+        config.output, layout, list_uris(config.images, config.limit), overwrite=config.overwrite,
+        allow_config_change=config.allow_config_change, retry_failed=config.retry_failed)
+    return store, covered, pending, config
+
+
+def run_apply(config: ApplyConfig) -> JobSummary:
+    """Run backbone + denoiser over ``config.images`` into the store ``config.output`` (resumable)."""
+    import ray
+
+    started = time.monotonic()
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    store, covered, pending, config = prepare_apply_store(config)
+    gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
+    config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
+    return run_image_job(job="apply", store=store, covered=covered, pending=pending, worker=ApplyWorker,
+                         worker_kwargs={"config": config, "layout": store.layout.geometry()},
+                         images_per_batch=config.images_per_batch, workers=config.workers, gpus=gpus, cpus=cpus,
+                         progress_every_s=config.progress_every_s, started=started)

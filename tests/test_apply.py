@@ -1,0 +1,77 @@
+"""``dvt apply``: images -> backbone -> denoiser -> feature store, through the denoise job's pipeline."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.apply import ApplyConfig, prepare_apply_store, run_apply
+from pipeline.backbone import create_backbone
+from pipeline.decode import decode_image, resize_to_tensor
+from pipeline.denoiser import DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
+from pipeline.store import FeatureStore, StoreMismatchError
+from pipeline.synthetic_pairs import write_synthetic_store
+
+TINY = "vit_small_patch14_dinov2"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A fixed tiny backbone (weights in a file, so every process builds the same one) and a denoiser for it."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("apply")
+    torch.manual_seed(0)
+    backbone = create_backbone(TINY, weights="none", img_size=56)
+    weights = str(folder / "backbone.safetensors")
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, weights)
+    denoiser = Denoiser(DenoiserConfig(channels=384, pos_grid=(4, 4))).eval()
+    spec = DenoiserSpec(denoiser=denoiser.config, backbone=TINY, block=backbone.block, input_size=(56, 56),
+                        patch_size=14, stride=14, training={"stores": ["test"]})
+    path = save_denoiser(str(folder / "denoiser.safetensors"), denoiser, spec)
+    return {"weights": weights, "denoiser": path, "model": DenoisedViT(backbone, denoiser, spec)}
+
+
+@pytest.mark.slow
+def test_apply_samples_into_a_store_and_resume(ray_local, tmp_path, sample_images, trained):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for p in sample_images[:3]:
+        (corpus / p.name).write_bytes(p.read_bytes())
+    (corpus / "broken.jpg").write_bytes(b"not an image at all")
+    url = str(tmp_path / "applied.zarr")
+    config = ApplyConfig(images=str(corpus), output=url, denoiser=trained["denoiser"], weights=trained["weights"],
+                         images_per_batch=2, workers=1, cpus_per_worker=0.5, progress_every_s=1.0)
+    summary = run_apply(config)
+    assert (summary.ok, summary.failed, summary.job) == (3, 1, "apply")
+    store = FeatureStore.open(url)
+    layout = store.layout
+    assert (layout.backbone, tuple(layout.grid), layout.channels, tuple(layout.input_size)) == (TINY, (4, 4), 384, (56, 56))
+    assert store.attrs["stage1"]["stage"] == 2 and len(store.attrs["stage1"]["sha1"]) == 40
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in store.manifest().to_pylist()}
+    assert rows["broken.jpg"]["status"] == "failed" and "not an image" in rows["broken.jpg"]["error"]
+    # the stored features are what DenoisedViT gives for the same images
+    good = sorted((r["image_id"], name) for name, r in rows.items() if r["status"] == "ok")
+    pixels = torch.stack([resize_to_tensor(decode_image((corpus / name).read_bytes()).pixels, 56) for _, name in good])
+    raw, clean = trained["model"].features(pixels, return_raw=True)
+    data = store.get([i for i, _ in good])
+    np.testing.assert_allclose(data["clean"].astype(np.float32), clean.numpy(), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(data["raw"].astype(np.float32), raw.numpy(), atol=2e-2, rtol=1e-2)
+    # a re-run has nothing left to do; more images are added to the same store
+    again = run_apply(ApplyConfig(**{**config.__dict__, "retry_failed": False}))
+    assert again.todo == 0 and again.skipped == 4
+    (corpus / sample_images[3].name).write_bytes(sample_images[3].read_bytes())
+    more = run_apply(ApplyConfig(**{**config.__dict__, "retry_failed": False}))
+    assert (more.todo, more.ok, more.store_ok) == (1, 1, 4)
+
+
+def test_a_denoiser_for_another_backbone_or_store_is_refused(tmp_path, sample_images, trained):
+    base = ApplyConfig(images=str(sample_images[0].parent), output=str(tmp_path / "out.zarr"),
+                       denoiser=trained["denoiser"], weights="none")
+    with pytest.raises(DenoiserMismatchError, match=r"trained for backbone 'vit_small_patch14_dinov2', not 'deit3"):
+        prepare_apply_store(ApplyConfig(**{**base.__dict__, "model": "deit3_small_patch16_224"}))
+    other = str(tmp_path / "other.zarr")
+    write_synthetic_store(other, 2, channels=16)
+    with pytest.raises(StoreMismatchError, match="synthetic"):
+        prepare_apply_store(ApplyConfig(**{**base.__dict__, "output": other}))
+    with pytest.raises(FileNotFoundError, match="dvt train"):
+        prepare_apply_store(ApplyConfig(**{**base.__dict__, "denoiser": str(tmp_path / "none.safetensors")}))
