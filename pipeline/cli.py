@@ -19,6 +19,7 @@ JOBS: dict[str, str] = {
     "denoise": "jobs.denoise",
     "train": "jobs.train_denoiser",
     "apply": "jobs.apply_denoiser",
+    "distill": "jobs.distill",
     "eval": "jobs.eval",
     "info": "jobs.info",
     "show": "jobs.show",
