@@ -296,10 +296,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         batches = iter(train_shard.iter_torch_batches(
             batch_size=config.batch_size, drop_last=True, dtypes=torch.float32, device=device, prefetch_batches=2,
             local_shuffle_buffer_size=4 * config.batch_size, local_shuffle_seed=config.seed + epoch))
+        first_wait = None
         while True:
             t = time.perf_counter()
             batch = next(batches, None)
             wait += time.perf_counter() - t
+            if first_wait is None:
+                first_wait = wait  # the epoch's pipeline start-up: a fixed cost per epoch, not a stall
             if batch is None:
                 break
             loss, _ = denoising_loss(ddp(batch["raw"]), batch["clean"])
@@ -311,12 +314,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             steps, samples = steps + 1, samples + len(batch["raw"])
         elapsed = time.perf_counter() - began
         val = _evaluate(ddp, my_val, config.batch_size, device)
-        g = _all_reduce([loss_sum, samples, wait, elapsed, *val])
+        g = _all_reduce([loss_sum, samples, wait, elapsed, first_wait or 0.0, *val])
         slowest = _all_reduce([elapsed], op="max")[0]
         metrics = {"epoch": epoch, "steps": steps, "train_loss": g[0] / max(1.0, g[1]), "lr": sched.get_last_lr()[0],
-                   "samples_per_s": g[1] / max(slowest, 1e-9), "data_wait_fraction": g[2] / max(g[3], 1e-9)}
-        if g[6] > 0:
-            mse, cos = g[4] / g[6], g[5] / g[6]
+                   "samples_per_s": g[1] / max(slowest, 1e-9), "data_wait_fraction": g[2] / max(g[3], 1e-9),
+                   "data_wait_fraction_after_first_batch": (g[2] - g[4]) / max(g[3] - g[4], 1e-9),
+                   "first_batch_s": g[4] / ctx.get_world_size()}
+        if g[7] > 0:
+            mse, cos = g[5] / g[7], g[6] / g[7]
             metrics.update(val_mse=mse, val_cos=cos, val_loss=mse + 1 - cos)
         history.append(metrics)
         _log.info("rank %d epoch %d: %s", rank, epoch, json.dumps(metrics))
