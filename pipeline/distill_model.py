@@ -100,7 +100,7 @@ def select_trainable(student: Backbone, train_blocks: str = "all") -> list[str]:
     size = student.patch_size + student.stride
     device = next(model.parameters()).device
     was_training = model.training
-    model.train()
+    model.eval()  # no stochastic depth: a skipped block must not look unused
     student.features(torch.rand(1, 3, size, size, device=device)).square().sum().backward()
     model.train(was_training)
     names = []
