@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,27 +104,47 @@ def ray_local(s3_endpoint):
     ray.shutdown()
 
 
+def _kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains ``text`` (Linux /proc)."""
+    needle = text.encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
 @pytest.fixture(scope="session")
 def ray_head(s3_endpoint, tmp_path_factory):
     """A Ray head started with `ray start` on 127.0.0.1 with its dashboard, for `ray job submit` tests.
 
-    Yields the dashboard address. The venv's bin comes first on PATH, as a cluster image would have it, so
-    job entry points' `python` is the one with the package installed.
+    Yields the dashboard address and the environment to run `ray` commands with. The venv's bin comes first
+    on PATH, as a cluster image would have it, so job entry points' `python` is the one with the package.
+    The head gets its own temp dir, and only its processes are stopped at the end (`ray stop` would stop
+    every Ray on the machine).
     """
     bin_dir = str(Path(sys.executable).parent)
     port, dashboard = _free_port(), _free_port()
+    # Every listening port chosen here, so the head never collides with another Ray on the machine.
+    ports = {flag: str(_free_port()) for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
+                                                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                                                  "--metrics-export-port", "--node-manager-port",
+                                                  "--object-manager-port")}
+    temp_dir = f"/tmp/dvt-ray-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    ray_cli = [str(Path(bin_dir) / "ray")]
-    subprocess.run(ray_cli + ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                              "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                              "--dashboard-port", str(dashboard), "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
-    address = f"http://127.0.0.1:{dashboard}"
+    subprocess.run([str(Path(bin_dir) / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+                    "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp_dir,
+                    "--disable-usage-stats", *(x for kv in ports.items() for x in kv)],
+                   env=env, check=True, capture_output=True, timeout=180)
     try:
-        yield address, env
+        yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run(ray_cli + ["stop", "--force"], env=env, capture_output=True, timeout=120)
+        _kill_processes_mentioning(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
