@@ -153,6 +153,12 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], config: Backbon
             raise BackboneError(f"Weights file {config.weights} does not match model '{config.model}' "
                                 f"({type(e).__name__}: {e}).") from e
     own = model.state_dict()
+    # The wrapper builds models without a classifier (num_classes=0); a checkpoint's head is not ours to load.
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if classifier and getattr(model, "num_classes", None) == 0:
+        heads = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+        state = {k: v for k, v in state.items()
+                 if k in own or not any(k == h or k.startswith(f"{h}.") for h in heads)}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and own[k].shape != v.shape]
     missing = sorted(set(own) - set(state))

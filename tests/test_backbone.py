@@ -66,6 +66,16 @@ def test_local_weights_round_trip(tmp_path, fmt):
         torch.testing.assert_close(loaded.features(x), source.features(x))
 
 
+def test_classification_checkpoints_load_without_their_head(tmp_path):
+    import timm
+
+    classifier = timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=64, num_classes=10)
+    path = tmp_path / "classifier.safetensors"
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(path))
+    backbone = create_backbone("deit3_small_patch16_224", weights=str(path), img_size=64)
+    torch.testing.assert_close(backbone.model.blocks[0].attn.qkv.weight, classifier.blocks[0].attn.qkv.weight)
+
+
 def test_mismatched_weights_fail_with_a_clear_sentence(tmp_path):
     other = create_backbone("vit_small_patch16_224", weights="none", img_size=64)
     path = tmp_path / "small.safetensors"
