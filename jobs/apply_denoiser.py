@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="skip images a previous run recorded as failed")
     io.add_argument("--allow-config-change", action="store_true", help="add to a store made with another denoiser")
     io.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    io.add_argument("--no-raw", dest="keep_raw", action="store_false",
+                    help="store only the denoised features, not the backbone's raw ones")
     model = parser.add_argument_group("backbone")
     model.add_argument("--model", default=None, help="expected backbone; refuses a denoiser trained for another")
     model.add_argument("--weights", default="hub", help="'hub' (timm pretrained), 'none' (random), or a local file")

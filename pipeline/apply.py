@@ -48,6 +48,7 @@ class ApplyConfig:
         images_per_batch: images per forward pass and per store unit.
         workers, gpus_per_worker, cpus_per_worker: actors and their resources (see ``dvt denoise``).
         limit, overwrite, retry_failed, allow_config_change, dtype, progress_every_s: as for ``dvt denoise``.
+        keep_raw: also store the backbone's raw features (array ``raw``); off halves the store.
     """
 
     images: str
@@ -57,6 +58,7 @@ class ApplyConfig:
     model: str | None = None
     input_size: int | None = None
     images_per_batch: int = 16
+    keep_raw: bool = True
     workers: int = 1
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
@@ -88,6 +90,8 @@ class ApplyWorker(ImageBatchWorker):
         started = time.perf_counter()
         raw, clean = self.model.features(images, return_raw=True)
         seconds = (time.perf_counter() - started) / len(ids)
+        if not self.config.keep_raw:
+            return [({"seconds": seconds}, {"clean": clean[j]}) for j in range(len(ids))]
         return [({"seconds": seconds}, {"raw": raw[j], "clean": clean[j]}) for j in range(len(ids))]
 
 
@@ -113,7 +117,8 @@ def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Tabl
     _check_backbone(config, spec, backbone)
     record = {"stage": 2, "denoiser": config.denoiser, "sha1": hashlib.sha1(data).hexdigest(),
               "architecture": dataclasses.asdict(spec.denoiser), "trained_on": spec.training.get("stores")}
-    layout = StoreLayout.from_backbone(backbone, config.input_size, arrays=("raw", "clean"), dtype=config.dtype,
+    arrays = ("raw", "clean") if config.keep_raw else ("clean",)
+    layout = StoreLayout.from_backbone(backbone, config.input_size, arrays=arrays, dtype=config.dtype,
                                        stage1=record)
     store, covered, pending = open_job_store(
         config.output, layout, list_uris(config.images, config.limit), overwrite=config.overwrite,

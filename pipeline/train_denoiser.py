@@ -177,6 +177,9 @@ def open_stores(config: TrainConfig) -> tuple[StoreLayout, list[FeatureStore]]:
                          f"train on stores made with {config.expect_backbone!r} or drop --model")
     stores = [first] + [FeatureStore.open(url, expect=layout.geometry()) for url in config.stores[1:]]
     for s in stores:
+        if "raw" not in s.layout.arrays:
+            raise StoreError(f"{s.url} holds no raw features (made with `dvt apply --no-raw`): train on stores "
+                             f"from `dvt denoise`, which keep raw and clean")
         if not len(s.ids("ok")):
             raise StoreError(f"{s.url} has no finished images (0 ok of {s.num_rows} listed): run `dvt denoise` "
                              f"into it first, or leave it out")

@@ -75,3 +75,14 @@ def test_a_denoiser_for_another_backbone_or_store_is_refused(tmp_path, sample_im
         prepare_apply_store(ApplyConfig(**{**base.__dict__, "output": other}))
     with pytest.raises(FileNotFoundError, match="dvt train"):
         prepare_apply_store(ApplyConfig(**{**base.__dict__, "denoiser": str(tmp_path / "none.safetensors")}))
+
+
+def test_no_raw_keeps_only_the_denoised_features(tmp_path, sample_images, trained):
+    from pipeline.store import FeatureStore, StoreError
+
+    config = ApplyConfig(images=str(sample_images[0].parent), output=str(tmp_path / "clean-only.zarr"),
+                         denoiser=trained["denoiser"], weights="none", keep_raw=False, limit=1)
+    store, covered, pending, config = prepare_apply_store(config)
+    assert store.layout.arrays == ("clean",) and covered == 1
+    with pytest.raises(StoreError, match="no raw features"):
+        next(store.iter_pairs())

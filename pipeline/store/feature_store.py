@@ -273,6 +273,9 @@ class FeatureStore:
     def iter_pairs(self, batch_size: int = 8, *, ids: Sequence[int] | None = None, shuffle: bool = False,
                    seed: int = 0, torch: bool = False, drop_last: bool = False) -> Iterator[tuple[Any, Any]]:
         """``(raw, clean)`` batches for training, over ``ids`` (default: every ok image), reading one batch ahead."""
+        if "raw" not in self.layout.arrays:
+            raise StoreError(f"{self.url} holds no raw features (written with --no-raw), so it has no (raw, clean) "
+                             f"pairs: train on a store from `dvt denoise`")
         ids = self.ids(STATUS_OK) if ids is None else np.asarray(ids, dtype=np.int64)
         if shuffle:
             ids = np.random.default_rng(seed).permutation(ids)

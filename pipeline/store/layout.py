@@ -39,7 +39,8 @@ class StoreLayout:
         grid: feature grid ``(gh, gw)``.
         channels: feature channels ``C``.
         dtype: ``"float16"`` (default, half the bytes) or ``"float32"``.
-        arrays: array names; ``raw`` and ``clean`` always, ``artifact`` and more optionally.
+        arrays: array names; ``clean`` always, ``raw`` (needed to train on the store), ``artifact`` and more
+            optionally.
         compressor: ``None`` (chunk object = raw little-endian bytes) or ``"zstd"``.
         stage1: the stage-1 configuration, recorded as given (JSON-serialisable).
     """
@@ -68,8 +69,8 @@ class StoreLayout:
         object.__setattr__(self, "stage1", _jsonable(self.stage1))
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
-        if not {"raw", "clean"} <= set(self.arrays) or len(set(self.arrays)) != len(self.arrays):
-            raise ValueError(f"arrays must name 'raw' and 'clean' once each, got {self.arrays}")
+        if "clean" not in self.arrays or len(set(self.arrays)) != len(self.arrays):
+            raise ValueError(f"arrays must name 'clean' and each array once, got {self.arrays}")
         bad = [a for a in self.arrays if not a.isidentifier() or a == "manifest"]
         if bad:
             raise ValueError(f"array names must be identifiers other than 'manifest': {bad}")
