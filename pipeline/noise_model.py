@@ -16,6 +16,7 @@ solves and Jacobi ``F`` solves of the MSE problem when ``F`` is a dense bilinear
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,22 +70,41 @@ class NoiseModel(nn.Module):
         self.batch = len(generators)
 
     def artifact_tokens(self) -> torch.Tensor:
-        """``G`` at every view-grid position: ``(B, gh * gw, C)`` (exact node values when ``K`` is the grid)."""
-        return self.artifact(self.view_coords.expand(self.batch, -1, -1))
+        """``G`` at every view-grid position: ``(B, gh * gw, C)``. ``G``'s nodes are the view grid's patch
+        centres, so these are its node values (read directly rather than bilinearly sampled at the nodes)."""
+        return self.artifact.grid.float().flatten(2).transpose(1, 2)
+
+    def interpolation(self, coords: torch.Tensor) -> "Interp | None":
+        """The bilinear weights of a grid ``F`` at ``coords (B, N, 2)``, to reuse over many
+        :meth:`losses` calls on the same tokens (``None`` for a hash ``F``)."""
+        return Interp(self.field, coords) if isinstance(self.field, GridField) else None
 
     def freeze_artifact(self) -> None:
         self.artifact.grid.requires_grad_(False)
         self.artifact.grid.grad = None
 
-    def losses(self, raw: torch.Tensor, coords: torch.Tensor, pos: torch.Tensor, *, use_residual: bool,
-               weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+    def losses(self, raw: torch.Tensor, coords: torch.Tensor | None, pos: torch.Tensor | None, *,
+               use_residual: bool, weights: LossWeights = LossWeights(),
+               interp: "Interp | None" = None) -> dict[str, torch.Tensor]:
         """Per-image losses ``(B,)`` on tokens ``raw (B, N, C)`` at global ``coords (B, N, 2)`` and view-grid
-        indices ``pos (B, N)``; ``"total"`` is what is optimised."""
-        clean = self.field(coords).float()
+        indices ``pos (B, N)``; ``"total"`` is what is optimised.
+
+        ``pos=None`` means the tokens are whole views, view by view (``N = V * gh * gw``): ``G`` is then
+        broadcast over the views instead of gathered. ``interp`` (from :meth:`interpolation` on ``coords``)
+        evaluates a grid ``F`` as a sparse product; ``coords`` is then not used.
+        """
+        b, n, c = raw.shape
+        if interp is not None:
+            clean = interp(self.field.grid)
+        else:
+            clean = self.field(coords).float()
         g_all = self.artifact_tokens()
-        art = torch.gather(g_all, 1, pos[..., None].expand(-1, -1, g_all.shape[-1]))
+        if pos is None:
+            p = g_all.shape[1]
+            base = (clean.view(b, n // p, p, c) + g_all[:, None]).view(b, n, c)
+        else:
+            base = clean + torch.gather(g_all, 1, pos[..., None].expand(-1, -1, c))
         raw = raw.float()
-        base = clean + art
         pred = base
         out: dict[str, torch.Tensor] = {}
         if use_residual and self.residual is not None:
@@ -116,42 +136,107 @@ class NoiseModel(nn.Module):
         b, n, c = raw.shape
         grid = self.field.grid
         rh, rw = grid.shape[-2:]
-        idx, w = _bilinear(self.field, coords)  # (B, N, 4)
-        flat = grid.data.flatten(2).transpose(1, 2).contiguous()  # (B, R, C)
-        offs = (torch.arange(b, device=raw.device) * rh * rw)[:, None, None]
-        gidx = (idx + offs).reshape(-1)
+        interp = Interp(self.field, coords)
+        idx, w = interp.idx, interp.w  # (B, N, 4)
+        flat = grid.data.float().flatten(2).transpose(1, 2).reshape(b * rh * rw, c)  # (B * R, C)
         g_nodes = self.artifact.grid.data.flatten(2).transpose(1, 2)  # (B, P, C) node values
         p = g_nodes.shape[1]
         raw = raw.float()
         tok_w = torch.ones(b, n, 1, device=raw.device)  # robust (IRLS) token weights, 1 = inlier
+        weighted = False
+        weight = interp.splat(tok_w).view(b * rh * rw, 1)  # splat(1): sum of bilinear weights per node
         for it in range(iters):
-            fx = _gather(flat, idx, w)
-            g_nodes = _weighted_view_mean(raw - fx, tok_w, views, p)
-            resid = raw - fx - g_nodes.repeat(1, views, 1)
-            wt = w[..., None] * tok_w[:, :, None]  # (B, N, 4, 1)
-            splat = torch.zeros(b * rh * rw, c + 2, device=raw.device)
-            vals = torch.cat([resid[:, :, None, :] * wt, wt, wt * w[..., None]], -1).reshape(-1, c + 2)
-            splat.index_add_(0, gidx, vals)
-            acc, weight = splat[:, :c], splat[:, c:c + 1]
+            resid = raw - interp.apply(flat)
+            g_nodes = _weighted_view_mean(resid, tok_w if weighted else None, views, p)
+            resid = resid.view(b, views, p, c).sub_(g_nodes[:, None]).view(b, n, c)
             if robust and it == iters // 2:
                 # Sparse high-norm tokens are h's job. A token alone on a node is fitted by F whatever its value,
                 # so judge it by its leverage-corrected (studentized) residual r / (1 - leverage), and drop it
                 # from the solve when that exceeds `robust` times the median (trimmed least squares).
-                lev = (w * w * tok_w / weight.view(b, -1)[torch.arange(b, device=raw.device)[:, None, None], idx]
-                       .clamp_min(1e-6)).sum(-1, keepdim=True)
+                node_w = weight.view(b, -1)[torch.arange(b, device=raw.device)[:, None, None], idx]
+                lev = (w * w * tok_w / node_w.clamp_min(1e-6)).sum(-1, keepdim=True)
                 r = resid.norm(dim=-1, keepdim=True) / (1 - lev).clamp_min(0.05)
                 tok_w = (r <= robust * r.median(1, keepdim=True).values).float()
+                weighted = True
+                weight = interp.splat(tok_w).view(b * rh * rw, 1)
                 flat = torch.zeros_like(flat)  # re-solve from scratch: F must not keep what outliers put there
                 continue
-            flat = flat + torch.where(weight > 1e-6, acc / weight.clamp_min(1e-6), 0).view(b, rh * rw, c)
-        g_nodes = _weighted_view_mean(raw - _gather(flat, idx, w), tok_w, views, p)
-        grid.data.copy_(flat.transpose(1, 2).reshape(b, c, rh, rw))
+            acc = interp.splat(resid * tok_w if weighted else resid)
+            flat = flat + torch.where(weight > 1e-6, acc / weight.clamp_min(1e-6), 0)
+        g_nodes = _weighted_view_mean(raw - interp.apply(flat), tok_w if weighted else None, views, p)
+        grid.data.copy_(flat.view(b, rh * rw, c).transpose(1, 2).reshape(b, c, rh, rw))
         self.artifact.grid.data.copy_(g_nodes.transpose(1, 2).reshape_as(self.artifact.grid))
 
 
-def _weighted_view_mean(x: torch.Tensor, w: torch.Tensor, views: int, p: int) -> torch.Tensor:
-    """Per view-grid position, the ``w``-weighted mean over views of ``x (B, V * P, C)``: ``(B, P, C)``."""
+class Interp:
+    """Bilinear interpolation of a grid ``F`` at fixed tokens, as a sparse ``(B * N) x (B * R)`` matrix ``W``
+    (four weights a row): ``F(x) = W @ nodes``, and the gradient (or a splat) is ``W^T @ values``.
+
+    The forward is one ``embedding_bag`` over channels-last nodes and the transpose a CSR product, both far
+    cheaper on a CPU than ``grid_sample`` over ``C`` channel planes and its scattering backward. The weights
+    are those of ``grid_sample(align_corners=True, padding_mode="border")``, the grid's own sampling.
+    """
+
+    def __init__(self, grid: BatchedGrid, coords: torch.Tensor):
+        self.idx, self.w = _bilinear(grid, coords)  # (B, N, 4)
+        self.rh, self.rw = grid.grid.shape[-2:]
+        b, n, _ = self.idx.shape
+        offs = (torch.arange(b, device=coords.device) * self.rh * self.rw)[:, None, None]
+        self._flat_idx = (self.idx + offs).reshape(b * n, 4)
+        self._flat_w = self.w.reshape(b * n, 4).contiguous()
+        self._t: torch.Tensor | None = None
+
+    @property
+    def transpose(self) -> torch.Tensor:
+        """``W^T`` as a CSR matrix ``(B * R, B * N)`` (built on first use)."""
+        if self._t is None:
+            bn = self._flat_idx.shape[0]
+            rows = self._flat_idx.reshape(-1)
+            cols = torch.arange(bn, device=rows.device).repeat_interleave(4)
+            b = self.idx.shape[0]
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), self._flat_w.reshape(-1),
+                                              (b * self.rh * self.rw, bn), check_invariants=False)
+                self._t = coo.coalesce().to_sparse_csr()
+        return self._t
+
+    def apply(self, flat: torch.Tensor) -> torch.Tensor:
+        """``W @ flat`` for channels-last nodes ``flat (B * R, C)``: ``(B, N, C)`` (no gradient)."""
+        b, n, _ = self.idx.shape
+        out = F.embedding_bag(self._flat_idx, flat, per_sample_weights=self._flat_w.to(flat.dtype), mode="sum")
+        return out.view(b, n, -1)
+
+    def splat(self, values: torch.Tensor) -> torch.Tensor:
+        """``W^T @ values`` for ``values (B, N, K)``: ``(B * R, K)``."""
+        return (self.transpose @ values.reshape(-1, values.shape[-1]).float())
+
+    def __call__(self, grid: torch.Tensor) -> torch.Tensor:
+        """``F`` at the tokens from the ``(B, C, H, W)`` node parameter, differentiable: ``(B, N, C)`` fp32."""
+        b, c = grid.shape[:2]
+        flat = grid.float().flatten(2).transpose(1, 2).reshape(b * self.rh * self.rw, c)
+        return _InterpFn.apply(flat, self)
+
+
+class _InterpFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, interp: Interp) -> torch.Tensor:
+        ctx.interp = interp
+        with torch.autocast(flat.device.type, enabled=False):
+            return interp.apply(flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        with torch.autocast(grad.device.type, enabled=False):
+            return ctx.interp.splat(grad), None
+
+
+def _weighted_view_mean(x: torch.Tensor, w: torch.Tensor | None, views: int, p: int) -> torch.Tensor:
+    """Per view-grid position, the ``w``-weighted mean over views of ``x (B, V * P, C)``: ``(B, P, C)``
+    (``w=None``: every weight 1)."""
     b, _, c = x.shape
+    if w is None:
+        return x.view(b, views, p, c).mean(1)
     num = (x * w).view(b, views, p, c).sum(1)
     return num / w.view(b, views, p, 1).sum(1).clamp_min(1e-12)
 
@@ -169,11 +254,3 @@ def _bilinear(grid: BatchedGrid, coords: torch.Tensor) -> tuple[torch.Tensor, to
     idx = torch.stack([y0 * rw + x0, y0 * rw + x1, y1 * rw + x0, y1 * rw + x1], -1)
     w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
     return idx, w
-
-
-def _gather(flat: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k * flat[idx_k]``: ``flat (B, R, C)``, ``idx, w (B, N, 4)`` -> ``(B, N, C)``."""
-    b, n, _ = idx.shape
-    c = flat.shape[-1]
-    vals = torch.gather(flat, 1, idx.reshape(b, -1, 1).expand(-1, -1, c)).view(b, n, 4, c)
-    return (vals * w[..., None]).sum(2)

@@ -260,7 +260,9 @@ def fit_images(backbone, images: torch.Tensor, config: Stage1Config | None = Non
     opt = _adam(model, config)
     freeze_step = int(config.freeze_artifact_at * config.steps)
     full_batch = config.batch_tokens == 0 or config.batch_tokens >= n
-    all_pos = (torch.arange(n, device=device) % per_view).expand(b, -1)
+    # full batch: every token every step, view by view, so G is broadcast over views and a grid F's bilinear
+    # weights are computed once
+    interp = model.interpolation(xy) if full_batch else None
     draws, chunk_steps, log_every = None, 256, max(1, config.steps // 20)
     for step in range(config.steps):
         phase2 = step >= freeze_step and config.residual
@@ -269,7 +271,7 @@ def fit_images(backbone, images: torch.Tensor, config: Stage1Config | None = Non
         for group in opt.param_groups:
             group["lr"] = config.lr_at(step) * group["lr_scale"]
         if full_batch:
-            tok_raw, tok_xy, tok_pos = raw, xy, all_pos
+            tok_raw, tok_xy, tok_pos = raw, xy, None
         else:
             if step % chunk_steps == 0:
                 draws = _draw(gens, n, config.batch_tokens, min(chunk_steps, config.steps - step), device)
@@ -278,14 +280,16 @@ def fit_images(backbone, images: torch.Tensor, config: Stage1Config | None = Non
             tok_xy = torch.gather(xy, 1, idx[..., None].expand(-1, -1, 2))
             tok_pos = idx % per_view
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            losses = model.losses(tok_raw, tok_xy, tok_pos, use_residual=phase2, weights=config.loss)
+            losses = model.losses(tok_raw, tok_xy, tok_pos, use_residual=phase2, weights=config.loss,
+                                  interp=interp)
         opt.zero_grad(set_to_none=True)
         losses["total"].sum().backward()
         opt.step()
         if progress is not None and (step % log_every == 0 or step == config.steps - 1):
             progress(step, config.steps, {k: float(v.mean()) for k, v in losses.items()})
     seconds = time.perf_counter() - t0
-    results = _readout(model, raw, xy, all_pos, full_coords, views, config, image_ids,
+    del interp
+    results = _readout(model, raw, xy, full_coords, views, config, image_ids,
                        use_residual=config.residual and config.steps > freeze_step)
     for r in results:
         r.seconds = seconds / b
@@ -295,11 +299,12 @@ def fit_images(backbone, images: torch.Tensor, config: Stage1Config | None = Non
 
 
 @torch.no_grad()
-def _readout(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, pos: torch.Tensor, full_coords: torch.Tensor,
+def _readout(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, full_coords: torch.Tensor,
              views: int, config: Stage1Config, image_ids: Sequence[int], *, use_residual: bool,
              chunk: int = 16384) -> list[Stage1Result]:
     b, n, c = raw.shape
     gh, gw = full_coords.shape[:2]
+    chunk = max(1, chunk // (gh * gw)) * gh * gw  # whole views per chunk
     full = full_coords.reshape(1, -1, 2).expand(b, -1, -1)
     clean = model.field(full).float().reshape(b, gh, gw, c)
     fine = None
@@ -318,7 +323,8 @@ def _readout(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, pos: torch.
     norms = []
     for s in range(0, n, chunk):
         sl = slice(s, s + chunk)
-        part = model.losses(raw[:, sl], xy[:, sl], pos[:, sl], use_residual=use_residual, weights=config.loss)
+        part = model.losses(raw[:, sl], xy[:, sl], None, use_residual=use_residual, weights=config.loss,
+                            interp=model.interpolation(xy[:, sl]))
         for k, v in part.items():
             sums[k] = sums.get(k, 0) + v * (min(n, s + chunk) - s)
         if use_residual:
