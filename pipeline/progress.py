@@ -54,7 +54,7 @@ class Progress:
         rate = self.rate
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = format_duration(eta) if eta != float("inf") else "unknown"
-        return (f"{self.label}: {self.done}/{self.total} images ({self.failed} failed), {rate:.2f} images/s, "
+        return (f"{self.label}: {self.done}/{self.total} images ({self.failed} failed), {rate:.3g} images/s, "
                 f"elapsed {format_duration(self.elapsed)}, ETA {eta_text}")
 
     def close(self) -> None:
