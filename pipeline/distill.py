@@ -37,7 +37,8 @@ from .distill_model import (build_student_and_teacher, distance_from_sums, dista
                             select_trainable)
 from .listing import iter_uris
 from .storage import filesystem
-from .train_denoiser import RUN_NAME, _all_reduce, _output_fs, _resources, denoising_loss, lr_lambda
+from .train_denoiser import RUN_NAME, _resources
+from .train_utils import all_reduce, denoising_loss, lr_lambda, ray_storage
 
 __all__ = ["DistillConfig", "DistillSummary", "train_loop_per_worker", "run_distillation", "STUDENT_FILE", "STATE_FILE"]
 
@@ -202,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     held_out = held_out_pixels(loop_config["val_uris"][rank::world], size, config.decode)
 
     def measure() -> dict[str, float]:
-        return distance_from_sums(_all_reduce(distance_sums(
+        return distance_from_sums(all_reduce(distance_sums(
             student, teacher, pixel_batches(held_out, config.batch_size, device), autocast)))
 
     if state is None:
@@ -250,8 +251,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             interval_loss = loss_sum.item()  # waits for the device, so the time below is true
             elapsed = time.perf_counter() - began
-            g = _all_reduce([interval_loss, seen, bad, wait, elapsed])
-            slowest = _all_reduce([elapsed], op="max")[0]
+            g = all_reduce([interval_loss, seen, bad, wait, elapsed])
+            slowest = all_reduce([elapsed], op="max")[0]
             skipped += int(g[2])
             metrics = {"step": step, "epoch": step / spe, "train_loss": g[0] / max(1.0, g[1]),
                        "lr": sched.get_last_lr()[0], "images_per_s": (g[1] + g[2]) / max(slowest, 1e-9),
@@ -329,7 +330,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     fs.pipe_file(f"{root.rstrip('/')}/{CONFIG_FILE}", json.dumps(
         {"config": config.to_json(), "teacher": spec.to_dict(), "size": size}, indent=2, sort_keys=True).encode())
     gpu, cpus, threads = _resources(config)
-    storage_path, storage_fs = _output_fs(config.output)
+    storage_path, storage_fs = ray_storage(config.output)
     _log.info("distill: %d training images (%d held out), %d worker(s) (%s, %.2g CPU each), %d steps/epoch, %d steps, "
               "peak lr %.3g, size %d, output %s", len(train_ids), len(val_ids), config.workers, "GPU" if gpu else "CPU",
               cpus, spe, total, config.peak_lr(), size, config.output)

@@ -20,7 +20,7 @@ import torch
 
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from .denoise import fetch_bytes
-from .train_denoiser import _unit_hash
+from .train_utils import uri_fraction
 
 __all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "training_dataset"]
 
@@ -30,7 +30,7 @@ _log = logging.getLogger(__name__)
 def split_listing(uris: list[str], val_fraction: float, max_val_images: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train_ids, held_out_ids)``: listing positions; held out = the ``max_val_images`` smallest ``sha1(uri)``
     below ``val_fraction`` (at least one when ``val_fraction > 0`` and there are two images or more)."""
-    h = np.array([_unit_hash(u) for u in uris])
+    h = np.array([uri_fraction(u) for u in uris])
     order = np.argsort(h, kind="stable")
     n = int((h < val_fraction).sum()) if val_fraction > 0 else 0
     if val_fraction > 0 and n == 0 and len(uris) >= 2:

@@ -18,7 +18,6 @@ and the metrics history all live in it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -34,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
-from .storage import filesystem, is_local, local_path
+from .storage import filesystem
 from .store import FeatureStore, StoreError, StoreLayout
+from .train_utils import all_reduce, denoising_loss, lr_lambda, ray_storage, uri_fraction
 
 __all__ = ["TrainConfig", "TrainSummary", "denoising_loss", "lr_lambda", "split_ids", "open_stores",
            "train_loop_per_worker", "run_training", "export_checkpoint", "DENOISER_FILE", "RUN_NAME"]
@@ -129,27 +129,6 @@ class TrainSummary:
 
 # ------------------------------------------------------------------------------------------------ pieces
 
-def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``MSE + (1 - cos)`` over ``(..., C)`` features; cosine per token, both averaged."""
-    mse = F.mse_loss(pred, target)
-    cos = F.cosine_similarity(pred, target, dim=-1).mean()
-    return mse + (1 - cos), {"mse": mse.detach(), "cos": cos.detach()}
-
-
-def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak rate: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def _unit_hash(uri: str) -> float:
-    return int.from_bytes(hashlib.sha1(uri.encode()).digest()[:8], "big") / 2 ** 64
-
-
 def split_ids(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``(train_ids, val_ids)`` of the store's ok images; validation = URI hash below ``val_fraction``.
 
@@ -159,7 +138,7 @@ def split_ids(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.
     ok = np.asarray(m["status"].to_numpy(zero_copy_only=False) == "ok")
     ids = m["image_id"].to_numpy()[ok]
     uris = np.asarray(m["uri"].to_pylist(), dtype=object)[ok]
-    h = np.array([_unit_hash(str(u)) for u in uris])
+    h = np.array([uri_fraction(str(u)) for u in uris])
     val = h < val_fraction
     if val_fraction > 0 and not val.any() and len(ids) >= 2:
         val[np.argmin(h)] = True
@@ -186,17 +165,6 @@ def open_stores(config: TrainConfig) -> tuple[StoreLayout, list[FeatureStore]]:
     return layout, stores
 
 
-def _output_fs(output: str) -> tuple[str, Any]:
-    """``(storage_path, storage_filesystem)`` for Ray Train: local paths as they are, else our fsspec filesystem
-    (with its retry and endpoint settings) wrapped for pyarrow, and the path without its scheme."""
-    if is_local(output):
-        return local_path(output), None
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(output)
-    return path.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
 def _check_previous(config: TrainConfig, spec: DenoiserSpec) -> None:
     """Refuse to resume a run folder made for other features or another architecture."""
     fs, root = filesystem(config.output)
@@ -221,15 +189,6 @@ def _check_previous(config: TrainConfig, spec: DenoiserSpec) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ worker
-
-def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
 
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, val: Sequence[tuple[str, Sequence[int]]], batch_size: int,
@@ -317,8 +276,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             steps, samples = steps + 1, samples + len(batch["raw"])
         elapsed = time.perf_counter() - began
         val = _evaluate(ddp, my_val, config.batch_size, device)
-        g = _all_reduce([loss_sum, samples, wait, elapsed, first_wait or 0.0, *val])
-        slowest = _all_reduce([elapsed], op="max")[0]
+        g = all_reduce([loss_sum, samples, wait, elapsed, first_wait or 0.0, *val])
+        slowest = all_reduce([elapsed], op="max")[0]
         metrics = {"epoch": epoch, "steps": steps, "train_loss": g[0] / max(1.0, g[1]), "lr": sched.get_last_lr()[0],
                    "samples_per_s": g[1] / max(slowest, 1e-9), "data_wait_fraction": g[2] / max(g[3], 1e-9),
                    "data_wait_fraction_after_first_batch": (g[2] - g[4]) / max(g[3] - g[4], 1e-9),
@@ -404,7 +363,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
             train = ds if train is None else train.union(ds)
     val = [(s.url, v.tolist()) for s, (_, v) in zip(stores, splits) if len(v)]
     gpu, cpus, threads = _resources(config)
-    storage_path, storage_fs = _output_fs(config.output)
+    storage_path, storage_fs = ray_storage(config.output)
     _log.info("train: %d images (%d validation) from %d store(s), %d worker(s) (%s, %.2g CPU each), "
               "%d steps/epoch, peak lr %.3g, output %s", num_train, num_val, len(stores), config.workers,
               "GPU" if gpu else "CPU", cpus, steps_per_epoch, config.peak_lr(), config.output)

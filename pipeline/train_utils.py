@@ -1,0 +1,58 @@
+"""Pieces both Ray Train jobs (stage 2 training, stage 3 distillation) use: the loss, the schedule, the
+held-out rule, Ray Train storage for any fsspec URL, and a small all-reduce."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .storage import filesystem, is_local, local_path
+
+__all__ = ["denoising_loss", "lr_lambda", "uri_fraction", "ray_storage", "all_reduce"]
+
+
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``MSE + (1 - cos)`` over ``(..., C)`` features; cosine per token, both averaged."""
+    mse = F.mse_loss(pred, target)
+    cos = F.cosine_similarity(pred, target, dim=-1).mean()
+    return mse + (1 - cos), {"mse": mse.detach(), "cos": cos.detach()}
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak rate: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def uri_fraction(uri: str) -> float:
+    """A URI's fixed position in [0, 1): held-out sets are the URIs below a fraction."""
+    return int.from_bytes(hashlib.sha1(uri.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def ray_storage(output: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray Train: local paths as they are, else our fsspec filesystem
+    (with its retry and endpoint settings) wrapped for pyarrow, and the path without its scheme."""
+    if is_local(output):
+        return local_path(output), None
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(output)
+    return path.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
