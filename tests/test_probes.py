@@ -18,13 +18,7 @@ COLOURS = {1: (220, 30, 30), 2: (30, 200, 40), 3: (40, 60, 230)}
 PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * (256 * 3 - 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _shapes_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
