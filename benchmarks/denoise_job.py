@@ -5,16 +5,24 @@ All three run in one process on the same images with the same settings, one CPU 
 * kernel: decode is done up front; only ``fit_images`` is timed, batch by batch, in this process;
 * job, 1 worker / 2 workers: ``run_denoise`` end to end (listing, store, fetch, decode, fit, write).
 
-Reported: images/s, pipeline overhead = 1 - kernel time / job time for the same images (with and without
-the fixed start-up: Ray and actor start, backbone load), scaling efficiency of 2 workers, and peak RSS of
-the driver and the worker processes (VmHWM from /proc).
+Two views of the same runs:
 
-    python benchmarks/denoise_job.py --images 12 --input-size 224
+* end to end: wall seconds of ``run_denoise`` including its fixed start (Ray Data planning, actor start,
+  backbone load, store creation), which a large corpus amortises;
+* steady state: from the manifest's commit times, each worker's rate between its first and its last unit
+  (images of units 2..k over the time between commits 1 and k), summed over workers. This is the rate a long
+  job runs at; its overhead is ``1 - job rate / (workers x kernel rate)``, i.e. the share of worker time not
+  spent in stage 1 (fetch, decode, resize, store writes, Ray scheduling, contention with the driver).
+
+Also: 2-worker scaling efficiency (both views), and peak RSS of the driver and the worker processes (VmHWM).
+
+    python benchmarks/denoise_job.py --images 24 --input-size 224
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import resource
@@ -91,24 +99,41 @@ def make_corpus(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def kernel_seconds(config: DenoiseConfig, paths: list[Path]) -> float:
-    """Seconds ``fit_images`` alone takes for ``paths`` in batches, on one thread, like one worker."""
+def kernel_seconds(config: DenoiseConfig, paths: list[Path]) -> list[float]:
+    """Seconds ``fit_images`` alone takes for each batch of ``paths``, on one thread, like one worker."""
     torch.set_num_threads(1)
     backbone = create_backbone(config.backbone_config())
     stage1 = config.stage1_config()
     pixels = [resize_to_tensor(decode_image(p.read_bytes()).pixels, config.input_size) for p in paths]
-    total = 0.0
+    times = []
     for start in range(0, len(pixels), config.images_per_batch):
         batch = torch.stack(pixels[start:start + config.images_per_batch])
         ids = list(range(start, start + len(batch)))
         t0 = time.perf_counter()
         fit_images(backbone, batch, stage1, image_ids=ids, seed=config.seed)
-        total += time.perf_counter() - t0
-    return total
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def steady_rate(config: DenoiseConfig) -> float:
+    """Images/s of the job between each worker's first and last committed unit, summed over workers."""
+    from pipeline.store import FeatureStore
+
+    table = FeatureStore.open(config.output).manifest().to_pylist()
+    units: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for row in table:
+        units[row["worker"]][row["unit"]].append(row["written_at"].timestamp())
+    rate = 0.0
+    for worker_units in units.values():
+        commits = sorted((max(t), len(t)) for t in worker_units.values())
+        if len(commits) < 2:
+            raise SystemExit("Too few units per worker for a steady-state rate: raise --images.")
+        rate += sum(n for _, n in commits[1:]) / (commits[-1][0] - commits[0][0])
+    return rate
 
 
 def job_run(config: DenoiseConfig) -> tuple[float, float, int]:
-    """(seconds end to end, seconds after the first unit, peak worker RSS) of one ``run_denoise``."""
+    """(seconds end to end, steady-state images/s, peak worker RSS) of one ``run_denoise``."""
     import ray
 
     with WorkerMemory() as memory:
@@ -117,12 +142,12 @@ def job_run(config: DenoiseConfig) -> tuple[float, float, int]:
         seconds = time.perf_counter() - t0
     assert summary.failed == 0 and summary.ok == summary.todo, summary
     ray.shutdown()
-    return seconds, summary.seconds, memory.peak
+    return seconds, steady_rate(config), memory.peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--images-per-batch", type=int, default=2)
     parser.add_argument("--model", default="vit_small_patch14_dinov2")
     parser.add_argument("--input-size", type=int, default=224)
@@ -140,26 +165,31 @@ def main() -> None:
                          input_size=args.input_size, preset=args.preset, views=args.views, steps=args.steps,
                          images_per_batch=args.images_per_batch, cpus_per_worker=0.9, progress_every_s=1e9)
     # 0.9 CPU per actor: two actors must leave room for the fetch tasks on a 2-CPU machine (one torch thread each).
-    kernel = kernel_seconds(base, paths)
-    rows = [("stage-1 kernel alone (1 thread)", kernel, kernel, 0)]
+    batches = kernel_seconds(base, paths)
+    kernel = sum(batches)
+    kernel_rate = len(paths) / kernel
+    steady_kernel = (len(paths) - base.images_per_batch) / sum(batches[1:])  # without the first call's warm-up
+    rows = [("stage-1 kernel alone (1 thread)", 1, kernel, kernel_rate, steady_kernel, 0)]
     for workers in (1, 2):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         config = DenoiseConfig(**{**base.__dict__, "output": str(work / f"store-{workers}.zarr"), "workers": workers})
-        total, _, peak = job_run(config)
-        rows.append((f"denoise job, {workers} worker(s) x 1 CPU", total, total, peak))
+        total, rate, peak = job_run(config)
+        rows.append((f"denoise job, {workers} worker(s) x 0.9 CPU", workers, total, len(paths) / total, rate, peak))
 
     n = len(paths)
     print(f"\n{n} images, {args.model} (random weights) at {args.input_size}, preset {args.preset}, "
           f"{args.images_per_batch} images per batch, {os.cpu_count()} CPU cores\n")
-    print("| run | seconds | images/s | overhead vs kernel | worker peak RSS |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, seconds, _, peak in rows:
-        per_worker = 1 if "kernel" in name else int(name.split(",")[1].split()[0])
-        overhead = 1 - kernel / (seconds * per_worker)
-        print(f"| {name} | {seconds:.1f} | {n / seconds:.3f} | {overhead:+.1%} | "
-              f"{peak / 2**20:.0f} MiB |" if peak else f"| {name} | {seconds:.1f} | {n / seconds:.3f} | - | - |")
-    one, two = rows[1][1], rows[2][1]
-    print(f"\n2-worker scaling efficiency: {one / (2 * two):.1%} (throughput ratio {one / two:.2f}x)")
+    print("| run | wall s | images/s end to end | overhead end to end | images/s steady | overhead steady | "
+          "worker peak RSS |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, workers, seconds, rate, steady, peak in rows:
+        if not peak:
+            print(f"| {name} | {seconds:.1f} | {rate:.4f} | - | {steady:.4f} | - | - |")
+            continue
+        print(f"| {name} | {seconds:.1f} | {rate:.4f} | {1 - rate / (workers * kernel_rate):.1%} | {steady:.4f} | "
+              f"{1 - steady / (workers * steady_kernel):.1%} | {peak / 2**20:.0f} MiB |")
+    (_, _, _, r1, s1, _), (_, _, _, r2, s2, _) = rows[1], rows[2]
+    print(f"\n2-worker scaling efficiency: end to end {r2 / (2 * r1):.1%}, steady state {s2 / (2 * s1):.1%}")
     print(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     shutil.rmtree(work, ignore_errors=True)
 

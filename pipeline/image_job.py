@@ -249,7 +249,10 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=0.1)
         ds = ds.map_batches(
             worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, max_tasks_in_flight_per_actor=1))
+            # All workers start at once; work begins as soon as one is up. Two batches in flight per actor: the
+            # next batch's bytes reach the actor while it computes the current one, so it never waits on dispatch.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
+                                               max_tasks_in_flight_per_actor=2))
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             failed = int((out["status"] == "failed").sum())
             progress.update(ok=len(out["status"]) - failed, failed=failed)
