@@ -5,14 +5,16 @@ Prints Markdown tables and writes a PNG of raw / clean / G / |h| for one image t
 
 * Synthetic backbone (known answer): recovery error (mean-removed relative error of the clean map) and
   seconds per image for ``paper`` and ``default``. The full run fits the ``paper`` preset at its full 20k
-  steps (about 30 CPU-minutes per image), plus a 2k-step schedule for the error-versus-time curve; ``--quick``
+  steps (about 37 minutes per image on 2 CPU cores), plus a 2k-step schedule for the error-versus-time curve; ``--quick``
   runs a 200-step ``paper`` schedule and extrapolates its time to 20k steps (the table says which).
 * ``default`` with 8..48 views (error versus views) and images/second for batches of 1, 2, 4, 8.
 * A real timm ViT (random weights, sample photographs): no ground truth, so it reports the share of the
-  raw feature energy assigned to ``G`` and ``h``, the time, and the ViT's seconds per view.
+  raw feature energy assigned to ``G`` and ``h``, the time, and the ViT's seconds per view; with
+  ``--vit-paper-steps`` also how close the default's clean map is to the paper preset's on one image.
 
     python benchmarks/stage1.py --quick          # ~2-4 min on 2 CPU cores
-    python benchmarks/stage1.py                  # larger grid and more paper steps
+    python benchmarks/stage1.py                  # ~45 min on 2 CPU cores: the paper preset at its full 20k steps
+    python benchmarks/stage1.py --only-vit --vit-paper-steps 2000   # default vs paper on a real ViT image
 """
 
 from __future__ import annotations
