@@ -115,21 +115,24 @@ def kernel_seconds(config: DenoiseConfig, paths: list[Path]) -> list[float]:
     return times
 
 
-def steady_rate(config: DenoiseConfig) -> float:
-    """Images/s of the job between each worker's first and last committed unit, summed over workers."""
+def steady_rate(config: DenoiseConfig) -> tuple[float, float]:
+    """Images/s of the job between each worker's first and last committed unit, summed over workers, and the
+    share of that worker time spent in stage 1 (the manifest's per-image ``seconds``, timed inside the worker)."""
     from pipeline.store import FeatureStore
 
     table = FeatureStore.open(config.output).manifest().to_pylist()
     units: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for row in table:
-        units[row["worker"]][row["unit"]].append(row["written_at"].timestamp())
-    rate = 0.0
+        units[row["worker"]][row["unit"]].append((row["written_at"].timestamp(), row["seconds"] or 0.0))
+    rate, busy, span = 0.0, 0.0, 0.0
     for worker_units in units.values():
-        commits = sorted((max(t), len(t)) for t in worker_units.values())
+        commits = sorted((max(t for t, _ in rows), len(rows), sum(s for _, s in rows)) for rows in worker_units.values())
         if len(commits) < 2:
             raise SystemExit("Too few units per worker for a steady-state rate: raise --images.")
-        rate += sum(n for _, n in commits[1:]) / (commits[-1][0] - commits[0][0])
-    return rate
+        rate += sum(n for _, n, _ in commits[1:]) / (commits[-1][0] - commits[0][0])
+        busy += sum(s for _, _, s in commits[1:])
+        span += commits[-1][0] - commits[0][0]
+    return rate, busy / span
 
 
 def job_run(config: DenoiseConfig) -> tuple[float, float, int]:
@@ -142,7 +145,10 @@ def job_run(config: DenoiseConfig) -> tuple[float, float, int]:
         seconds = time.perf_counter() - t0
     assert summary.failed == 0 and summary.ok == summary.todo, summary
     ray.shutdown()
-    return seconds, steady_rate(config), memory.peak
+    rate, in_stage1 = steady_rate(config)
+    print(f"{config.workers} worker(s): steady-state share of worker time inside stage 1 (timed in the worker): "
+          f"{in_stage1:.1%}", flush=True)
+    return seconds, rate, memory.peak
 
 
 def main() -> None:
@@ -154,6 +160,9 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--views", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="job runs to make")
+    parser.add_argument("--kernel-rate", type=float, nargs=2, metavar=("END_TO_END", "STEADY"),
+                        help="reuse the kernel's images/s from an earlier run on this machine instead of measuring")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -165,12 +174,16 @@ def main() -> None:
                          input_size=args.input_size, preset=args.preset, views=args.views, steps=args.steps,
                          images_per_batch=args.images_per_batch, cpus_per_worker=0.9, progress_every_s=1e9)
     # 0.9 CPU per actor: two actors must leave room for the fetch tasks on a 2-CPU machine (one torch thread each).
-    batches = kernel_seconds(base, paths)
-    kernel = sum(batches)
-    kernel_rate = len(paths) / kernel
-    steady_kernel = (len(paths) - base.images_per_batch) / sum(batches[1:])  # without the first call's warm-up
-    rows = [("stage-1 kernel alone (1 thread)", 1, kernel, kernel_rate, steady_kernel, 0)]
-    for workers in (1, 2):
+    if args.kernel_rate:
+        kernel_rate, steady_kernel = args.kernel_rate
+        kernel, tag = len(paths) / kernel_rate, "stage-1 kernel alone (1 thread; earlier run)"
+    else:
+        batches = kernel_seconds(base, paths)
+        kernel, tag = sum(batches), "stage-1 kernel alone (1 thread)"
+        kernel_rate = len(paths) / kernel
+        steady_kernel = (len(paths) - base.images_per_batch) / sum(batches[1:])  # without the first call's warm-up
+    rows = [(tag, 1, kernel, kernel_rate, steady_kernel, 0)]
+    for workers in args.workers:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         config = DenoiseConfig(**{**base.__dict__, "output": str(work / f"store-{workers}.zarr"), "workers": workers})
         total, rate, peak = job_run(config)
@@ -188,8 +201,9 @@ def main() -> None:
             continue
         print(f"| {name} | {seconds:.1f} | {rate:.4f} | {1 - rate / (workers * kernel_rate):.1%} | {steady:.4f} | "
               f"{1 - steady / (workers * steady_kernel):.1%} | {peak / 2**20:.0f} MiB |")
-    (_, _, _, r1, s1, _), (_, _, _, r2, s2, _) = rows[1], rows[2]
-    print(f"\n2-worker scaling efficiency: end to end {r2 / (2 * r1):.1%}, steady state {s2 / (2 * s1):.1%}")
+    for _, workers, _, rate, steady, _ in rows[1:]:
+        print(f"\n{workers}-worker efficiency against {workers} x the kernel: end to end "
+              f"{rate / (workers * kernel_rate):.1%}, steady state {steady / (workers * steady_kernel):.1%}")
     print(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -243,16 +243,18 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
               job, covered, store.url, todo, workers, gpus, cpus)
     progress = Progress(total=todo, label=job, every_s=progress_every_s)
     if todo:
-        per_block = max(images_per_batch, 1) * 4
+        # One batch per block, so one actor task is one store unit: work spreads evenly over the actors (a
+        # block of several batches is one task, which one actor takes whole) and a retry redoes one unit only.
+        per_block = max(images_per_batch, 1)
         blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=0.1)
         ds = ds.map_batches(
             worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
-            # All workers start at once; work begins as soon as one is up. Two batches in flight per actor: the
-            # next batch's bytes reach the actor while it computes the current one, so it never waits on dispatch.
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
-                                               max_tasks_in_flight_per_actor=2))
+            # A fixed pool: --workers is what the user asked for (an autoscaling pool shrinks to one actor on
+            # a short queue, since one actor with two batches in flight looks busy enough). Two batches in flight
+            # per actor: the next batch reaches the actor while it computes the current one.
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2))
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             failed = int((out["status"] == "failed").sum())
             progress.update(ok=len(out["status"]) - failed, failed=failed)
