@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
     io.add_argument("--overwrite", action="store_true", help="delete the run folder and start again")
     io.add_argument("--val-fraction", type=float, default=0.05,
-                    help="images with sha1(uri) below this fraction may be held out (the stage-2 rule)")
+                    help="images with sha1(file name) below this fraction may be held out (the stage-2 rule)")
     io.add_argument("--max-val-images", type=int, default=256, help="held-out images measured (smallest hashes)")
     model = parser.add_argument_group("models")
     model.add_argument("--weights", default="hub",

@@ -364,7 +364,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
             "batch_size": config.batch_size * config.workers, "lr": config.peak_lr(),
             "train_blocks": config.train_blocks, "flip": config.flip, "skipped_images": int(state["skipped"]),
             "before": before, "after": after,
-            "held_out_rule": f"the {config.max_val_images} smallest sha1(uri) below {config.val_fraction}"}
+            "held_out_rule": f"the {config.max_val_images} smallest sha1(file name) below {config.val_fraction}"}
     path = f"{config.output.rstrip('/')}/{STUDENT_FILE}"
     export_student(student, path, note, original_weights=config.weights)
     summary = DistillSummary(output=config.output, student=path, checkpoint=checkpoint, steps=step, epochs=step / spe,

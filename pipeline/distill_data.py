@@ -1,9 +1,9 @@
 """Stage 3 data: which images are held out, and images as ``(3, S, S)`` uint8 rows for the trainers.
 
-Held-out images: among the images whose ``sha1(uri)`` falls below ``val_fraction`` (the rule stage 2 uses, so
+Held-out images: among the images whose ``sha1(file name)`` falls below ``val_fraction`` (the rule stage 2 uses, so
 with the same fraction the denoiser never trained on them either), the ``max_val_images`` with the smallest
-hash are held out and measured; every other image is trained on. The split depends on the URIs only, never on
-worker count or listing order.
+hash are held out and measured; every other image is trained on. The split depends on the file names only, never on
+where the images live, worker count or listing order.
 
 Undecodable images stay in the training stream as all-zero rows flagged ``ok = False``, so every epoch has the
 same number of steps (the schedule is exact and DDP ranks stay in step); the decoding task logs each with its
@@ -28,7 +28,7 @@ _log = logging.getLogger(__name__)
 
 
 def split_listing(uris: list[str], val_fraction: float, max_val_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_ids, held_out_ids)``: listing positions; held out = the ``max_val_images`` smallest ``sha1(uri)``
+    """``(train_ids, held_out_ids)``: listing positions; held out = the ``max_val_images`` smallest ``sha1(file name)``
     below ``val_fraction`` (at least one when ``val_fraction > 0`` and there are two images or more)."""
     h = np.array([uri_fraction(u) for u in uris])
     order = np.argsort(h, kind="stable")

@@ -7,8 +7,9 @@
         --> one checkpoint per epoch under <output>/run/ (Ray Train storage: local path or s3://)
         --> <output>/denoiser.safetensors (weights + spec, loadable without Ray)
 
-Split: an image is in the validation set when a hash of its URI falls below ``val_fraction``, so the split is
-the same on every run and for every store holding that image, and never depends on worker count or order.
+Split: an image is in the validation set when a hash of its file name falls below ``val_fraction``, so the split
+is the same on every run, for every store holding that image and wherever the images were read from, and never
+depends on worker count or order.
 
 Resume: ``RunConfig(name="run", storage_path=<output>)`` is stable, so a worker failure (``FailureConfig``)
 or a re-run of the same command restarts from the latest checkpoint: weights, optimiser, schedule, epoch
@@ -130,7 +131,7 @@ class TrainSummary:
 # ------------------------------------------------------------------------------------------------ pieces
 
 def split_ids(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_ids, val_ids)`` of the store's ok images; validation = URI hash below ``val_fraction``.
+    """``(train_ids, val_ids)`` of the store's ok images; validation = file-name hash below ``val_fraction``.
 
     With ``val_fraction > 0`` and at least two images, at least one image is held out.
     """
@@ -342,7 +343,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     dcfg = DenoiserConfig(channels=layout.channels, num_blocks=config.num_blocks,
                           pos_grid=tuple(config.pos_grid or layout.grid))
     training = {"stores": [s.url for s in stores], "num_train": num_train, "num_val": num_val,
-                "val_fraction": config.val_fraction, "split": "sha1(uri) < val_fraction",
+                "val_fraction": config.val_fraction, "split": "sha1(file name) < val_fraction",
                 "epochs": config.epochs, "batch_size": config.batch_size * config.workers, "lr": config.peak_lr()}
     spec = DenoiserSpec.from_layout(layout, dcfg, **training)
     _check_previous(config, spec)

@@ -34,8 +34,13 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 def uri_fraction(uri: str) -> float:
-    """A URI's fixed position in [0, 1): held-out sets are the URIs below a fraction."""
-    return int.from_bytes(hashlib.sha1(uri.encode()).digest()[:8], "big") / 2 ** 64
+    """An image's fixed position in [0, 1): held-out sets are the images below a fraction.
+
+    Only the file name is hashed, so an image keeps its side of the split wherever the dataset lives: copied from
+    a disk to a bucket, listed from another working directory, or read back from a store's manifest.
+    """
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2 ** 64
 
 
 def ray_storage(output: str) -> tuple[str, Any]:

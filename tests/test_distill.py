@@ -57,7 +57,7 @@ def test_select_trainable_keeps_only_what_reaches_the_features():
     assert not any(n.startswith(("blocks.3.", "blocks.4.", "blocks.5.")) for n in select_trainable(middle, "all"))
 
 
-def test_split_listing_is_a_rule_on_uris():
+def test_split_listing_is_a_rule_on_file_names():
     uris = [f"s3://bucket/img/{i:05d}.jpg" for i in range(2000)]
     train, held = split_listing(uris, 0.05, 16)
     assert len(held) == 16 and len(train) == 2000 - 16 and not set(train) & set(held)
@@ -65,6 +65,9 @@ def test_split_listing_is_a_rule_on_uris():
     assert sorted(uris[i] for i in held) == sorted(uris[::-1][i] for i in again_held)
     assert len(split_listing(uris[:3], 0.0, 16)[1]) == 0
     assert len(split_listing(uris[:2], 0.01, 16)[1]) == 1  # at least one when asked for
+    # the same images elsewhere (a local copy, another working directory) keep their side of the split
+    moved = [u.replace("s3://bucket/img", "/tmp/somewhere/else") for u in uris]
+    assert list(split_listing(moved, 0.05, 16)[1]) == list(held)
 
 
 def test_decode_batch_flags_what_cannot_be_used(caplog):

@@ -48,7 +48,7 @@ def test_synthetic_pairs_have_a_positional_artifact():
     assert not np.allclose(clean[0], clean[1])
 
 
-def test_split_is_by_uri_stable_and_disjoint(tmp_path):
+def test_split_is_by_file_name_stable_and_disjoint(tmp_path):
     store = write_synthetic_store(str(tmp_path / "a.zarr"), 40, channels=16)
     train, val = split_ids(store, 0.25)
     assert len(val) and len(train) and not set(train) & set(val) and len(train) + len(val) == 40
