@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline.apply import ApplyConfig, run_apply
+from pipeline.ray_runtime import add_dashboard_argument
 
 from .denoise import EXIT_SOME_FAILED, SAMPLES
 
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
     run.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
                      help="seconds between progress lines")
+    add_dashboard_argument(run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.denoise import DEFAULT_MODEL, DenoiseConfig, run_denoise
+from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.stage1 import PRESETS
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
     run.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
                      help="seconds between progress lines")
+    add_dashboard_argument(run)
 
 
 def run(args: argparse.Namespace) -> int:

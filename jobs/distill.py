@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.distill import DistillConfig, run_distillation
+from pipeline.ray_runtime import add_dashboard_argument
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
 
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
     run.add_argument("--read-cpus", type=float, default=0.25, help="CPUs per decoding task")
     run.add_argument("--max-failures", type=int, default=3, help="worker failures recovered from checkpoints")
+    add_dashboard_argument(run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.train_denoiser import TrainConfig, run_training
 
 
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cpu", dest="use_gpu", action="store_false", help="train on CPUs (gloo)")
     run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
     run.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    add_dashboard_argument(run)
 
 
 def run(args: argparse.Namespace) -> int:

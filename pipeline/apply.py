@@ -27,6 +27,7 @@ from .decode import DecodeConfig
 from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
 from .image_job import (ImageBatchWorker, JobSummary, describe_backbone, list_uris, open_job_store, run_image_job,
                         worker_resources)
+from .ray_runtime import init_ray
 from .store import FeatureStore, StoreLayout
 
 __all__ = ["ApplyConfig", "ApplyWorker", "prepare_apply_store", "run_apply"]
@@ -47,7 +48,7 @@ class ApplyConfig:
         input_size: square size images are resized to; ``None`` means the size the denoiser was trained at.
         images_per_batch: images per forward pass and per store unit.
         workers, gpus_per_worker, cpus_per_worker: actors and their resources (see ``dvt denoise``).
-        limit, overwrite, retry_failed, allow_config_change, dtype, progress_every_s: as for ``dvt denoise``.
+        limit, overwrite, retry_failed, allow_config_change, dtype, progress_every_s, dashboard: as for ``dvt denoise``.
         keep_raw: also store the backbone's raw features (array ``raw``); off halves the store.
     """
 
@@ -68,6 +69,7 @@ class ApplyConfig:
     allow_config_change: bool = False
     dtype: str = "float16"
     progress_every_s: float = 30.0
+    dashboard: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
@@ -128,11 +130,8 @@ def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Tabl
 
 def run_apply(config: ApplyConfig) -> JobSummary:
     """Run backbone + denoiser over ``config.images`` into the store ``config.output`` (resumable)."""
-    import ray
-
     started = time.monotonic()
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    init_ray(config.dashboard)
     store, covered, pending, config = prepare_apply_store(config)
     gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
     config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)

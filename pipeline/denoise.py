@@ -30,6 +30,7 @@ from .decode import DecodeConfig
 from .image_job import ImageBatchWorker, JobSummary, fetch_bytes, list_uris, open_job_store, run_image_job
 from .image_job import describe_backbone as _describe
 from .image_job import worker_resources
+from .ray_runtime import init_ray
 from .stage1 import Stage1Config, fit_images
 from .store import FeatureStore, StoreLayout
 
@@ -62,6 +63,7 @@ class DenoiseConfig:
         dtype: feature storage type, ``float16`` or ``float32``.
         keep_artifact: also store ``G`` on the full-image grid (array ``artifact``).
         progress_every_s: seconds between progress lines.
+        dashboard: start Ray's dashboard when this run starts a local Ray (:func:`pipeline.ray_runtime.init_ray`).
     """
 
     images: str
@@ -86,6 +88,7 @@ class DenoiseConfig:
     dtype: str = "float16"
     keep_artifact: bool = True
     progress_every_s: float = 30.0
+    dashboard: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def backbone_config(self) -> BackboneConfig:
@@ -156,11 +159,8 @@ def _resources(config: DenoiseConfig) -> tuple[float, float]:
 
 def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     """Run stage 1 over ``config.images`` into ``config.output`` on the Ray cluster in use (or a local one)."""
-    import ray
-
     started = time.monotonic()
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    init_ray(config.dashboard)
     store, covered, pending = prepare_store(config)
     gpus, cpus = _resources(config)
     config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)

@@ -36,6 +36,7 @@ from .distill_data import flip_batch, held_out_pixels, pixel_batches, split_list
 from .distill_model import (build_student_and_teacher, distance_from_sums, distance_sums, export_student,
                             select_trainable)
 from .listing import iter_uris
+from .ray_runtime import init_ray
 from .storage import filesystem
 from .train_denoiser import RUN_NAME, _resources
 from .train_utils import all_reduce, denoising_loss, lr_lambda, ray_storage
@@ -82,6 +83,7 @@ class DistillConfig:
         limit: only the first ``limit`` images of the listing.
         overwrite: delete ``output`` first instead of resuming from it.
         seed: initialisation, flip and shuffle seed.
+        dashboard: start Ray's dashboard when this run starts a local Ray.
         decode: limits on accepted images.
     """
 
@@ -112,6 +114,7 @@ class DistillConfig:
     limit: int | None = None
     overwrite: bool = False
     seed: int = 0
+    dashboard: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def peak_lr(self) -> float:
@@ -308,8 +311,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     from .denoiser import read_spec
 
     began = time.monotonic()
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    init_ray(config.dashboard)
     spec = read_spec(config.denoiser)
     size = int(config.input_size or spec.input_size[0])
     uris = []

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field as _field, replace
 import numpy as np
 import torch
 
-from .field import FieldConfig, HashGridConfig
+from .field import FieldConfig
 from .noise_model import LossWeights, NoiseModel
 from .view_features import extract_view_features
 from .views import ViewConfig, grid_shape, patch_coords

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
+from .ray_runtime import init_ray
 from .storage import filesystem
 from .store import FeatureStore, StoreError, StoreLayout
 from .train_utils import all_reduce, denoising_loss, lr_lambda, ray_storage, uri_fraction
@@ -71,6 +72,7 @@ class TrainConfig:
         expect_backbone: refuse stores made with another backbone (``None``: whatever they hold).
         overwrite: delete ``output`` first instead of resuming from it.
         seed: initialisation seed.
+        dashboard: start Ray's dashboard when this run starts a local Ray.
         after_epoch: advanced, for tests: a picklable ``f(epoch=, rank=)`` each worker calls after an epoch's
             checkpoint is reported (used to inject a worker crash).
     """
@@ -94,6 +96,7 @@ class TrainConfig:
     expect_backbone: str | None = None
     overwrite: bool = False
     seed: int = 0
+    dashboard: bool = False
     after_epoch: Callable[..., None] | None = field(default=None, compare=False, repr=False)
 
     def peak_lr(self) -> float:
@@ -347,8 +350,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
                 "epochs": config.epochs, "batch_size": config.batch_size * config.workers, "lr": config.peak_lr()}
     spec = DenoiserSpec.from_layout(layout, dcfg, **training)
     _check_previous(config, spec)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    init_ray(config.dashboard)
     fs, root = filesystem(config.output)
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(f"{root.rstrip('/')}/{CONFIG_FILE}",

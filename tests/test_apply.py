@@ -78,7 +78,7 @@ def test_a_denoiser_for_another_backbone_or_store_is_refused(tmp_path, sample_im
 
 
 def test_no_raw_keeps_only_the_denoised_features(tmp_path, sample_images, trained):
-    from pipeline.store import FeatureStore, StoreError
+    from pipeline.store import StoreError
 
     config = ApplyConfig(images=str(sample_images[0].parent), output=str(tmp_path / "clean-only.zarr"),
                          denoiser=trained["denoiser"], weights="none", keep_raw=False, limit=1)
