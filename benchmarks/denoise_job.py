@@ -1,22 +1,26 @@
 """Denoise job throughput: the Ray Data pipeline with 1 and 2 workers against the stage-1 kernel alone.
 
-All three run in one process on the same images with the same settings, one CPU thread per worker:
+All runs use the same images and settings, one CPU thread per worker:
 
-* kernel: decode is done up front; only ``fit_images`` is timed, batch by batch, in this process;
-* job, 1 worker / 2 workers: ``run_denoise`` end to end (listing, store, fetch, decode, fit, write).
+* kernel, N processes: ``fit_images`` alone in N fresh processes run side by side (each with every N-th batch,
+  decoded up front, ``OMP_NUM_THREADS=1`` as in a Ray worker), only the fits timed. With N=2 this is what
+  the machine itself gives two workers: its own 2-process scaling, with no pipeline at all;
+* job, N workers: ``run_denoise`` end to end (listing, store, fetch, decode, fit, write).
 
 Two views of the same runs:
 
 * end to end: wall seconds of ``run_denoise`` including its fixed start (Ray Data planning, actor start,
-  backbone load, store creation), which a large corpus amortises;
+  backbone load, store creation), which a large corpus amortises; for the kernel, the slowest process's fits;
 * steady state: from the manifest's commit times, each worker's rate between its first and its last unit
-  (images of units 2..k over the time between commits 1 and k), summed over workers. This is the rate a long
-  job runs at; its overhead is ``1 - job rate / (workers x kernel rate)``, i.e. the share of worker time not
-  spent in stage 1 (fetch, decode, resize, store writes, Ray scheduling, contention with the driver).
+  (images of units 2..k over the time between commits 1 and k), summed over workers; for the kernel, batches
+  2..k of each process. This is the rate a long job runs at.
 
-Also: 2-worker scaling efficiency (both views), and peak RSS of the driver and the worker processes (VmHWM).
+Overhead of a job with N workers = ``1 - job rate / kernel rate with N processes``: the share of worker time
+lost to the pipeline (fetch, decode, store writes, Ray's scheduling and its own processes on the same cores).
+Scaling efficiency = ``rate with 2 / (2 x rate with 1)``, for the job and for the kernel (the machine's ceiling).
+Also the peak RSS of the driver and of the worker processes (VmHWM).
 
-    python benchmarks/denoise_job.py --images 24 --input-size 224
+    python benchmarks/denoise_job.py --images 16 --input-size 224
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import multiprocessing
 import os
 import resource
 import shutil
@@ -115,6 +120,32 @@ def kernel_seconds(config: DenoiseConfig, paths: list[Path]) -> list[float]:
     return times
 
 
+def _kernel_process(config: DenoiseConfig, paths: list[Path], results) -> None:
+    results.put(kernel_seconds(config, paths))
+
+
+def kernel_run(config: DenoiseConfig, paths: list[Path], processes: int) -> tuple[float, float]:
+    """``(seconds, steady images/s)`` of the kernel in ``processes`` fresh processes side by side, each fitting
+    every ``processes``-th batch; seconds are the slowest process's fits, steady rates exclude each first batch."""
+    b = config.images_per_batch
+    batches = [paths[i:i + b] for i in range(0, len(paths), b)]
+    shares = [[p for batch in batches[k::processes] for p in batch] for k in range(processes)]
+    os.environ["OMP_NUM_THREADS"] = "1"  # as Ray sets it in its workers; read when the child imports torch
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_kernel_process, args=(config, share, results)) for share in shares]
+    for proc in procs:
+        proc.start()
+    times = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    seconds = max(sum(t) for t in times)
+    steady = sum((len(share) - b) / sum(t[1:]) for share, t in zip(shares, times) if len(t) > 1)
+    if any(len(t) < 2 for t in times):
+        raise SystemExit("Too few batches per kernel process for a steady-state rate: raise --images.")
+    return seconds, steady
+
+
 def steady_rate(config: DenoiseConfig) -> tuple[float, float]:
     """Images/s of the job between each worker's first and last committed unit, summed over workers, and the
     share of that worker time spent in stage 1 (the manifest's per-image ``seconds``, timed inside the worker)."""
@@ -161,9 +192,11 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="job runs to make")
-    parser.add_argument("--kernel-rate", type=float, nargs=2, metavar=("END_TO_END", "STEADY"),
-                        help="reuse the kernel's images/s from an earlier run on this machine instead of measuring")
+    parser.add_argument("--kernel-rate", nargs=3, action="append", default=[], metavar=("N", "END_TO_END", "STEADY"),
+                        help="reuse the kernel's images/s with N processes from an earlier run on this machine "
+                             "instead of measuring (repeatable)")
     args = parser.parse_args()
+    args.kernel_rate = {n: (float(e), float(st)) for n, e, st in args.kernel_rate}
     logging.basicConfig(level=logging.WARNING)
 
     import ray
@@ -174,20 +207,24 @@ def main() -> None:
                          input_size=args.input_size, preset=args.preset, views=args.views, steps=args.steps,
                          images_per_batch=args.images_per_batch, cpus_per_worker=0.9, progress_every_s=1e9)
     # 0.9 CPU per actor: two actors must leave room for the fetch tasks on a 2-CPU machine (one torch thread each).
-    if args.kernel_rate:
-        kernel_rate, steady_kernel = args.kernel_rate
-        kernel, tag = len(paths) / kernel_rate, "stage-1 kernel alone (1 thread; earlier run)"
-    else:
-        batches = kernel_seconds(base, paths)
-        kernel, tag = sum(batches), "stage-1 kernel alone (1 thread)"
-        kernel_rate = len(paths) / kernel
-        steady_kernel = (len(paths) - base.images_per_batch) / sum(batches[1:])  # without the first call's warm-up
-    rows = [(tag, 1, kernel, kernel_rate, steady_kernel, 0)]
+    rows, kernel = [], {}
+    for n in args.workers:
+        if str(n) in args.kernel_rate:
+            rate, steady = args.kernel_rate[str(n)]
+            rows.append((f"stage-1 kernel, {n} process(es) side by side (earlier run)", n, len(paths) / rate, rate,
+                         steady, 0))
+        else:
+            seconds, steady = kernel_run(base, paths, n)
+            rows.append((f"stage-1 kernel, {n} process(es) side by side", n, seconds, len(paths) / seconds, steady, 0))
+        kernel[n] = rows[-1][3:5]
+        print(f"kernel, {n} process(es): {rows[-1][3]:.4f} images/s end to end, {steady:.4f} steady", flush=True)
+    jobs = {}
     for workers in args.workers:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         config = DenoiseConfig(**{**base.__dict__, "output": str(work / f"store-{workers}.zarr"), "workers": workers})
         total, rate, peak = job_run(config)
         rows.append((f"denoise job, {workers} worker(s) x 0.9 CPU", workers, total, len(paths) / total, rate, peak))
+        jobs[workers] = rows[-1][3:5]
 
     n = len(paths)
     print(f"\n{n} images, {args.model} (random weights) at {args.input_size}, preset {args.preset}, "
@@ -199,11 +236,14 @@ def main() -> None:
         if not peak:
             print(f"| {name} | {seconds:.1f} | {rate:.4f} | - | {steady:.4f} | - | - |")
             continue
-        print(f"| {name} | {seconds:.1f} | {rate:.4f} | {1 - rate / (workers * kernel_rate):.1%} | {steady:.4f} | "
-              f"{1 - steady / (workers * steady_kernel):.1%} | {peak / 2**20:.0f} MiB |")
-    for _, workers, _, rate, steady, _ in rows[1:]:
-        print(f"\n{workers}-worker efficiency against {workers} x the kernel: end to end "
-              f"{rate / (workers * kernel_rate):.1%}, steady state {steady / (workers * steady_kernel):.1%}")
+        k_rate, k_steady = kernel[workers]
+        print(f"| {name} | {seconds:.1f} | {rate:.4f} | {1 - rate / k_rate:.1%} | {steady:.4f} | "
+              f"{1 - steady / k_steady:.1%} | {peak / 2**20:.0f} MiB |")
+    if 1 in jobs and 2 in jobs:
+        print()
+        for name, (one, two) in (("job", (jobs[1], jobs[2])), ("kernel (the machine)", (kernel[1], kernel[2]))):
+            print(f"2-worker scaling, {name}: end to end {two[0] / (2 * one[0]):.1%}, "
+                  f"steady state {two[1] / (2 * one[1]):.1%}")
     print(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     shutil.rmtree(work, ignore_errors=True)
 
