@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--stores", nargs="+", required=True, help="feature store URLs made by `dvt denoise`")
     data.add_argument("--output", default="outputs/denoiser",
                       help="run folder (path or s3://): checkpoints in run/, the denoiser in denoiser.safetensors")
-    data.add_argument("--val-fraction", type=float, default=0.05, help="share of images held out (by URI hash)")
+    data.add_argument("--val-fraction", type=float, default=0.05,
+                      help="share of images held out (by a hash of the file name)")
     data.add_argument("--model", dest="expect_backbone", default=None,
                       help="refuse stores of any other backbone (default: the backbone the stores name)")
     data.add_argument("--overwrite", action="store_true", help="delete the run folder instead of resuming from it")

@@ -61,7 +61,7 @@ class TrainConfig:
         batch_size: feature maps per worker and step.
         lr: peak learning rate; ``None`` means ``base_lr * sqrt(global batch / 256)`` as in the reference.
         base_lr, weight_decay, warmup_fraction: AdamW and schedule (linear warm-up, cosine decay to 0).
-        val_fraction: share of images (by URI hash) held out for validation.
+        val_fraction: share of images (by a hash of the file name) held out for validation.
         num_blocks: Transformer blocks of the denoiser.
         pos_grid: grid of the positional embedding; ``None`` means the stores' grid.
         workers: training workers (DDP ranks).

@@ -15,7 +15,8 @@ import ray
 from pipeline.ray_runtime import init_ray
 context = init_ray(dashboard=sys.argv[1] == "on")
 again = init_ray(dashboard=True)
-print(json.dumps({"dashboard": context.dashboard_url or "", "again": again is None, "cpus": ray.cluster_resources()["CPU"]}))
+print(json.dumps({"dashboard": context.dashboard_url or "", "again": again is None,
+                  "cpus": ray.cluster_resources()["CPU"]}))
 ray.shutdown()
 """
 
