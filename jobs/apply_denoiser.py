@@ -6,9 +6,8 @@ import argparse
 import sys
 
 from pipeline.apply import ApplyConfig, run_apply
-from pipeline.ray_runtime import add_dashboard_argument
 
-from .denoise import EXIT_SOME_FAILED, SAMPLES
+from .denoise import EXIT_SOME_FAILED, SAMPLES, add_store_arguments, add_worker_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,12 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--images", default=SAMPLES,
                     help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled samples)")
     io.add_argument("--output", default="outputs/applied.zarr", help="feature store URL (path, file://, s3://)")
-    io.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
-    io.add_argument("--overwrite", action="store_true", help="delete the store and redo every image")
-    io.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
-                    help="skip images a previous run recorded as failed")
-    io.add_argument("--allow-config-change", action="store_true", help="add to a store made with another denoiser")
-    io.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    add_store_arguments(io, changed="denoiser")
     io.add_argument("--no-raw", dest="keep_raw", action="store_false",
                     help="store only the denoised features, not the backbone's raw ones")
     model = parser.add_argument_group("backbone")
@@ -31,12 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--input-size", type=int, default=None, help="square input size (default: the training size)")
     run = parser.add_argument_group("resources")
     run.add_argument("--images-per-batch", type=int, default=16, help="images per forward pass and store unit")
-    run.add_argument("--workers", type=int, default=1, help="number of workers (actors)")
-    run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
-    run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
-    run.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
-                     help="seconds between progress lines")
-    add_dashboard_argument(run)
+    add_worker_arguments(run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,18 +16,32 @@ SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
 EXIT_SOME_FAILED = 3
 
 
+def add_store_arguments(group: argparse._ArgumentGroup, *, changed: str) -> None:
+    """Flags of every image-to-store job (``denoise``, ``apply``): which listed images to do and how to store them."""
+    group.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
+    group.add_argument("--overwrite", action="store_true", help="delete the store and redo every image")
+    group.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
+                       help="skip images a previous run recorded as failed")
+    group.add_argument("--allow-config-change", action="store_true", help=f"add to a store made with another {changed}")
+    group.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+
+
+def add_worker_arguments(group: argparse._ArgumentGroup) -> None:
+    """Resource flags of every image-to-store job: the actor pool, and Ray when the job starts its own."""
+    group.add_argument("--workers", type=int, default=1, help="number of workers (actors)")
+    group.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
+    group.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
+                       help="seconds between progress lines")
+    add_dashboard_argument(group)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
     io.add_argument("--images", default=SAMPLES,
                     help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled samples)")
     io.add_argument("--output", default="outputs/denoised.zarr", help="feature store URL (path, file://, s3://)")
-    io.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
-    io.add_argument("--overwrite", action="store_true", help="delete the store and redo every image")
-    io.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
-                    help="skip images a previous run recorded as failed")
-    io.add_argument("--allow-config-change", action="store_true",
-                    help="add to a store made with another stage-1 configuration")
-    io.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    add_store_arguments(io, changed="stage-1 configuration")
     io.add_argument("--no-artifact", dest="keep_artifact", action="store_false", help="do not store G")
     model = parser.add_argument_group("backbone")
     model.add_argument("--model", default=DEFAULT_MODEL, help="timm model name or package.module:factory")
@@ -42,12 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--seed", type=int, default=0, help="seed for views and random draws")
     run = parser.add_argument_group("resources")
     run.add_argument("--images-per-batch", type=int, default=4, help="images fitted together per worker")
-    run.add_argument("--workers", type=int, default=1, help="number of stage-1 workers (actors)")
-    run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
-    run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
-    run.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
-                     help="seconds between progress lines")
-    add_dashboard_argument(run)
+    add_worker_arguments(run)
 
 
 def run(args: argparse.Namespace) -> int:
