@@ -32,9 +32,8 @@ import torch
 
 from .backbone import Backbone, BackboneConfig, create_backbone
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
-from .listing import iter_uris
+from .listing import fetch_bytes, iter_uris
 from .progress import Progress
-from .storage import filesystem
 from .store import FeatureStore, StoreLayout
 
 __all__ = ["JobSummary", "ImageBatchWorker", "fetch_bytes", "describe_backbone", "list_uris", "open_job_store",
@@ -69,20 +68,6 @@ class JobSummary:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline steps
-
-def fetch_bytes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read each ``uri``'s bytes through fsspec; unreadable ones get an ``error`` instead of stopping the job."""
-    data, errors = [], []
-    for uri in batch["uri"]:
-        try:
-            fs, path = filesystem(str(uri))
-            data.append(fs.cat_file(path))
-            errors.append("")
-        except Exception as e:  # noqa: BLE001 - any read failure is this image's failure
-            data.append(b"")
-            errors.append(f"cannot read {uri}: {type(e).__name__}: {e}")
-    return {**batch, "bytes": np.array(data, dtype=object), "error": np.array(errors, dtype=object)}
-
 
 class ImageBatchWorker:
     """Base Ray Data actor: one model per process, one store unit per batch of images.
