@@ -37,7 +37,8 @@ def uri_fraction(uri: str) -> float:
     """An image's fixed position in [0, 1): held-out sets are the images below a fraction.
 
     Only the file name is hashed, so an image keeps its side of the split wherever the dataset lives: copied from
-    a disk to a bucket, listed from another working directory, or read back from a store's manifest.
+    a disk to a bucket, listed from another working directory, or read back from a store's manifest. Images
+    that share a file name in different folders fall on the same side.
     """
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2 ** 64
