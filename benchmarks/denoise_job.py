@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +46,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pipeline.backbone import create_backbone  # noqa: E402
 from pipeline.decode import decode_image, resize_to_tensor  # noqa: E402
-from pipeline.denoise import DenoiseConfig, run_denoise  # noqa: E402
+from pipeline.denoise import DenoiseConfig, prepare_store, run_denoise  # noqa: E402
+from pipeline.image_job import ImageBatchWorker, run_image_job  # noqa: E402
 from pipeline.stage1 import fit_images  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "pipeline" / "samples"
@@ -139,10 +141,10 @@ def kernel_run(config: DenoiseConfig, paths: list[Path], processes: int) -> tupl
     times = [results.get() for _ in procs]
     for proc in procs:
         proc.join()
-    seconds = max(sum(t) for t in times)
-    steady = sum((len(share) - b) / sum(t[1:]) for share, t in zip(shares, times) if len(t) > 1)
     if any(len(t) < 2 for t in times):
         raise SystemExit("Too few batches per kernel process for a steady-state rate: raise --images.")
+    seconds = max(sum(t) for t in times)
+    steady = sum((len(share) - b) / sum(t[1:]) for share, t in zip(shares, times))
     return seconds, steady
 
 
@@ -164,6 +166,60 @@ def steady_rate(config: DenoiseConfig) -> tuple[float, float]:
         busy += sum(s for _, _, s in commits[1:])
         span += commits[-1][0] - commits[0][0]
     return rate, busy / span
+
+
+class IdleWorker(ImageBatchWorker):
+    """A stage-1 worker that sleeps instead of fitting and stores zeros: with it, every CPU cycle the machine
+    spends is the pipeline's own (driver, Ray's services, fetch, store writes)."""
+
+    stage = "idle"
+
+    def __init__(self, config: DenoiseConfig, layout: dict, seconds: float):
+        self.seconds = seconds
+        super().__init__(config.output, layout, input_size=config.input_size, cpus_per_worker=config.cpus_per_worker)
+
+    def process(self, ids, images):
+        time.sleep(self.seconds)
+        zeros = np.zeros((*self.store.layout.grid, self.store.layout.channels), np.float32)
+        return [({"seconds": self.seconds / len(ids)}, {name: zeros for name in self.arrays}) for _ in ids]
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat, Linux)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_pipeline_cores(config: DenoiseConfig, seconds_per_batch: float, dashboard: bool) -> float:
+    """Cores the machine keeps busy in steady state while ``config.workers`` idle workers hold the pipeline
+    running (from the second batch to the last), with or without Ray's dashboard."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=dashboard, log_to_driver=False)
+    store, covered, pending = prepare_store(config)
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            samples.append((time.monotonic(), _busy_cpu_seconds()))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    run_image_job(job="idle", store=store, covered=covered, pending=pending, worker=IdleWorker,
+                  worker_kwargs={"config": config, "layout": store.layout.geometry(), "seconds": seconds_per_batch},
+                  images_per_batch=config.images_per_batch, workers=config.workers, gpus=0, cpus=0.9,
+                  progress_every_s=1e9)
+    done.set()
+    thread.join()
+    ray.shutdown()
+    # Steady state: after start-up (imports, actors: ~20 s) and the first batch, until the last one ends.
+    window = [(t, c) for t, c in samples if t - started > 20 + seconds_per_batch]
+    if len(window) < 5:
+        raise SystemExit("Too short a run for a steady-state reading: raise --images or --idle-seconds.")
+    (t0, c0), (t1, c1) = window[0], window[-1]
+    return (c1 - c0) / (t1 - t0)
 
 
 def job_run(config: DenoiseConfig) -> tuple[float, float, int]:
@@ -195,6 +251,9 @@ def main() -> None:
     parser.add_argument("--kernel-rate", nargs=3, action="append", default=[], metavar=("N", "END_TO_END", "STEADY"),
                         help="reuse the kernel's images/s with N processes from an earlier run on this machine "
                              "instead of measuring (repeatable)")
+    parser.add_argument("--idle-seconds", type=float, default=None, metavar="S",
+                        help="instead: measure the pipeline's own CPU use with 2 workers that sleep S s per batch, "
+                             "with and without Ray's dashboard")
     args = parser.parse_args()
     args.kernel_rate = {n: (float(e), float(st)) for n, e, st in args.kernel_rate}
     logging.basicConfig(level=logging.WARNING)
@@ -206,6 +265,14 @@ def main() -> None:
     base = DenoiseConfig(images=str(work / "images"), output="", model=args.model, weights="none",
                          input_size=args.input_size, preset=args.preset, views=args.views, steps=args.steps,
                          images_per_batch=args.images_per_batch, cpus_per_worker=0.9, progress_every_s=1e9)
+    if args.idle_seconds is not None:
+        for dashboard in (True, False):
+            config = DenoiseConfig(**{**base.__dict__, "output": str(work / f"idle-{dashboard}.zarr"), "workers": 2})
+            cores = idle_pipeline_cores(config, args.idle_seconds, dashboard)
+            print(f"idle pipeline, 2 workers, dashboard {'on' if dashboard else 'off'}: {cores:.3f} cores busy "
+                  f"in steady state ({cores / os.cpu_count():.1%} of this machine)", flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     # 0.9 CPU per actor: two actors must leave room for the fetch tasks on a 2-CPU machine (one torch thread each).
     rows, kernel = [], {}
     for n in args.workers:

@@ -2,9 +2,10 @@
 
 ``ray job submit`` (and ``RAY_ADDRESS``) point a job at a running cluster, whose services are the cluster's
 business. A job started on its own (``dvt denoise`` on a laptop) starts a local Ray, and there Ray's own processes
-share the machine with the workers: measured on 2 cores with idle workers, the driver and Ray's services take
-0.22 cores in steady state with the dashboard and 0.19 without it. So a local instance starts without the
-dashboard unless asked for (``--dashboard``); the progress lines report what it would show.
+share the machine with the workers: on 2 cores with workers that sleep, the driver and Ray's services keep 0.20-0.22
+cores busy with the dashboard and 0.17-0.19 without it (``benchmarks/denoise_job.py --idle-seconds 25``). So a
+local instance starts without the dashboard unless asked for (``--dashboard``); the progress lines report what
+it would show.
 """
 
 from __future__ import annotations
