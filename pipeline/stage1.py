@@ -37,9 +37,14 @@ from .noise_model import LossWeights, NoiseModel
 from .view_features import extract_view_features
 from .views import ViewConfig, grid_shape, patch_coords
 
-__all__ = ["Stage1Config", "Stage1Error", "Stage1Result", "PRESETS", "fit_images", "fit_generator"]
+__all__ = ["STAGE1_VERSION", "Stage1Config", "Stage1Error", "Stage1Result", "PRESETS", "fit_images",
+           "fit_generator"]
 
 _log = logging.getLogger(__name__)
+
+#: Version of the stage-1 algorithm: bumped whenever the same config and inputs would give different
+#: ``clean`` / ``artifact`` arrays, so stores can refuse to mix rows from two versions.
+STAGE1_VERSION = 1
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
