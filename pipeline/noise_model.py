@@ -9,6 +9,12 @@ image-dependent residual (high-norm tokens). Losses follow the reference exactly
 * phase 2 (``G`` frozen): the same on ``F + G + sg(h)``, plus ``0.1 * MSE(h, sg(raw - F - G))`` and
   ``0.02 * mean|h|``.
 
+Gauge: ``F + G`` is unchanged when a constant vector moves from ``G`` to ``F``, so the split is fixed by
+convention, the same in every preset: ``G`` holds only what depends on the position in the view grid (zero
+mean over its nodes, per channel) and ``F`` everything else, including the image's mean feature. Then ``F``
+on the full view is directly comparable with the raw features (cosine, norms, K-means).
+:meth:`NoiseModel.fix_gauge` moves ``G``'s mean into ``F`` exactly (every token's ``F + G`` is unchanged).
+
 Every loss is a per-image mean, so image ``b``'s gradients never depend on the other images in the batch.
 :meth:`NoiseModel.solve_linear` is the closed-form start of the default preset: alternating exact ``G``
 solves and Jacobi ``F`` solves of the MSE problem when ``F`` is a dense bilinear grid.
@@ -79,9 +85,35 @@ class NoiseModel(nn.Module):
         :meth:`losses` calls on the same tokens (``None`` for a hash ``F``)."""
         return Interp(self.field, coords) if isinstance(self.field, GridField) else None
 
+    @torch.no_grad()
+    def fix_gauge(self) -> torch.Tensor:
+        """Move each image's per-channel mean of ``G`` (over its nodes) into ``F``; returns the moved
+        ``(B, C)`` means. Exact: ``G`` is read at its nodes with weights summing to one and ``F`` gains the same
+        constant everywhere (a grid ``F``'s nodes, or a hash ``F``'s output bias), so no loss changes."""
+        grid = self.artifact.grid
+        mean = grid.mean((2, 3))  # (B, C)
+        grid.sub_(mean[:, :, None, None].to(grid.dtype))
+        if isinstance(self.field, GridField):
+            self.field.grid.add_(mean[:, :, None, None].to(self.field.grid.dtype))
+        else:
+            bias = self.field.mlp.biases[-1]  # (B, 1, C)
+            bias.add_(mean[:, None, :].to(bias.dtype))
+        return mean
+
     def freeze_artifact(self) -> None:
         self.artifact.grid.requires_grad_(False)
         self.artifact.grid.grad = None
+
+    def explain(self, n: int, coords: torch.Tensor | None, pos: torch.Tensor | None, *,
+                interp: "Interp | None" = None) -> torch.Tensor:
+        """``F(x) + G(p)`` for ``n`` tokens, fp32 ``(B, n, C)`` (arguments as in :meth:`losses`)."""
+        clean = interp(self.field.grid) if interp is not None else self.field(coords).float()
+        b, _, c = clean.shape
+        g_all = self.artifact_tokens()
+        if pos is None:
+            p = g_all.shape[1]
+            return (clean.view(b, n // p, p, c) + g_all[:, None]).view(b, n, c)
+        return clean + torch.gather(g_all, 1, pos[..., None].expand(-1, -1, c))
 
     def losses(self, raw: torch.Tensor, coords: torch.Tensor | None, pos: torch.Tensor | None, *,
                use_residual: bool, weights: LossWeights = LossWeights(),
@@ -93,17 +125,7 @@ class NoiseModel(nn.Module):
         broadcast over the views instead of gathered. ``interp`` (from :meth:`interpolation` on ``coords``)
         evaluates a grid ``F`` as a sparse product; ``coords`` is then not used.
         """
-        b, n, c = raw.shape
-        if interp is not None:
-            clean = interp(self.field.grid)
-        else:
-            clean = self.field(coords).float()
-        g_all = self.artifact_tokens()
-        if pos is None:
-            p = g_all.shape[1]
-            base = (clean.view(b, n // p, p, c) + g_all[:, None]).view(b, n, c)
-        else:
-            base = clean + torch.gather(g_all, 1, pos[..., None].expand(-1, -1, c))
+        base = self.explain(raw.shape[1], coords, pos, interp=interp)
         raw = raw.float()
         pred = base
         out: dict[str, torch.Tensor] = {}
@@ -117,19 +139,31 @@ class NoiseModel(nn.Module):
         out["total"] = sum(out.values())
         return out
 
-    # ---- closed-form start for a linear F (dense bilinear grid) ---- #
+    # ---- closed-form solve for a linear F (dense bilinear grid) ---- #
 
     @torch.no_grad()
-    def solve_linear(self, raw: torch.Tensor, coords: torch.Tensor, views: int, iters: int,
-                     robust: float = 3.0) -> None:
-        """Alternate exact ``G`` and Jacobi ``F`` updates of ``min ||F(x) + G(p) - raw||^2``.
+    def solve_linear(self, raw: torch.Tensor, coords: torch.Tensor, views: int, iters: int, *,
+                     full_weight: float = 1.0, high_norm: float = 0.0, smooth: float = 0.0) -> torch.Tensor:
+        """Alternate exact ``G`` and Jacobi ``F`` updates of the weighted least-squares problem
+        ``min sum_tokens w ||F(x) + G(p) - raw||^2 + smooth * ||grad F||^2``; returns the token weights.
 
-        ``raw (B, V * P, C)`` and ``coords (B, V * P, 2)`` hold every token, view by view (``P = gh * gw``).
-        ``G(p)`` is the mean over views of ``raw - F``; ``F += splat(residual) / splat(1)`` is a Jacobi step
-        (it converges: every bilinear weight row sums to one, so ``W^T W <= diag(W^T 1)``). In the second half,
-        tokens whose studentized residual exceeds ``robust`` times the median are dropped and ``F`` is re-solved
-        from zero, so sparse high-norm tokens do not leak into
-        ``F`` before ``h`` exists (0 disables).
+        ``raw (B, V * P, C)`` and ``coords (B, V * P, 2)`` hold every token, view by view (``P = gh * gw``),
+        view 0 being the full view.
+
+        * ``G(p)`` is the mean over views of ``raw - F`` (every view counts the same: each is one more
+          observation of the same artifact).
+        * ``F``'s tokens weigh ``full_weight`` in the full view and 1 elsewhere. A crop's patch covers less of
+          the image than a full-view patch, so its content differs from the full view's at the same place;
+          the full view is the scale the clean map is read at, so it leads ``F`` while crops, where the
+          artifact sits at other image places, separate ``F`` from ``G``.
+        * Tokens whose centred norm exceeds ``high_norm`` times the image's median (DINOv2-style high-norm
+          tokens, ``h``'s part of the model) get weight 0 (``0`` disables).
+        * ``smooth`` (relative to the mean node weight) adds a membrane term that fills nodes left without
+          tokens from their neighbours and damps noise.
+
+        ``F += (splat(w r) - smooth L F) / (splat(w) + 8 smooth)`` is a damped Jacobi step (it converges: the
+        bilinear rows sum to one and ``L``'s eigenvalues are at most 8). Stopping after ``iters`` steps leaves
+        the finest, least-supported detail partly unfitted, which measures better than solving to the end.
         """
         if not isinstance(self.field, GridField):
             raise TypeError("solve_linear needs a dense grid F (FieldConfig(kind='grid')).")
@@ -137,35 +171,27 @@ class NoiseModel(nn.Module):
         grid = self.field.grid
         rh, rw = grid.shape[-2:]
         interp = Interp(self.field, coords)
-        idx, w = interp.idx, interp.w  # (B, N, 4)
         flat = grid.data.float().flatten(2).transpose(1, 2).reshape(b * rh * rw, c)  # (B * R, C)
-        g_nodes = self.artifact.grid.data.flatten(2).transpose(1, 2)  # (B, P, C) node values
-        p = g_nodes.shape[1]
+        p = self.artifact.grid.shape[-2] * self.artifact.grid.shape[-1]
         raw = raw.float()
-        tok_w = torch.ones(b, n, 1, device=raw.device)  # robust (IRLS) token weights, 1 = inlier
-        weighted = False
-        weight = interp.splat(tok_w).view(b * rh * rw, 1)  # splat(1): sum of bilinear weights per node
-        for it in range(iters):
+        keep = torch.ones(b, n, 1, device=raw.device)
+        if high_norm:
+            dev = (raw - raw.mean(1, keepdim=True)).norm(dim=-1, keepdim=True)
+            keep = (dev <= high_norm * dev.median(1, keepdim=True).values).float()
+        f_w = keep.clone()
+        f_w[:, :p] *= full_weight
+        weight = interp.splat(f_w).view(b * rh * rw, 1)  # per node: sum of its tokens' bilinear weights
+        lam = smooth * weight.view(b, -1).mean(1).repeat_interleave(rh * rw)[:, None]
+        for _ in range(iters):
             resid = raw - interp.apply(flat)
-            g_nodes = _weighted_view_mean(resid, tok_w if weighted else None, views, p)
+            g_nodes = _weighted_view_mean(resid, keep, views, p)
             resid = resid.view(b, views, p, c).sub_(g_nodes[:, None]).view(b, n, c)
-            if robust and it == iters // 2:
-                # Sparse high-norm tokens are h's job. A token alone on a node is fitted by F whatever its value,
-                # so judge it by its leverage-corrected (studentized) residual r / (1 - leverage), and drop it
-                # from the solve when that exceeds `robust` times the median (trimmed least squares).
-                node_w = weight.view(b, -1)[torch.arange(b, device=raw.device)[:, None, None], idx]
-                lev = (w * w * tok_w / node_w.clamp_min(1e-6)).sum(-1, keepdim=True)
-                r = resid.norm(dim=-1, keepdim=True) / (1 - lev).clamp_min(0.05)
-                tok_w = (r <= robust * r.median(1, keepdim=True).values).float()
-                weighted = True
-                weight = interp.splat(tok_w).view(b * rh * rw, 1)
-                flat = torch.zeros_like(flat)  # re-solve from scratch: F must not keep what outliers put there
-                continue
-            acc = interp.splat(resid * tok_w if weighted else resid)
-            flat = flat + torch.where(weight > 1e-6, acc / weight.clamp_min(1e-6), 0)
-        g_nodes = _weighted_view_mean(raw - interp.apply(flat), tok_w if weighted else None, views, p)
+            acc = interp.splat(resid * f_w) - lam * _laplacian(flat, b, rh, rw)
+            flat = flat + torch.where(weight + lam > 1e-6, acc / (weight + 8 * lam).clamp_min(1e-6), 0)
+        g_nodes = _weighted_view_mean(raw - interp.apply(flat), keep, views, p)
         grid.data.copy_(flat.view(b, rh * rw, c).transpose(1, 2).reshape(b, c, rh, rw))
         self.artifact.grid.data.copy_(g_nodes.transpose(1, 2).reshape_as(self.artifact.grid))
+        return keep[..., 0]
 
 
 class Interp:
@@ -229,6 +255,18 @@ class _InterpFn(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         with torch.autocast(grad.device.type, enabled=False):
             return ctx.interp.splat(grad), None
+
+
+def _laplacian(flat: torch.Tensor, b: int, rh: int, rw: int) -> torch.Tensor:
+    """Graph Laplacian (4-neighbour, free boundary) of channels-last grid nodes ``flat (B * R, C)``."""
+    g = flat.view(b, rh, rw, -1)
+    out = torch.zeros_like(g)
+    dy, dx = g[:, 1:] - g[:, :-1], g[:, :, 1:] - g[:, :, :-1]
+    out[:, :-1] -= dy
+    out[:, 1:] += dy
+    out[:, :, :-1] -= dx
+    out[:, :, 1:] += dx
+    return out.view_as(flat)
 
 
 def _weighted_view_mean(x: torch.Tensor, w: torch.Tensor | None, views: int, p: int) -> torch.Tensor:

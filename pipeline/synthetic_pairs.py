@@ -19,20 +19,24 @@ __all__ = ["synthetic_pairs", "write_synthetic_store"]
 
 
 def synthetic_pairs(n: int, grid: tuple[int, int], channels: int, *, seed: int = 0,
-                    artifact_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """``(raw, clean)`` float32 arrays of shape ``(n, gh, gw, C)``; the artifact depends on ``grid`` only."""
+                    artifact_scale: float = 1.0, mean_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(raw, clean)`` float32 arrays of shape ``(n, gh, gw, C)``; the artifact depends on ``grid`` only.
+
+    As in stage 1's output, the artifact has zero mean over the grid and each clean map carries its image's
+    mean feature vector (``N(0, mean_scale^2)`` per channel), which a denoiser must keep."""
     gh, gw = grid
     yy, xx = np.meshgrid(np.linspace(0, 1, gh), np.linspace(0, 1, gw), indexing="ij")
     art_rng = np.random.default_rng(12345)  # the artifact is the same for every seed: one "backbone"
     stripes = np.stack([np.sin(2 * math.pi * (f * yy + g * xx)) for f, g in art_rng.integers(-3, 4, (4, 2))], -1)
     artifact = artifact_scale * stripes @ art_rng.normal(size=(4, channels)) / 2
+    artifact -= artifact.mean((0, 1))
     rng = np.random.default_rng(seed)
     clean = np.empty((n, gh, gw, channels), dtype=np.float32)
     for i in range(n):
         freq = rng.normal(size=(6, 2)) * 2
         phase = rng.uniform(0, 2 * math.pi, 6)
         waves = np.stack([np.cos(2 * math.pi * (f[0] * yy + f[1] * xx) + p) for f, p in zip(freq, phase)], -1)
-        clean[i] = waves @ rng.normal(size=(6, channels)) / math.sqrt(6)
+        clean[i] = waves @ rng.normal(size=(6, channels)) / math.sqrt(6) + mean_scale * rng.normal(size=channels)
     return (clean + artifact).astype(np.float32), clean
 
 

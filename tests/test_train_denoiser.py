@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.denoiser import load_denoiser
+import torch.nn.functional as F
+
+from pipeline.denoiser import Denoiser, DenoiserConfig, load_denoiser
 from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError
 from pipeline.synthetic_pairs import synthetic_pairs, write_synthetic_store
 from pipeline.train_denoiser import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
                                      split_ids)
+from pipeline.train_utils import denoising_loss as loss_fn
 
 
 def die_once(marker: str, at_epoch: int, at_rank: int, *, epoch: int, rank: int) -> None:
@@ -46,6 +49,41 @@ def test_synthetic_pairs_have_a_positional_artifact():
     artifact = raw - clean
     np.testing.assert_allclose(artifact[0], artifact[2], atol=1e-5)  # same at each position in every image
     assert not np.allclose(clean[0], clean[1])
+
+
+def test_synthetic_pairs_carry_each_images_mean_and_a_zero_mean_artifact():
+    raw, clean = synthetic_pairs(6, (4, 5), 16, seed=2)
+    np.testing.assert_allclose((raw - clean).mean((1, 2)), 0, atol=1e-5)  # stage 1's gauge
+    assert np.linalg.norm(clean.mean((1, 2)), axis=-1).min() > 1.0  # each image's own mean vector
+
+
+def test_the_denoiser_keeps_each_images_mean_on_held_out_images(tmp_path):
+    # the model and loss of the Ray Train loop, trained in-process on a synthetic store: stage-1 stores carry each
+    # image's mean in `clean`, and the denoiser's output on images it never saw must keep it
+    store = write_synthetic_store(str(tmp_path / "pairs.zarr"), 240, channels=64, grid=(4, 4), dtype="float32")
+    data = store.get(np.arange(240), torch=True)
+    raw, clean = data["raw"].float(), data["clean"].float()
+    train, val = slice(0, 200), slice(200, 240)
+    torch.manual_seed(0)
+    model = Denoiser(DenoiserConfig(channels=64, pos_grid=(4, 4)))
+    steps = 300
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, steps // 10))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(200, (4,), generator=g)
+        loss, _ = loss_fn(model(raw[train][idx]), clean[train][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        pred = model(raw[val])
+    truth = clean[val]
+    assert F.cosine_similarity(raw[val], truth, dim=-1).mean() < 0.9  # the artifact is there to remove
+    assert F.cosine_similarity(pred, truth, dim=-1).mean() >= 0.98
+    ratio = pred.mean((1, 2)).norm(dim=-1) / truth.mean((1, 2)).norm(dim=-1)
+    assert ((ratio > 0.9) & (ratio < 1.1)).all(), ratio
 
 
 def test_split_is_by_file_name_stable_and_disjoint(tmp_path):

@@ -1,0 +1,238 @@
+"""Stage 1 on the synthetic families (known answer): raw, the ``paper`` preset at its full schedule, and ``default``.
+
+Each family of :data:`pipeline.synthetic.FAMILIES` is a problem with a known clean map (in stage 1's gauge:
+the artifact has zero mean over the view grid). Every fit is scored the way users use a clean map, with the
+mean kept: uncentred error, mean token cosine to the truth, the ratio of mean-vector norms, and the centred
+error next to them (:func:`pipeline.synthetic.clean_scores`).
+
+The ``paper`` preset at its full 20k steps costs ~15-30 CPU-minutes per image, so its fits can be run once
+(here or on a GPU) and saved with ``--save-reference``; later runs load them with ``--reference`` and time the
+paper preset on a short schedule, extrapolated (the table says which). Everything else runs side by side.
+
+    python benchmarks/stage1_families.py --paper-steps 20000 --save-reference outputs/benchmarks/paper_ref.pt
+    python benchmarks/stage1_families.py --reference outputs/benchmarks/paper_ref.pt           # default vs it
+    python benchmarks/stage1_families.py --reference REF --candidate views=48 --candidate steps=600   # sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.field import FieldConfig  # noqa: E402
+from pipeline.stage1 import Stage1Config, fit_images, fit_views  # noqa: E402
+from pipeline.synthetic import FAMILIES, clean_scores, make_problem  # noqa: E402
+from pipeline.view_features import ViewBatch, extract_batch  # noqa: E402
+from pipeline.views import ViewConfig  # noqa: E402
+
+_log = logging.getLogger("benchmarks.stage1_families")
+KEYS = ("uncentred", "cosine", "mean_norm_ratio", "centred")
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak memory in MiB since the last reset: GPU allocations, or the process's RSS high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def parse_overrides(text: str) -> dict:
+    """``views=48,steps=600,grid_factor=3,lr=1e-3`` -> ``Stage1Config.replace`` keyword arguments."""
+    out: dict = {}
+    base = Stage1Config.preset("default")
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=", 1)
+        if key == "views":
+            out["views"] = replace(out.get("views", base.views), num_views=int(value))
+        elif key in ("scale_min", "scale_max"):
+            v = out.get("views", base.views)
+            lo, hi = v.scale
+            out["views"] = replace(v, scale=(float(value), hi) if key == "scale_min" else (lo, float(value)))
+        elif key == "grid_factor":
+            out["field"] = FieldConfig(kind="grid", grid_factor=int(value))
+        else:
+            current = getattr(base, key)
+            out[key] = type(current)(float(value)) if not isinstance(current, bool) else value == "1"
+    return out
+
+
+def problem(family: str, args) -> tuple:
+    bb, images = make_problem(family, args.images, args.size, embed_dim=args.dim, seed=args.seed)
+    return bb.to(args.device), images.to(args.device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(config: Stage1Config, family: str, args, ids: list[int] | None = None) -> dict:
+    """Fit ``config`` to a family's images, ``--batch`` at a time: scores, s/image (views + fit), peak memory."""
+    device = torch.device(args.device)
+    bb, images = problem(family, args)
+    ids = ids or list(range(args.images))
+    reset_peak(device)
+    sync(device)
+    t = time.perf_counter()
+    res = []
+    for start in range(0, len(ids), args.batch):
+        res += fit_images(bb, images[start:start + args.batch], config, image_ids=ids[start:start + args.batch],
+                          seed=args.seed)
+    sync(device)
+    seconds = (time.perf_counter() - t) / len(ids)
+    clean = torch.stack([r.clean for r in res])
+    return dict(scores=clean_scores(clean, bb.clean_map(images).cpu()), seconds=seconds,
+                view_seconds=sum(r.view_seconds for r in res) / len(res), peak_mib=peak_memory(device), clean=clean)
+
+
+def paper_reference(families: list[str], steps: int, args) -> dict:
+    """The paper preset on every family's images fitted together as one batch (one schedule for all), so its
+    full 20k steps are affordable; returns per family the clean maps and the batch's seconds per image."""
+    device = torch.device(args.device)
+    paper = Stage1Config.preset("paper", steps=steps)
+    batches, truths = [], {}
+    for k, family in enumerate(families):
+        bb, images = problem(family, args)
+        truths[family] = bb.clean_map(images).cpu()
+        batches.append(extract_batch(bb, images, paper.views, seed=args.seed, chunk=paper.view_chunk,
+                                     image_ids=[1000 * k + i for i in range(args.images)]))
+    batch = ViewBatch.concat(batches)
+    reset_peak(device)
+    t0 = time.perf_counter()
+
+    def progress(step: int, total: int, losses: dict[str, float]) -> None:
+        _log.info("paper reference: step %d/%d, %.0f s, mse %.4f", step + 1, total, time.perf_counter() - t0,
+                  losses["mse"])
+
+    res = fit_views(batch, paper, seed=args.seed, progress=progress)
+    per_image = (batch.seconds + time.perf_counter() - t0) / len(res)
+    out = {}
+    for k, family in enumerate(families):
+        clean = torch.stack([r.clean for r in res[k * args.images:(k + 1) * args.images]])
+        out[family] = dict(clean=clean, seconds=per_image, peak_mib=peak_memory(device), steps=steps,
+                           device=args.device, batch=len(res), scores=clean_scores(clean, truths[family]))
+    return out
+
+
+def paper_time(family: str, steps: int, args) -> dict:
+    """Seconds per image of the paper preset at its full schedule, one image alone (as the reference code runs),
+    extrapolated from ``steps`` steps: views, plus the fit's time per step (the difference of a run of
+    ``steps`` and one of ``steps / 5``, so fixed costs do not count per step) x 20k."""
+    device = torch.device(args.device)
+    paper = Stage1Config.preset("paper")
+    bb, images = problem(family, args)
+    short = max(1, steps // 5)
+    fit_images(bb, images[:1], paper.replace(steps=short), image_ids=[0], seed=args.seed)  # warm-up
+    reset_peak(device)
+    first = fit_images(bb, images[:1], paper.replace(steps=short), image_ids=[0], seed=args.seed)[0]
+    res = fit_images(bb, images[:1], paper.replace(steps=steps), image_ids=[0], seed=args.seed)[0]
+    per_step = (res.fit_seconds - first.fit_seconds) / (steps - short)
+    full = res.view_seconds + res.fit_seconds + per_step * (paper.steps - steps)
+    return dict(scores={k: float("nan") for k in KEYS}, seconds=full, view_seconds=res.view_seconds,
+                peak_mib=peak_memory(device))
+
+
+def save_reference(path: Path, args, results: dict) -> None:
+    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(meta=meta, families={f: {k: v for k, v in r.items() if k != "scores"}
+                                         for f, r in results.items()}), path)
+
+
+def load_reference(path: Path, args) -> dict:
+    ref = torch.load(path, map_location="cpu", weights_only=False)
+    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed)
+    if ref["meta"] != meta:
+        raise SystemExit(f"--reference {path} was fitted on {ref['meta']}, this run uses {meta}: pass matching "
+                         "--images/--size/--dim/--seed.")
+    return ref["families"]
+
+
+def fmt(row: dict) -> str:
+    s = row["scores"]
+    return " | ".join(f"{s[k]:.4f}" for k in KEYS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated family names")
+    p.add_argument("--images", type=int, default=2, help="images per family")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2, help="images fitted together (default and candidates)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--paper-steps", type=int, default=0, help="fit the paper preset for this many steps "
+                   "(20000: its full schedule; 0: skip)")
+    p.add_argument("--paper-time-steps", type=int, default=0, help="also time the paper preset on one image for "
+                   "this many steps, extrapolated to its full schedule")
+    p.add_argument("--reference", type=Path, help="saved paper-preset fits to score against")
+    p.add_argument("--save-reference", type=Path, help="save the paper-preset fits here")
+    p.add_argument("--candidate", action="append", default=[], help="default preset with overrides, e.g. "
+                   "views=48,steps=600 (repeatable)")
+    p.add_argument("--json", type=Path, help="write every row here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    families = [f for f in args.families.split(",") if f]
+    configs = {"default": Stage1Config.preset("default")}
+    configs.update({c: Stage1Config.preset("default", **parse_overrides(c)) for c in args.candidate})
+    reference = load_reference(args.reference, args) if args.reference else {}
+    if args.paper_steps:
+        reference = paper_reference(families, args.paper_steps, args)
+        if args.save_reference:
+            save_reference(args.save_reference, args, reference)
+    table: dict[str, dict] = {}
+    for family in families:
+        rows = table.setdefault(family, {})
+        bb, images = problem(family, args)
+        truth = bb.clean_map(images).cpu()
+        rows["raw"] = dict(scores=clean_scores(bb.features(images).cpu(), truth), seconds=0.0, peak_mib=0.0)
+        if family in reference:
+            ref = reference[family]
+            how = f"{ref['steps']} steps, {ref['batch']} images fitted together on {ref['device']}"
+            rows[f"paper ({how})"] = dict(scores=clean_scores(ref["clean"], truth), seconds=ref["seconds"],
+                                          peak_mib=ref["peak_mib"])
+        if args.paper_time_steps:
+            rows[f"paper, 1 image (time from {args.paper_time_steps} steps)"] = \
+                paper_time(family, args.paper_time_steps, args)
+        for name, cfg in configs.items():
+            rows[name] = run(cfg, family, args)
+        for name, r in rows.items():
+            _log.info("%s %s: %s | %.3f s/image", family, name, fmt(r), r["seconds"])
+    lines = [f"{args.images} images per family, {args.size} px, patch 16, C={args.dim}, device {args.device}.", "",
+             "| family | method | uncentred | cosine | mean-norm ratio | centred | s/image | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for family, rows in table.items():
+        for name, r in rows.items():
+            lines.append(f"| {family} | {name} | {fmt(r)} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({f: {n: dict(scores=r["scores"], seconds=r["seconds"], peak_mib=r["peak_mib"])
+                                             for n, r in rows.items()} for f, rows in table.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
