@@ -1,153 +1,190 @@
-"""Stage-1 benchmark: recovery error versus wall-clock time and views, ``paper`` against ``default``, batching.
+"""Stage 1 benchmark: the synthetic families (known answer) for raw, ``paper`` at its full schedule and
+``default``; and a real timm ViT (no answer: energies, time, and closeness to the paper preset).
 
-Everything runs side by side in one process on whatever device ``--device`` names, so the timings compare.
-Prints Markdown tables and writes a PNG of raw / clean / G / |h| for one image to ``--out``.
+Each family of :data:`pipeline.synthetic.FAMILIES` is a problem with a known clean map (in stage 1's gauge:
+the artifact has zero mean over the view grid). Every fit is scored the way users use a clean map, with the
+mean kept: uncentred error, mean token cosine to the truth, the ratio of mean-vector norms, and the centred
+error next to them (:func:`pipeline.synthetic.clean_scores`).
 
-* Synthetic backbone (known answer): recovery error (mean-removed relative error of the clean map) and
-  seconds per image for ``paper`` and ``default``. The full run fits the ``paper`` preset at its full 20k
-  steps (about 37 minutes per image on 2 CPU cores), plus a 2k-step schedule for the error-versus-time curve; ``--quick``
-  runs a 200-step ``paper`` schedule and extrapolates its time to 20k steps (the table says which).
-* ``default`` with 8..48 views (error versus views) and images/second for batches of 1, 2, 4, 8.
-* A real timm ViT (random weights, sample photographs): no ground truth, so it reports the share of the
-  raw feature energy assigned to ``G`` and ``h``, the time, and the ViT's seconds per view; with
-  ``--vit-paper-steps`` also how close the default's clean map is to the paper preset's on one image.
+The ``paper`` preset at its full 20k steps costs ~15-30 CPU-minutes per image, so its fits can be run once
+(here or on a GPU) and saved with ``--save-reference``; later runs load them with ``--reference`` and time the
+paper preset on a short schedule, extrapolated (the table says which). Everything else runs side by side.
 
-    python benchmarks/stage1.py --quick          # ~2-4 min on 2 CPU cores
-    python benchmarks/stage1.py                  # ~45 min on 2 CPU cores: the paper preset at its full 20k steps
-    python benchmarks/stage1.py --only-vit --vit-paper-steps 2000   # default vs paper on a real ViT image
+    python benchmarks/stage1.py --paper-steps 20000 --save-reference outputs/benchmarks/paper_ref.pt
+    python benchmarks/stage1.py --reference outputs/benchmarks/paper_ref.pt --paper-time-steps 500  # default vs it
+    python benchmarks/stage1.py --reference REF --candidate views=48 --candidate full_view_weight=20  # a sweep
+    python benchmarks/stage1.py --families none --vit vit_small_patch14_dinov2 --vit-paper-steps 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import os
-import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.stage1 import Stage1Config, fit_images  # noqa: E402
-from pipeline.synthetic import SyntheticBackbone, recovery_error, smooth_images  # noqa: E402
-from pipeline.view_features import extract_view_features  # noqa: E402
+from pipeline.field import FieldConfig  # noqa: E402
+from pipeline.stage1 import Stage1Config, fit_images, fit_views  # noqa: E402
+from pipeline.synthetic import FAMILIES, clean_scores, make_problem  # noqa: E402
+from pipeline.view_features import ViewBatch, extract_batch  # noqa: E402
 from pipeline.views import ViewConfig  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "pipeline" / "samples"
 _log = logging.getLogger("benchmarks.stage1")
+KEYS = ("uncentred", "cosine", "mean_norm_ratio", "centred")
 
 
-class Clock:
-    """Wall and process-CPU seconds of a block; CPU time stays comparable when other jobs share the machine."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+def peak_memory(device: torch.device) -> float:
+    """Peak memory in MiB since the last reset: GPU allocations, or the process's RSS high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def reset_peak(device: torch.device) -> None:
-    """Start a new peak-memory window, so each row reports its own peak rather than the process's."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
         try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+            Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
 
 
-def peak_mem(device: torch.device) -> str:
+def parse_overrides(text: str) -> dict:
+    """``views=48,steps=600,grid_factor=3,lr=1e-3`` -> ``Stage1Config.replace`` keyword arguments."""
+    out: dict = {}
+    base = Stage1Config.preset("default")
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=", 1)
+        if key == "views":
+            out["views"] = replace(out.get("views", base.views), num_views=int(value))
+        elif key in ("scale_min", "scale_max"):
+            v = out.get("views", base.views)
+            lo, hi = v.scale
+            out["views"] = replace(v, scale=(float(value), hi) if key == "scale_min" else (lo, float(value)))
+        elif key == "grid_factor":
+            out["field"] = FieldConfig(kind="grid", grid_factor=int(value))
+        else:
+            current = getattr(base, key)
+            out[key] = type(current)(float(value)) if not isinstance(current, bool) else value == "1"
+    return out
+
+
+def problem(family: str, args) -> tuple:
+    bb, images = make_problem(family, args.images, args.size, embed_dim=args.dim, seed=args.seed)
+    return bb.to(args.device), images.to(args.device)
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB alloc"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return f"{int(line.split()[1]) / 1024:.0f} MiB RSS"
-    except OSError:
-        pass
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS (process)"
+        torch.cuda.synchronize(device)
 
 
-def _progress(tag: str):
+def run(config: Stage1Config, family: str, args, ids: list[int] | None = None) -> dict:
+    """Fit ``config`` to a family's images, ``--batch`` at a time: scores, s/image (views + fit), peak memory."""
+    device = torch.device(args.device)
+    bb, images = problem(family, args)
+    ids = ids or list(range(args.images))
+    reset_peak(device)
+    sync(device)
+    t = time.perf_counter()
+    res = []
+    for start in range(0, len(ids), args.batch):
+        res += fit_images(bb, images[start:start + args.batch], config, image_ids=ids[start:start + args.batch],
+                          seed=args.seed)
+    sync(device)
+    seconds = (time.perf_counter() - t) / len(ids)
+    clean = torch.stack([r.clean for r in res])
+    return dict(scores=clean_scores(clean, bb.clean_map(images).cpu()), seconds=seconds,
+                view_seconds=sum(r.view_seconds for r in res) / len(res), peak_mib=peak_memory(device), clean=clean)
+
+
+def paper_reference(families: list[str], steps: int, args, budget: float = 0.0) -> dict:
+    """The paper preset on every family's images fitted together as one batch (one schedule for all), so its
+    full 20k steps are affordable; returns per family the clean maps and the batch's seconds per image.
+    With ``budget`` (seconds), fewer steps are run if the full schedule would not fit (the rows say so)."""
+    device = torch.device(args.device)
+    paper = Stage1Config.preset("paper", steps=steps)
+    batches, truths = [], {}
+    for k, family in enumerate(families):
+        bb, images = problem(family, args)
+        truths[family] = bb.clean_map(images).cpu()
+        batches.append(extract_batch(bb, images, paper.views, seed=args.seed, chunk=paper.view_chunk,
+                                     image_ids=[1000 * k + i for i in range(args.images)]))
+    batch = ViewBatch.concat(batches)
+    if budget:  # time a short schedule, then run as many steps as the budget allows (at most `steps`)
+        t = time.perf_counter()
+        fit_views(batch, paper.replace(steps=200), seed=args.seed)
+        per_step = (time.perf_counter() - t) / 200
+        steps = min(steps, max(1000, int(budget / per_step)))
+        paper = paper.replace(steps=steps)
+        _log.info("paper reference: %.1f ms/step for %d images; running %d steps", per_step * 1e3, len(batch.image_ids),
+                  steps)
+    reset_peak(device)
     t0 = time.perf_counter()
 
-    def report(step: int, steps: int, losses: dict[str, float]) -> None:
-        _log.info("%s: step %d/%d, %.0f s, mse %.4f cos %.4f", tag, step + 1, steps, time.perf_counter() - t0,
-                  losses["mse"], losses["cos"])
-    return report
+    def progress(step: int, total: int, losses: dict[str, float]) -> None:
+        _log.info("paper reference: step %d/%d, %.0f s, mse %.4f", step + 1, total, time.perf_counter() - t0,
+                  losses["mse"])
 
-
-def synthetic_rows(args, device) -> tuple[list[str], dict]:
-    bb = SyntheticBackbone(embed_dim=args.dim, patch_size=16, noise_std=0.1, outlier_prob=0.01, seed=0).to(device)
-    images = smooth_images(args.images, args.size, seed=0).to(device)
-    true = bb.clean_map(images).cpu()
-    gh, gw = bb.grid(args.size)
-    rows = [f"Synthetic backbone: {args.images} images {args.size}px ({gh}x{gw} patches, C={args.dim}), "
-            f"noise 0.1, 1% outliers, device {device}.", "",
-            "| preset | views | steps | wall s/image | CPU s/image | measured or extrapolated | recovery error | peak memory |",
-            "|---|---|---|---|---|---|---|---|"]
-    raw_err = recovery_error(bb.features(images).cpu(), true)
-    rows.append(f"| raw features | - | - | - | - | - | {raw_err:.3f} | - |")
-    ids = list(range(args.images))
-    # paper: the reference schedule shortened to --paper-steps; time extrapolated to 20k steps.
-    paper = Stage1Config.preset("paper")
-    with Clock() as cv:
-        for i in ids:
-            extract_view_features(bb, images[i], paper.views, image_id=i, seed=0, chunk=paper.view_chunk)
-    v_wall, v_cpu = cv.wall / len(ids), cv.cpu / len(ids)
+    res = fit_views(batch, paper, seed=args.seed, progress=progress)
+    per_image = (batch.seconds + time.perf_counter() - t0) / len(res)
     out = {}
-    for steps in args.paper_steps:
-        cfg = paper.replace(steps=steps)
-        reset_peak(device)
-        with Clock() as c:
-            res = [fit_images(bb, images[i:i + 1], cfg, image_ids=[i], seed=0, progress=_progress(f"paper {steps}"))[0]
-                   for i in ids]
-        wall, cpu = c.wall / len(ids), c.cpu / len(ids)
-        s_wall, s_cpu = max(wall - v_wall, 0.0) / steps, max(cpu - v_cpu, 0.0) / steps
-        err = recovery_error(torch.stack([r.clean for r in res]), true)
-        full_wall, full_cpu = v_wall + s_wall * paper.steps, v_cpu + s_cpu * paper.steps
-        tag = "paper" if steps == paper.steps else f"paper ({steps} of {paper.steps} steps)"
-        rows.append(f"| {tag} | 768 | {steps} | {wall:.1f} | {cpu:.1f} | measured | {err:.3f} | {peak_mem(device)} |")
-        if steps == paper.steps:
-            out["paper"] = (wall, cpu, err, res[0], "measured")
-        elif steps == max(args.paper_steps):
-            rows.append(f"| paper ({paper.steps} steps, time only) | 768 | {paper.steps} | {full_wall:.0f} | "
-                        f"{full_cpu:.0f} | extrapolated: views measured ({v_cpu:.1f} CPU s) + {s_cpu * 1e3:.0f} CPU "
-                        f"ms/step x {paper.steps} | (<= {err:.3f} if converged) | - |")
-            out["paper"] = (full_wall, full_cpu, err, res[0], f"extrapolated from {steps} steps")
-    for views in args.default_views:
-        cfg = Stage1Config.preset("default", views=ViewConfig(num_views=views))
-        reset_peak(device)
-        with Clock() as c:
-            res = fit_images(bb, images, cfg, image_ids=ids, seed=0)
-        wall, cpu = c.wall / len(ids), c.cpu / len(ids)
-        err = recovery_error(torch.stack([r.clean for r in res]), true)
-        tag = "default" + ("" if views == Stage1Config.preset("default").views.num_views else f" ({views} views)")
-        rows.append(f"| {tag} | {views} | {cfg.steps} | {wall:.2f} | {cpu:.2f} | measured | {err:.3f} | "
-                    f"{peak_mem(device)} |")
-        if tag == "default":
-            out["default"] = (wall, cpu, err, res[0])
-    if "paper" in out and "default" in out:
-        (pw, pc, ep, _, how), (dw, dc, ed, _) = out["paper"], out["default"]
-        rows += ["", f"default vs paper at 20k steps ({how}): {pw / dw:.0f}x less wall time, {pc / dc:.0f}x less "
-                     f"CPU time per image; recovery error {ed:.3f} vs {ep:.3f} ({(ed / ep - 1) * 100:+.0f}%)."]
-    # images/s vs batch size (default preset)
-    rows += ["", "| batch | images/s wall (default) | images/CPU-s | wall s/batch | peak memory |", "|---|---|---|---|---|"]
-    cfg = Stage1Config.preset("default")
-    batch_images = smooth_images(max(args.batches), args.size, seed=1).to(device)
-    for b in args.batches:
-        reset_peak(device)
-        with Clock() as c:
-            fit_images(bb, batch_images[:b], cfg, image_ids=list(range(b)), seed=0)
-        rows.append(f"| {b} | {b / c.wall:.2f} | {b / c.cpu:.2f} | {c.wall:.2f} | {peak_mem(device)} |")
-    out["bb"] = bb
-    return rows, out
+    for k, family in enumerate(families):
+        clean = torch.stack([r.clean for r in res[k * args.images:(k + 1) * args.images]])
+        out[family] = dict(clean=clean, seconds=per_image, peak_mib=peak_memory(device), steps=steps,
+                           device=args.device, batch=len(res), scores=clean_scores(clean, truths[family]))
+    return out
+
+
+def paper_time(family: str, steps: int, args) -> dict:
+    """Seconds per image of the paper preset at its full schedule, one image alone (as the reference code runs),
+    extrapolated from ``steps`` steps: views, plus the fit's time per step (the difference of a run of
+    ``steps`` and one of ``steps / 5``, so fixed costs do not count per step) x 20k."""
+    device = torch.device(args.device)
+    paper = Stage1Config.preset("paper")
+    bb, images = problem(family, args)
+    short = max(1, steps // 5)
+    fit_images(bb, images[:1], paper.replace(steps=short), image_ids=[0], seed=args.seed)  # warm-up
+    reset_peak(device)
+    first = fit_images(bb, images[:1], paper.replace(steps=short), image_ids=[0], seed=args.seed)[0]
+    res = fit_images(bb, images[:1], paper.replace(steps=steps), image_ids=[0], seed=args.seed)[0]
+    per_step = (res.fit_seconds - first.fit_seconds) / (steps - short)
+    full = res.view_seconds + res.fit_seconds + per_step * (paper.steps - steps)
+    return dict(scores={k: float("nan") for k in KEYS}, seconds=full, view_seconds=res.view_seconds,
+                peak_mib=peak_memory(device))
+
+
+def save_reference(path: Path, args, results: dict) -> None:
+    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(meta=meta, families={f: {k: v for k, v in r.items() if k != "scores"}
+                                         for f, r in results.items()}), path)
+
+
+def load_reference(path: Path, args) -> dict:
+    ref = torch.load(path, map_location="cpu", weights_only=False)
+    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed)
+    if ref["meta"] != meta:
+        raise SystemExit(f"--reference {path} was fitted on {ref['meta']}, this run uses {meta}: pass matching "
+                         "--images/--size/--dim/--seed.")
+    return ref["families"]
+
+
+def fmt(row: dict) -> str:
+    s = row["scores"]
+    return " | ".join(f"{s[k]:.4f}" for k in KEYS)
 
 
 def load_names(n: int) -> list[str]:
@@ -174,9 +211,9 @@ def real_vit_rows(args, device) -> tuple[list[str], object]:
         bb.features(images[:1].expand(8, -1, -1, -1).contiguous())
     per_view = (time.perf_counter() - t) / 8
     cfg = Stage1Config.preset("default")
-    with Clock() as c:
-        res = fit_images(bb, images, cfg, image_ids=list(range(len(images))), seed=0)
-    per_image = c.wall / len(images)
+    t = time.perf_counter()
+    res = fit_images(bb, images, cfg, image_ids=list(range(len(images))), seed=0)
+    per_image = (time.perf_counter() - t) / len(images)
 
     def energy(x: torch.Tensor) -> float:
         return float((x - x.mean((0, 1))).square().sum())
@@ -187,15 +224,16 @@ def real_vit_rows(args, device) -> tuple[list[str], object]:
     rows = [f"Real ViT {args.vit} (random weights), {len(images)} sample photos at {args.vit_size}px "
             f"({gh}x{gw} patches, C={bb.embed_dim}).", "",
             "| preset | views | s/image | ViT s/view | paper's 768 ViT passes (extrapolated) | G energy / raw | "
-            "clean energy / raw | mean |h| | final mse, cos |", "|---|---|---|---|---|---|---|---|---|",
+            "clean energy / raw | mean residual norm | final mse, cos |", "|---|---|---|---|---|---|---|---|---|",
             f"| default | {cfg.views.num_views} | {per_image:.2f} | {per_view:.3f} | {769 * per_view:.0f} s | "
             f"{share_g:.2f} | {share_clean:.2f} | {res[0].residual_norm_mean:.2f} | "
             f"{res[0].losses['mse']:.3g}, {res[0].losses['cos']:.3g} |"]
     if args.vit_paper_steps:
         # No ground truth on a real ViT: compare the default's clean map with the paper preset's on the first image.
         paper = Stage1Config.preset("paper", steps=args.vit_paper_steps)
-        with Clock() as c:
-            ref = fit_images(bb, images[:1], paper, image_ids=[0], seed=0, progress=_progress("vit paper"))[0]
+        t = time.perf_counter()
+        ref = fit_images(bb, images[:1], paper, image_ids=[0], seed=0)[0]
+        paper_s = time.perf_counter() - t
         ours = res[0]
         centred = [(m - m.mean((0, 1))).reshape(-1, m.shape[-1]) for m in (ours.clean, ref.clean, ref.raw)]
         cos = torch.nn.functional.cosine_similarity(centred[0], centred[1], dim=-1).mean()
@@ -204,7 +242,7 @@ def real_vit_rows(args, device) -> tuple[list[str], object]:
         rows += ["", f"| image 0 | paper ({args.vit_paper_steps} steps) s | default s | default vs paper clean: "
                      "mean cosine | relative difference | raw vs paper clean: relative difference |",
                  "|---|---|---|---|---|---|",
-                 f"| {load_names(1)[0]} | {c.wall:.0f} | {ours.seconds:.1f} | {cos:.3f} | {rel:.3f} | {raw_rel:.3f} |"]
+                 f"| {load_names(1)[0]} | {paper_s:.0f} | {ours.seconds:.1f} | {cos:.3f} | {rel:.3f} | {raw_rel:.3f} |"]
     return rows, res[0]
 
 
@@ -242,38 +280,74 @@ def save_png(result, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small problem and short paper run (~2-4 min on 2 cores)")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated family names")
+    p.add_argument("--images", type=int, default=2, help="images per family")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2, help="images fitted together (default and candidates)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
-    p.add_argument("--vit", default="vit_small_patch14_dinov2")
-    p.add_argument("--no-vit", action="store_true")
+    p.add_argument("--paper-steps", type=int, default=0, help="fit the paper preset for this many steps "
+                   "(20000: its full schedule; 0: skip)")
+    p.add_argument("--paper-budget", type=float, default=0.0, help="seconds the paper reference may take; fewer "
+                   "steps are run when the full schedule would not fit (0: no limit)")
+    p.add_argument("--paper-time-steps", type=int, default=0, help="also time the paper preset on one image for "
+                   "this many steps, extrapolated to its full schedule")
+    p.add_argument("--reference", type=Path, help="saved paper-preset fits to score against")
+    p.add_argument("--save-reference", type=Path, help="save the paper-preset fits here")
+    p.add_argument("--candidate", action="append", default=[], help="default preset with overrides, e.g. "
+                   "views=48,steps=600 (repeatable)")
+    p.add_argument("--json", type=Path, help="write every row here")
+    p.add_argument("--vit", default="", help="also run a real timm ViT (random weights) on the sample photos")
+    p.add_argument("--vit-size", type=int, default=224)
+    p.add_argument("--vit-images", type=int, default=3)
     p.add_argument("--vit-paper-steps", type=int, default=0, help="also fit the paper preset (this many steps) on "
-                   "the first real image and compare the clean maps (0: skip)")
-    p.add_argument("--only-vit", action="store_true", help="skip the synthetic backbone")
-    p.add_argument("--paper-steps", type=int, nargs="+", help="paper-preset schedules to run (default: 200 with "
-                   "--quick, else 2000 and the full 20000)")
+                   "the first photo and compare the clean maps (0: skip)")
+    p.add_argument("--png", type=Path, default=Path("outputs/benchmarks"), help="folder for the PNG panels")
     args = p.parse_args(argv)
-    q = args.quick
-    args.size, args.dim, args.images = (160, 32, 1) if q else (224, 64, 1)
-    args.paper_steps = args.paper_steps or ([200] if q else [2000, 20000])
-    args.default_views = [24, 8] if q else [24, 8, 16, 48]
-    args.batches = [1, 2, 4] if q else [1, 2, 4, 8]
-    args.vit_size, args.vit_images = (126, 1) if q else (224, 3)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    _log.setLevel(logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = torch.device(args.device)
-    t0 = time.perf_counter()
-    rows, out = ([], {}) if args.only_vit else synthetic_rows(args, device)
-    print("\n".join(rows) + "\n", flush=True)
-    if "default" in out:
-        save_png(out["default"][3], args.out / "stage1_synthetic.png", "stage 1 default preset, synthetic backbone")
-    if not args.no_vit:
-        vrows, vres = real_vit_rows(args, device)
-        print("\n".join(vrows) + "\n", flush=True)
-        save_png(vres, args.out / "stage1_vit.png", f"stage 1 default preset, {args.vit} (random weights)")
-    print(f"total benchmark time {time.perf_counter() - t0:.0f}s; torch threads {torch.get_num_threads()}; "
-          f"PNGs in {args.out}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    families = [f for f in args.families.split(",") if f and f != "none"]
+    configs = {"default": Stage1Config.preset("default")}
+    configs.update({c: Stage1Config.preset("default", **parse_overrides(c)) for c in args.candidate})
+    reference = load_reference(args.reference, args) if args.reference else {}
+    if args.paper_steps:
+        reference = paper_reference(families, args.paper_steps, args, args.paper_budget)
+        if args.save_reference:
+            save_reference(args.save_reference, args, reference)
+    table: dict[str, dict] = {}
+    for family in families:
+        rows = table.setdefault(family, {})
+        bb, images = problem(family, args)
+        truth = bb.clean_map(images).cpu()
+        rows["raw"] = dict(scores=clean_scores(bb.features(images).cpu(), truth), seconds=0.0, peak_mib=0.0)
+        if family in reference:
+            ref = reference[family]
+            how = f"{ref['steps']} steps, {ref['batch']} images fitted together on {ref['device']}"
+            rows[f"paper ({how})"] = dict(scores=clean_scores(ref["clean"], truth), seconds=ref["seconds"],
+                                          peak_mib=ref["peak_mib"])
+        if args.paper_time_steps and family == families[0]:  # the time does not depend on the family
+            rows[f"paper, 1 image (time from {args.paper_time_steps} steps)"] = \
+                paper_time(family, args.paper_time_steps, args)
+        for name, cfg in configs.items():
+            rows[name] = run(cfg, family, args)
+        for name, r in rows.items():
+            _log.info("%s %s: %s | %.3f s/image", family, name, fmt(r), r["seconds"])
+    lines = [f"{args.images} images per family, {args.size} px, patch 16, C={args.dim}, device {args.device}.", "",
+             "| family | method | uncentred | cosine | mean-norm ratio | centred | s/image | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for family, rows in table.items():
+        for name, r in rows.items():
+            lines.append(f"| {family} | {name} | {fmt(r)} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({f: {n: dict(scores=r["scores"], seconds=r["seconds"], peak_mib=r["peak_mib"])
+                                             for n, r in rows.items()} for f, rows in table.items()}, indent=1))
+    if args.vit:
+        args.vit_paper_steps = args.vit_paper_steps
+        vrows, vres = real_vit_rows(args, torch.device(args.device))
+        print("\n".join(vrows), flush=True)
+        save_png(vres, args.png / "stage1_vit.png", f"stage 1 default preset, {args.vit} (random weights)")
 
 
 if __name__ == "__main__":
