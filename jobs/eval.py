@@ -5,8 +5,9 @@ Sources (the report's columns), any number:
 * ``--source NAME[:ARRAY]=URL``: an array of a feature store (default array: ``clean``), e.g.
   ``--source raw:raw=s3://b/voc.zarr --source stage-1:clean=s3://b/voc.zarr --source student:raw=...``;
 * ``--store URL`` (``raw`` and ``stage-1`` of a ``dvt denoise`` store), ``--stage2-store URL`` (``stage-2``);
-* ``--model NAME`` (``raw``, computed here) and ``--denoiser FILE`` (``stage-2``): the only sources that
-  the probes can train on augmented crops, i.e. the paper's reference protocol.
+* ``--model NAME`` (``raw``, computed here), ``--denoiser FILE`` (``stage-2``) and ``--student FILE`` (the
+  distilled ViT): the only sources that the probes can train on augmented crops, i.e. the paper's
+  reference protocol.
 
 Measures: MIC (always), KNN and linear probes (``--voc``, ``--ade20k``, ``--nyu``), LOST (``--lost-voc07``,
 ``--lost-voc12``). See docs/evaluation.md for protocols, data layouts and the paper's numbers.
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--block", type=int, default=-1, help="transformer block (default: last)")
     src.add_argument("--stride", type=int, default=None, help="patch stride (default: the patch size)")
     src.add_argument("--denoiser", default=None, help="stage-2 denoiser file: adds a computed stage-2 source")
+    src.add_argument("--student", default=None, help="weights exported by dvt distill: adds a computed student source")
     src.add_argument("--stage1-preset", default=None, help="fit stage 1 on --images here (ci, default)")
     lf = parser.add_argument_group("label-free measures")
     lf.add_argument("--images", default=None, help="images for the label-free measures (default: store rows)")
@@ -97,10 +99,11 @@ def _sources(args: argparse.Namespace, images: list[str] | None) -> list[Feature
     if args.stage2_store:
         sources.append(FeatureSource("stage-2", url=args.stage2_store, array="clean"))
     sources += [parse_source(s) for s in args.source]
-    if args.model or args.denoiser or (args.images and not sources):
+    if args.model or args.denoiser or args.student or (args.images and not sources):
         taken = {s.name for s in sources}
         computed = model_sources(args.model or DEFAULT_MODEL, args.weights, args.input_size, block=args.block,
-                                 stride=args.stride, denoiser=args.denoiser, device=args.device)
+                                 stride=args.stride, denoiser=args.denoiser, student=args.student,
+                                 device=args.device)
         for s in computed:
             s.name = f"{s.name} (computed)" if s.name in taken else s.name
         if args.stage1_preset:

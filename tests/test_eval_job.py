@@ -64,19 +64,25 @@ def test_eval_stores_side_by_side(voc_root, stores, s3_bucket, tmp_path):
 
 
 def test_eval_computed_sources_with_a_stage1_fit(voc_root, tmp_path):
+    from tests.custom_backbone import create
+
     out = tmp_path / "report"
+    torch.manual_seed(1)
+    torch.save(create().state_dict(), tmp_path / "student.pt")  # a distilled export for the same architecture
     argv = ["eval", "--images", str(voc_root / "JPEGImages"), "--limit", "3", "--model", "tests.custom_backbone:create",
             "--weights", "none", "--input-size", str(SIZE), "--stage1-preset", "ci", "--pairs", "2",
+            "--student", str(tmp_path / "student.pt"),
             "--voc", str(voc_root), "--num-classes", "4", "--max-train", "12", "--no-knn", "--quick",
             "--probe-iters", "30", "--seeds", "0", "--out", str(out)]
     torch.manual_seed(0)
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
-    assert list(report["sources"]) == ["raw", "stage-1"]
+    assert list(report["sources"]) == ["raw", "stage-1", "student"]
     extras = report["measures"]["extras"]["results"]
     assert 0.9 < extras["raw"]["cross_view_consistency"] <= 1.0  # a position-free conv: crops agree
     assert "cross_view_consistency" not in extras["stage-1"]
-    assert set(report["measures"]["probe_voc2012"]["results"]) == {"raw"}
+    assert set(report["measures"]["probe_voc2012"]["results"]) == {"raw", "student"}
+    assert extras["student"]["grid_energy"] != extras["raw"]["grid_energy"]  # its own weights
     assert report["measures"]["probe_voc2012"]["results"]["raw"]["miou"]["mean"] > 0.5
     assert any("stage-1" in n and "label-free" in n for n in report["notes"])
 

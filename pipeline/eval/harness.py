@@ -36,6 +36,8 @@ __all__ = ["EvalConfig", "run_evaluation", "MEASURES"]
 
 _log = logging.getLogger(__name__)
 
+QUICK_LABEL_SIZE = 224  # training labels of the quick form (the frozen form uses the features' input size)
+
 #: measure -> (title, direction of "better" per metric); the report shows these metrics, in this order.
 MEASURES: dict[str, tuple[str, dict[str, str]]] = {
     "mic": ("Artifacts: MIC between features and patch coordinates (the paper's measure)",
@@ -189,7 +191,10 @@ def _schedule_overrides(cfg: EvalConfig, probe_cfg: Any) -> Any:
     return replace(probe_cfg, schedule=sched, **({"batch": cfg.batch} if cfg.batch else {}))
 
 
-def _label_size(src: FeatureSource) -> int:
+def _label_size(src: FeatureSource, quick: bool) -> int:
+    """Square size of the training labels in the frozen form: the features' input size (224 when quick)."""
+    if quick:
+        return QUICK_LABEL_SIZE
     return int(src.store.layout.input_size[0]) if src.url else int(src.input_size)
 
 
@@ -220,7 +225,7 @@ def _segmentation(run: _Run) -> None:
                     runs.append(probe_segmentation_online(src.encoder, train, val, dataset, pc))
                 else:
                     runs.append(probe_segmentation_frozen(maps["train"], truth["train"], maps["val"], truth["val"],
-                                                          dataset, pc, label_size=_label_size(src)))
+                                                          dataset, pc, label_size=_label_size(src, cfg.quick)))
                 _log.info("%s: %s probe, seed %d: mIoU %.3f (%.0f s)", src.name, name, seed, runs[-1]["miou"],
                           runs[-1]["seconds"])
             summary = summarize_runs(runs, ("miou", "macc", "aacc"))
@@ -251,7 +256,7 @@ def _depth(run: _Run) -> None:
             else:
                 maps = [run.maps(src, [p for p, _ in pairs]) for pairs in (train, val)]
                 runs.append(probe_depth_frozen(maps[0], truth["train"], maps[1], truth["val"], pc,
-                                               label_size=_label_size(src)))
+                                               label_size=_label_size(src, cfg.quick)))
             _log.info("%s: depth probe, seed %d: RMSE %.3f (%.0f s)", src.name, seed, runs[-1]["rmse"],
                       runs[-1]["seconds"])
         summary = summarize_runs(runs, ("rmse", "abs_rel", "a1", "a2", "a3", "rmse_log", "log_10", "silog", "sq_rel"))

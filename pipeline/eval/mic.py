@@ -140,12 +140,14 @@ def _optimize_x_axis(clump: torch.Tensor, n_clumps: torch.Tensor, rows: torch.Te
     hq = (xlogx[n] - xlogx[cum[:, -1]].sum(1)) / n
     out = torch.zeros(m, max_cols - 1, dtype=torch.float64, device=clump.device)
     lower = torch.tril(torch.ones(p + 1, p + 1, dtype=torch.bool, device=clump.device), diagonal=-1)
-    chunk = max(1, chunk_elements // ((p + 1) ** 2 * max(q, 1)))
+    chunk = max(1, chunk_elements // (p + 1) ** 2)
     for a in range(0, m, chunk):
         cm = cum[a:a + chunk]
-        diff = (cm[:, :, None, :] - cm[:, None, :, :]).clamp_min_(0)  # [t, s]: counts of clumps s+1..t
-        cost = torch.take(xlogx, diff.sum(-1)) - torch.take(xlogx, diff).sum(-1)  # n_col * H(rows | col)
-        del diff
+        tot = cm.sum(-1)
+        # cost[t, s] = n_col * H(rows | col) of the column of clumps s+1..t: f(n_col) - sum_r f(n_col,r)
+        cost = torch.take(xlogx, (tot[:, :, None] - tot[:, None, :]).clamp_min_(0))
+        for r in range(q):
+            cost -= torch.take(xlogx, (cm[:, :, None, r] - cm[:, None, :, r]).clamp_min_(0))
         cost = torch.where(lower, cost, torch.full_like(cost, math.inf)).to(dtype)
         best = cost[:, :, 0].contiguous()  # one column over the first t clumps
         buf = torch.empty_like(cost)

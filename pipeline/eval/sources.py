@@ -184,8 +184,10 @@ def parse_source(spec: str) -> FeatureSource:
 
 
 def model_sources(model: str, weights: str, input_size: int, *, block: int = -1, stride: int | None = None,
-                  denoiser: str | None = None, device: str = "cpu") -> list[FeatureSource]:
-    """Encoder sources of a model: ``raw`` (the backbone) and, with a denoiser file, ``stage-2``."""
+                  denoiser: str | None = None, student: str | None = None, device: str = "cpu") -> list[FeatureSource]:
+    """Encoder sources of a model: ``raw`` (the backbone), ``stage-2`` with a denoiser file, and ``student``
+    with the weights a ``dvt distill`` run exported for the same architecture."""
+    from ..backbone import BackboneConfig, create_backbone
     from ..report import load_models
 
     backbone, denoised = load_models(model, weights, input_size, block=block, stride=stride, denoiser=denoiser)
@@ -193,6 +195,10 @@ def model_sources(model: str, weights: str, input_size: int, *, block: int = -1,
     out = [FeatureSource("raw", encoder=Encoder(backbone), input_size=input_size)]
     if denoised is not None:
         out.append(FeatureSource("stage-2", encoder=Encoder(backbone, denoised.to(device)), input_size=input_size))
+    if student:
+        distilled = create_backbone(BackboneConfig(model=model, weights=student, block=block, stride=stride,
+                                                   img_size=input_size)).to(device)
+        out.append(FeatureSource("student", encoder=Encoder(distilled), input_size=input_size))
     return out
 
 
