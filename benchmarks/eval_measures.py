@@ -92,7 +92,8 @@ def main() -> None:
     _timed("KNN segmentation", lambda: knn_segmentation(raw[:split], labels[:split], raw[split:], labels[split:],
                                                              21, KNNConfig(device=args.device)),
                rows, train=split, val=n - split)
-    cfg = SegProbeConfig.quick(device=args.device, schedule=Schedule(iters=args.probe_iters, lr=1e-2, weight_decay=1e-4))
+    cfg = SegProbeConfig.quick(device=args.device,
+                               schedule=Schedule(iters=args.probe_iters, lr=1e-2, weight_decay=1e-4))
     for size in (224, 14 * g):
         _timed(f"segmentation probe (frozen, labels {size} px)", lambda s=size: probe_segmentation_frozen(
             raw[:split], labels[:split], raw[split:], labels[split:], replace(VOC2012), cfg, s), rows,

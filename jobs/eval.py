@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--stride", type=int, default=None, help="patch stride (default: the patch size)")
     src.add_argument("--denoiser", default=None, help="stage-2 denoiser file: adds a computed stage-2 source")
     src.add_argument("--student", default=None, help="weights exported by dvt distill: adds a computed student source")
+    src.add_argument("--imagenet-norm", action="store_true",
+                     help="computed sources: ImageNet mean/std for every model, as the reference evaluation")
     src.add_argument("--stage1-preset", default=None, help="fit stage 1 on --images here (ci, default)")
     lf = parser.add_argument_group("label-free measures")
     lf.add_argument("--images", default=None, help="images for the label-free measures (default: store rows)")
@@ -95,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _sources(args: argparse.Namespace, images: list[str] | None) -> list[FeatureSource]:
     sources = []
     if args.store:
-        sources += [FeatureSource("raw", url=args.store, array="raw"), FeatureSource("stage-1", url=args.store, array="clean")]
+        sources += [FeatureSource("raw", url=args.store, array="raw"),
+                    FeatureSource("stage-1", url=args.store, array="clean")]
     if args.stage2_store:
         sources.append(FeatureSource("stage-2", url=args.stage2_store, array="clean"))
     sources += [parse_source(s) for s in args.source]
@@ -103,7 +106,7 @@ def _sources(args: argparse.Namespace, images: list[str] | None) -> list[Feature
         taken = {s.name for s in sources}
         computed = model_sources(args.model or DEFAULT_MODEL, args.weights, args.input_size, block=args.block,
                                  stride=args.stride, denoiser=args.denoiser, student=args.student,
-                                 device=args.device)
+                                 imagenet_norm=args.imagenet_norm, device=args.device)
         for s in computed:
             s.name = f"{s.name} (computed)" if s.name in taken else s.name
         if args.stage1_preset:
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         sources=_sources(args, images), images=images, limit=args.limit,
         mic=PositionMICConfig(MineConfig(), images=args.limit, channels=args.mic_channels, seed=args.seed,
                               device=args.device) if args.mic else None,
-        extras=args.extras, information=args.information, consistency_pairs=args.pairs, voc=args.voc, voc_splits=args.voc_splits,
+        extras=args.extras, information=args.information, consistency_pairs=args.pairs, voc=args.voc,
+        voc_splits=args.voc_splits,
         num_classes=args.num_classes, ade20k=args.ade20k, ade20k_splits=args.ade20k_splits, nyu=args.nyu,
         nyu_splits=args.nyu_splits, depth_scale=args.depth_scale,
         lost={k: v for k, v in (("voc07", args.lost_voc07), ("voc12", args.lost_voc12)) if v},

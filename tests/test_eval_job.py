@@ -48,13 +48,15 @@ def test_eval_stores_side_by_side(voc_root, stores, s3_bucket, tmp_path):
     mic = m["mic"]["results"]
     assert mic["raw"]["mic"] > 0.9 and mic["stage-1"]["mic"] < mic["raw"]["mic"] - 0.3, mic
     assert mic["raw"]["images"] == 3 and len(mic["raw"]["per_image"]) == 3
-    assert m["extras"]["results"]["raw"]["positional_energy"] > 0.5 > m["extras"]["results"]["stage-1"]["positional_energy"]
+    extras = m["extras"]["results"]
+    assert extras["raw"]["positional_energy"] > 0.5 > extras["stage-1"]["positional_energy"]
     knn = m["knn_voc2012"]["results"]
     assert knn["stage-1"]["miou"] > knn["noise"]["miou"] + 0.3, knn
     probe = m["probe_voc2012"]["results"]
     assert probe["stage-1"]["miou"]["mean"] > probe["noise"]["miou"]["mean"] + 0.3, probe
     assert len(probe["stage-1"]["miou"]["runs"]) == 2 and probe["stage-1"]["miou"]["std"] >= 0
-    assert m["probe_voc2012"]["protocol"]["form"] == "quick" and m["probe_voc2012"]["protocol"]["schedule"]["iters"] == 40
+    protocol = m["probe_voc2012"]["protocol"]
+    assert protocol["form"] == "quick" and protocol["schedule"]["iters"] == 40
     lost = m["lost_voc07"]["results"]
     assert lost["stage-1"]["images"] == 32 and lost["stage-1"]["corloc"] > lost["noise"]["corloc"], lost
     md = (out / "report.md").read_text()

@@ -91,8 +91,8 @@ def test_depth_pairs_folder_and_list_file(nyu_root, tmp_path):
     assert len(train) == 14 and train[0][0].endswith("0000_rgb.png")
     (nyu_root / "listed.txt").write_text("# rgb depth focal\nval/0001_rgb.png val/0001_depth.png 518.8\n"
                                          "val/0000_rgb.png None 518.8\n/val/0000_rgb.png val/0000_depth.png\n")
-    assert depth_pairs(str(nyu_root), "listed") == [(str(nyu_root / "val/0000_rgb.png"), str(nyu_root / "val/0000_depth.png")),
-                                                    (str(nyu_root / "val/0001_rgb.png"), str(nyu_root / "val/0001_depth.png"))]
+    assert depth_pairs(str(nyu_root), "listed") == [
+        (str(nyu_root / f"val/000{i}_rgb.png"), str(nyu_root / f"val/000{i}_depth.png")) for i in (0, 1)]
     depth = read_depth(train[0][1])
     assert depth.dtype == np.float32 and depth[0, 0] == 0 and 1.0 <= depth.max() < 6.0
     with pytest.raises(FileNotFoundError, match="_depth.png"):
@@ -156,8 +156,8 @@ def test_frozen_segmentation_probe_learns_labels_not_noise(voc_root):
 def test_reference_segmentation_probe_runs_the_augmented_protocol(voc_root, tiny):
     train, val = voc_pairs(str(voc_root), "train"), voc_pairs(str(voc_root), "val")
     config = SegProbeConfig(schedule=Schedule(iters=40, lr=2e-2, weight_decay=1e-4, warmup_iters=5), batch=4,
-                            crop=48, scale=(128, 48), slide_stride=32)
-    result = probe_segmentation_online(tiny, train, val, VOC4, config)
+                            crop=48, scale=(128, 48), slide_stride=32, workers=1)
+    result = probe_segmentation_online(tiny, train, val, VOC4, config)  # one loader process: samples pickle
     assert result["miou"] > 0.5, result  # colour decides the class; a 1x1 conv of patch pixels sees it
 
 
@@ -183,7 +183,8 @@ def test_depth_probes_frozen_and_reference(nyu_root, tiny):
     spread = float(np.std(np.concatenate([t[t > 0] for t in truth[1]])))
     assert result["rmse"] < 0.7 * spread < noise["rmse"], (result, noise, spread)
     assert result["class_token"] == "mean of patch features"
-    online = probe_depth_online(tiny, train, val, replace(config, crop=(48, 48), schedule=replace(config.schedule, iters=20)))
+    short = replace(config, crop=(48, 48), schedule=replace(config.schedule, iters=20))
+    online = probe_depth_online(tiny, train, val, short)
     assert np.isfinite(online["rmse"]) and 0 < online["a1"] <= 1
 
 
@@ -197,3 +198,15 @@ def test_encoder_class_token_from_a_timm_vit():
     assert not torch.allclose(cls, maps.mean((1, 2)), atol=1e-3)  # a real class token, not a stand-in
     plain, none = enc.encode(torch.rand(1, 3, 32, 32))
     assert none is None and plain.shape == (1, 2, 2, 192)
+
+
+def test_encoder_can_normalise_as_the_reference_does(tiny):
+    from pipeline.backbone import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ref = Encoder(tiny.backbone, imagenet_norm=True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = tiny.backbone.model.patch_features((x - mean) / std)
+    assert torch.allclose(ref.encode(x)[0], expected, atol=1e-5)
+    assert not torch.allclose(tiny.encode(x)[0], expected, atol=1e-3)  # its own statistics (0.5, 0.25) differ
+    assert ref.mean == IMAGENET_MEAN

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rescale_size", "resize_pair", "resize_label", "seg_train_sample", "photometric_distortion", "depth_train_sample",
-           "NYU_CROP"]
+__all__ = ["rescale_size", "resize_pair", "resize_label", "seg_train_sample", "photometric_distortion",
+           "depth_train_sample", "NYU_CROP"]
 
 NYU_CROP = (45, 472, 43, 608)  # rows, columns kept by NYUCrop
 

@@ -169,18 +169,28 @@ def _encode(encoder: Encoder, pixels: torch.Tensor) -> tuple[torch.Tensor, torch
     return maps, (cls.float() if cls is not None else maps.mean((1, 2)))
 
 
+@dataclass(frozen=True)
+class _DepthSample:
+    """Sample maker for the loader (a plain class, so worker processes can unpickle it)."""
+
+    pairs: list
+    config: DepthProbeConfig
+
+    def __call__(self, i: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb, depth = self.pairs[i]
+        img, dep = depth_train_sample(read_rgb(rgb), read_depth(depth, self.config.depth_scale), rng,
+                                      crop=self.config.crop)
+        return img.permute(2, 0, 1), dep
+
+
 def probe_depth_online(encoder: Encoder, train: Sequence[tuple[str, str]], val: Sequence[tuple[str, str]],
                        config: DepthProbeConfig | None = None) -> dict:
     """The reference protocol: augmented crops through ``encoder``; whole images (and mirrors) to score."""
     config = config or DepthProbeConfig()
     t0 = time.perf_counter()
 
-    def make(i: int, rng: np.random.Generator):
-        rgb, depth = train[i]
-        img, dep = depth_train_sample(read_rgb(rgb), read_depth(depth, config.depth_scale), rng, crop=config.crop)
-        return img.permute(2, 0, 1), dep
-
-    loader = batches(SampleSet(len(train), make, config.seed), config.schedule.iters, config.batch, config.workers)
+    samples = SampleSet(len(train), _DepthSample(list(train), config), config.seed)
+    loader = batches(samples, config.schedule.iters, config.batch, config.workers)
     dim = int(_encode(encoder, torch.zeros(1, 3, *config.crop))[0].shape[-1])
     head = _seeded_head(dim, config)
 
@@ -198,7 +208,8 @@ def probe_depth_online(encoder: Encoder, train: Sequence[tuple[str, str]], val: 
             views = [img, img.flip(-1)] if config.flip_test else [img]
             preds = []
             for k, view in enumerate(views):
-                pred = head(*(t.to(config.device) for t in _encode(encoder, view))).clamp(config.min_depth, config.max_depth)
+                maps, cls = (t.to(config.device) for t in _encode(encoder, view))
+                pred = head(maps, cls).clamp(config.min_depth, config.max_depth)
                 pred = F.interpolate(pred, size=gt.shape, mode="bilinear", align_corners=False)[0, 0].cpu()
                 preds.append(pred.flip(-1) if k else pred)
             rows.append(depth_metrics(gt, torch.stack(preds).mean(0).numpy(), config.min_depth, config.max_depth,

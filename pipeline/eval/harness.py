@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..metrics import ConsistencyConfig, artifact_metrics, cross_view_consistency
-from .datasets import ADE20K, VOC2012, SegmentationSet, ade20k_pairs, depth_pairs, load_images, read_depth, \
-    read_label, voc_boxes, voc_pairs
+from .datasets import (ADE20K, VOC2012, SegmentationSet, ade20k_pairs, depth_pairs, load_images, read_depth,
+                       read_label, voc_boxes, voc_pairs)
 from .depth_probe import DepthProbeConfig, probe_depth_frozen, probe_depth_online
 from .knn import KNNConfig, knn_segmentation
 from .lost import LOSTConfig, lost_corloc
@@ -201,7 +201,8 @@ def _label_size(src: FeatureSource, quick: bool) -> int:
 def _segmentation(run: _Run) -> None:
     cfg = run.config
     for name, dataset, train, val in _seg_sets(cfg):
-        truth = {split: [read_label(lab, dataset) for _, lab in pairs] for split, pairs in (("train", train), ("val", val))}
+        truth = {split: [read_label(lab, dataset) for _, lab in pairs]
+                 for split, pairs in (("train", train), ("val", val))}
         for src in run.dataset_sources:
             online = src.encoder is not None and not cfg.quick
             needs_maps = (cfg.knn is not None and name == "voc2012") or (cfg.probes and not online)

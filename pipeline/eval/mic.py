@@ -180,7 +180,7 @@ def _half(x: torch.Tensor, y: torch.Tensor, budget: float, config: MineConfig, o
             n_clumps = torch.where(many[:, 0], n_supers, n_clumps)
         scores = _optimize_x_axis(clump, n_clumps, rows, n_rows, max_cols, config.chunk_elements,
                                   torch.float64 if config.double else torch.float32)
-        cols = torch.arange(2, max_cols + 1)
+        cols = torch.arange(2, max_cols + 1, device=out.device)
         if transpose:
             out[:, ny, cols] = torch.maximum(out[:, ny, cols], scores.to(out))
         else:

@@ -61,7 +61,8 @@ def position_mic(maps: torch.Tensor, config: PositionMICConfig | None = None) ->
         raise ValueError(f"position_mic needs at least one image of 4 tokens, got shape {tuple(maps.shape)}.")
     channels = torch.arange(c)
     if config.channels is not None and config.channels < c:
-        channels = torch.randperm(c, generator=torch.Generator().manual_seed(config.seed))[: config.channels].sort().values
+        picked = torch.randperm(c, generator=torch.Generator().manual_seed(config.seed))[: config.channels]
+        channels = picked.sort().values
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
     xs, ys = xs.reshape(-1).to(config.device), ys.reshape(-1).to(config.device)
     per_image = []

@@ -134,21 +134,31 @@ def _slide_logits(encoder: Encoder, head: nn.Module, img: torch.Tensor, config: 
     return total / count
 
 
+@dataclass(frozen=True)
+class _SegSample:
+    """Sample maker for the loader (a plain class, so worker processes can unpickle it)."""
+
+    pairs: list
+    dataset: SegmentationSet
+    config: SegProbeConfig
+
+    def __call__(self, i: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.pairs[i]
+        c = self.config
+        img, lab, _ = seg_train_sample(read_rgb(image), read_label(label, self.dataset), rng, crop=c.crop,
+                                       scale=c.scale, ratio_range=c.ratio_range, cat_max_ratio=c.cat_max_ratio,
+                                       flip_prob=c.flip_prob, photometric=c.photometric)
+        return img.permute(2, 0, 1), lab
+
+
 def probe_segmentation_online(encoder: Encoder, train: Sequence[tuple[str, str]], val: Sequence[tuple[str, str]],
                               dataset: SegmentationSet = VOC2012, config: SegProbeConfig | None = None) -> dict:
     """The reference protocol: train on augmented crops through ``encoder``, evaluate by sliding windows."""
     config = config or SegProbeConfig()
     t0 = time.perf_counter()
 
-    def make(i: int, rng: np.random.Generator):
-        image, label = train[i]
-        img, lab, _ = seg_train_sample(read_rgb(image), read_label(label, dataset), rng, crop=config.crop,
-                                       scale=config.scale, ratio_range=config.ratio_range,
-                                       cat_max_ratio=config.cat_max_ratio, flip_prob=config.flip_prob,
-                                       photometric=config.photometric)
-        return img.permute(2, 0, 1), lab
-
-    loader = batches(SampleSet(len(train), make, config.seed), config.schedule.iters, config.batch, config.workers)
+    samples = SampleSet(len(train), _SegSample(list(train), dataset, config), config.seed)
+    loader = batches(samples, config.schedule.iters, config.batch, config.workers)
     dim = int(_encode_crops(encoder, torch.zeros(1, 3, config.crop, config.crop)).shape[-1])
     head = _seeded_head(dim, dataset.num_classes, config.seed, config.device)
 

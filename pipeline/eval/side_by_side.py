@@ -64,7 +64,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                 for metric, better in entry.get("better", {}).items()
                 if any(headline(results[s].get(metric))[0] is not None for s in cols)]
         rows.append(["seconds", "", *(_fmt(results[s].get("seconds")) for s in cols)])
-        lines += _table(["metric", "better", *cols], rows) + [f"", f"![{key}]({key}.png)", ""]
+        lines += _table(["metric", "better", *cols], rows) + ["", f"![{key}]({key}.png)", ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     lines += [f"Written {report.get('written', '')} in {float(report.get('seconds') or 0):.1f} s.", ""]

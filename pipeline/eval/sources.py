@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..backbone import IMAGENET_MEAN, IMAGENET_STD
 from ..storage import is_local, local_path
 from .datasets import load_images
 
@@ -24,6 +25,7 @@ __all__ = ["Encoder", "FeatureSource", "parse_source", "store_features", "comput
            "stage1_source"]
 
 _log = logging.getLogger(__name__)
+
 
 
 def _uri_key(uri: str) -> str:
@@ -65,14 +67,24 @@ class Encoder:
         backbone: a :class:`pipeline.backbone.Backbone`.
         denoiser: optional :class:`pipeline.denoiser.DenoisedViT` over the same backbone (stage 2); its
             features replace the backbone's, the class token stays the backbone's.
+        imagenet_norm: normalise pixels with ImageNet's mean and std whatever the model's own are (the
+            reference evaluation does so for every model; it differs from timm's for CLIP-family weights).
     """
 
-    def __init__(self, backbone: Any, denoiser: Any = None):
+    def __init__(self, backbone: Any, denoiser: Any = None, imagenet_norm: bool = False):
         self.backbone = backbone
         self.denoiser = denoiser
         self.patch_size = int(backbone.patch_size)
         self.stride = int(backbone.stride)
-        self.mean = tuple(float(v) for v in getattr(backbone, "mean", (0.5, 0.5, 0.5)))
+        own_mean = tuple(float(v) for v in getattr(backbone, "mean", (0.5, 0.5, 0.5)))
+        own_std = tuple(float(v) for v in getattr(backbone, "std", (0.25, 0.25, 0.25)))
+        self._remap = None
+        if imagenet_norm and (own_mean, own_std) != (IMAGENET_MEAN, IMAGENET_STD):
+            # pixels p' with (p' - own_mean) / own_std == (p - imagenet_mean) / imagenet_std
+            scale = torch.tensor(own_std) / torch.tensor(IMAGENET_STD)
+            shift = torch.tensor(own_mean) - scale * torch.tensor(IMAGENET_MEAN)
+            self._remap = (scale.view(1, 3, 1, 1), shift.view(1, 3, 1, 1))
+        self.mean = IMAGENET_MEAN if imagenet_norm else own_mean  # zero after normalising: the padding colour
         self.has_cls = (not getattr(backbone, "custom", True)) and getattr(backbone, "num_prefix_tokens", 0) > 0
 
     @property
@@ -83,6 +95,8 @@ class Encoder:
     def encode(self, pixels: torch.Tensor, with_cls: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, 3, H, W)`` in ``[0, 1]`` -> features ``(B, gh, gw, C)`` and class token ``(B, C)`` (or None)."""
         pixels = pixels.to(self.device)
+        if self._remap is not None:
+            pixels = pixels * self._remap[0].to(pixels) + self._remap[1].to(pixels)
         cls = None
         if with_cls and self.has_cls:
             b = self.backbone
@@ -184,7 +198,8 @@ def parse_source(spec: str) -> FeatureSource:
 
 
 def model_sources(model: str, weights: str, input_size: int, *, block: int = -1, stride: int | None = None,
-                  denoiser: str | None = None, student: str | None = None, device: str = "cpu") -> list[FeatureSource]:
+                  denoiser: str | None = None, student: str | None = None, imagenet_norm: bool = False,
+                  device: str = "cpu") -> list[FeatureSource]:
     """Encoder sources of a model: ``raw`` (the backbone), ``stage-2`` with a denoiser file, and ``student``
     with the weights a ``dvt distill`` run exported for the same architecture."""
     from ..backbone import BackboneConfig, create_backbone
@@ -192,13 +207,15 @@ def model_sources(model: str, weights: str, input_size: int, *, block: int = -1,
 
     backbone, denoised = load_models(model, weights, input_size, block=block, stride=stride, denoiser=denoiser)
     backbone = backbone.to(device)
-    out = [FeatureSource("raw", encoder=Encoder(backbone), input_size=input_size)]
+    out = [FeatureSource("raw", encoder=Encoder(backbone, imagenet_norm=imagenet_norm), input_size=input_size)]
     if denoised is not None:
-        out.append(FeatureSource("stage-2", encoder=Encoder(backbone, denoised.to(device)), input_size=input_size))
+        out.append(FeatureSource("stage-2", encoder=Encoder(backbone, denoised.to(device), imagenet_norm),
+                                 input_size=input_size))
     if student:
         distilled = create_backbone(BackboneConfig(model=model, weights=student, block=block, stride=stride,
                                                    img_size=input_size)).to(device)
-        out.append(FeatureSource("student", encoder=Encoder(distilled), input_size=input_size))
+        out.append(FeatureSource("student", encoder=Encoder(distilled, imagenet_norm=imagenet_norm),
+                                 input_size=input_size))
     return out
 
 

@@ -90,7 +90,8 @@ def train_head(head: nn.Module, batch_fn: Callable[[int], tuple], loss_fn: Calla
             nn.utils.clip_grad_norm_(head.parameters(), schedule.grad_clip)
         opt.step()
         if log_every and (i + 1) % log_every == 0:
-            _log.info("iteration %d/%d: loss %.4f, lr %.2e", i + 1, schedule.iters, float(loss.detach()), schedule.lr_at(i))
+            _log.info("iteration %d/%d: loss %.4f, lr %.2e", i + 1, schedule.iters, float(loss.detach()),
+                      schedule.lr_at(i))
     _log.debug("head trained: %d iterations, final loss %.4f", schedule.iters, float(loss.detach()))
     return head.eval()
 
