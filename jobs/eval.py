@@ -65,12 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lf.add_argument("--pairs", type=int, default=8, help="crop pairs per image for cross-view consistency")
     data = parser.add_argument_group("datasets")
     data.add_argument("--voc", default=None, help="VOC2012 root: KNN and the segmentation probe")
-    data.add_argument("--voc-splits", type=_pair, default=("train", "val"))
+    data.add_argument("--voc-splits", type=_pair, default=("train", "val"), help="TRAIN,EVAL split names")
     data.add_argument("--num-classes", type=int, default=None, help="classes of a VOC-layout dataset (VOC: 21)")
     data.add_argument("--ade20k", default=None, help="ADEChallengeData2016 root: the segmentation probe")
-    data.add_argument("--ade20k-splits", type=_pair, default=("training", "validation"))
+    data.add_argument("--ade20k-splits", type=_pair, default=("training", "validation"), help="TRAIN,EVAL folders")
     data.add_argument("--nyu", "--depth", dest="nyu", default=None, help="NYUv2 root: the depth probe")
-    data.add_argument("--nyu-splits", "--depth-splits", dest="nyu_splits", type=_pair, default=("train", "val"))
+    data.add_argument("--nyu-splits", "--depth-splits", dest="nyu_splits", type=_pair, default=("train", "val"),
+                      help="TRAIN,EVAL: list files <root>/<split>.txt or folders (reference: nyu_train,nyu_test)")
     data.add_argument("--depth-scale", type=float, default=1000.0, help="depth PNG units per metre")
     data.add_argument("--lost-voc07", default=None, help="VOC2007 root: LOST CorLoc")
     data.add_argument("--lost-voc12", default=None, help="VOC2012 root: LOST CorLoc")
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         lost_split=args.lost_split, lost_images=args.lost_images,
         knn=KNNConfig(k=args.knn_k) if args.knn else None, probes=args.probes, quick=args.quick,
         seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()), iters=args.iters, lr=args.lr,
-        batch=args.batch, max_train=args.max_train, max_val=args.max_val, device=args.device, workers=args.workers)
+        batch=args.batch, max_train=args.max_train, max_val=args.max_val, device=args.device, workers=args.workers,
+        seed=args.seed)
     report = run_evaluation(config)
     paths = write_report(report, args.out)
     _log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

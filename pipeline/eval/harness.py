@@ -71,6 +71,8 @@ class EvalConfig:
         quick: the short probe form for every source; seeds: one probe run per seed.
         iters, lr, batch: override the probe schedule's length, learning rate and batch.
         max_train, max_val, lost_images: cap the images used (for trying things out).
+        device, workers: where models and heads run; data-loading processes of the reference probes.
+        seed: crop pairs of cross-view consistency (the probes use ``seeds``).
     """
 
     sources: list[FeatureSource]
@@ -102,6 +104,7 @@ class EvalConfig:
     max_val: int | None = None
     device: str = "cpu"
     workers: int = 0
+    seed: int = 0
 
 
 class _Run:
@@ -154,6 +157,10 @@ def _label_free(run: _Run) -> None:
                                        "(it does not hold the other sources' images).")
         maps = maps.float()
         if cfg.mic is not None:
+            n_img = min(len(maps), cfg.mic.images or len(maps))
+            channels = min(maps.shape[-1], cfg.mic.channels or maps.shape[-1])
+            _log.info("%s: MIC of %d images x %d channels on %s (a CPU takes about %.0f s)", src.name, n_img,
+                      channels, cfg.mic.device, 0.13 * n_img * channels * (maps.shape[1] * maps.shape[2] / 1369) ** 1.8)
             result = position_mic(maps, cfg.mic)
             run.put("mic", src.name, result, {"alpha": cfg.mic.mine.alpha, "c": cfg.mic.mine.c,
                                               "images": result["images"], "channels": cfg.mic.channels or "all"})
@@ -167,7 +174,7 @@ def _label_free(run: _Run) -> None:
                 extras["cross_view_consistency"] = cross_view_consistency(
                     lambda x: src.encoder.encode(x)[0].float(), pixels, size=src.input_size,
                     patch=src.encoder.patch_size, stride=src.encoder.stride,
-                    config=ConsistencyConfig(pairs=cfg.consistency_pairs))
+                    config=ConsistencyConfig(pairs=cfg.consistency_pairs, seed=cfg.seed))
             run.put("extras", src.name, extras | {"seconds": round(time.perf_counter() - t0, 2)})
 
 
