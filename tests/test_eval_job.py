@@ -109,3 +109,14 @@ def test_eval_refuses_bad_sources(stores, tmp_path, caplog):
     assert "nothing to evaluate" in caplog.text
     assert main(["eval", "--source", f"a:artifact={url}", "--no-extras", "--out", str(tmp_path)]) == 1
     assert "no array 'artifact'" in caplog.text
+
+
+def test_store_sources_take_the_reference_schedule_without_quick(voc_root, stores, tmp_path):
+    url, _ = stores
+    out = tmp_path / "report"
+    assert main(["eval", "--store", url, "--voc", str(voc_root), "--num-classes", "4", "--no-mic", "--no-extras",
+                 "--no-knn", "--probe-iters", "12", "--seeds", "0", "--out", str(out)]) == 0
+    protocol = json.loads((out / "report.json").read_text())["measures"]["probe_voc2012"]["protocol"]
+    assert protocol["form"] == "frozen features" and "crop" not in protocol  # no augmentation from a store
+    assert protocol["schedule"] == {**protocol["schedule"], "iters": 12, "lr": 1e-3, "warmup_iters": 3,
+                                    "policy": "poly"}

@@ -224,7 +224,7 @@ def _segmentation(run: _Run) -> None:
                 _log.info("%s: KNN mIoU %.3f", src.name, knn["miou"])
             if not cfg.probes:
                 continue
-            base = SegProbeConfig.quick() if cfg.quick or not online else SegProbeConfig()
+            base = SegProbeConfig.quick() if cfg.quick else SegProbeConfig()
             base = _schedule_overrides(cfg, replace(base, device=cfg.device, workers=cfg.workers))
             runs = []
             for seed in cfg.seeds:
@@ -253,7 +253,7 @@ def _depth(run: _Run) -> None:
     truth = {s: [read_depth(d, cfg.depth_scale) for _, d in pairs] for s, pairs in (("train", train), ("val", val))}
     for src in run.dataset_sources:
         online = src.encoder is not None and not cfg.quick
-        base = DepthProbeConfig.quick() if cfg.quick or not online else DepthProbeConfig()
+        base = DepthProbeConfig.quick() if cfg.quick else DepthProbeConfig()
         base = _schedule_overrides(cfg, replace(base, device=cfg.device, workers=cfg.workers,
                                                 depth_scale=cfg.depth_scale))
         runs = []
