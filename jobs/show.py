@@ -53,7 +53,7 @@ def _from_store(args: argparse.Namespace) -> tuple[FeatureSet, str]:
     fs = load_store_rows(args.store, rows, limit=None if rows else args.limit)
     label = "stage-1"
     if args.stage2_store:
-        from pipeline.probes import store_features
+        from pipeline.eval.sources import store_features
         from pipeline.store import FeatureStore
 
         fs.clean = store_features(FeatureStore.open(args.stage2_store), fs.uris, "clean")

@@ -1,48 +1,29 @@
-"""Where the evaluation's features come from, and the JSON + Markdown report it writes.
+"""Where feature maps for pictures and quick checks come from: a store's rows or images run through a model.
 
 A *source* is a named set of feature maps of the same images: ``raw`` (the backbone), ``stage-1`` (a
 store's ``clean`` array, the neural field ``F``) and ``stage-2`` (a store written by the apply job, whose
 ``clean`` holds the denoiser's output, or a denoiser run on the fly). Maps come from a feature store
-(:func:`load_store_rows`) or are computed from images (:func:`features_from_images`); anything that maps
-pixels to ``(B, gh, gw, C)`` is a feature function for the crop-based measure and the probes.
+(:func:`load_store_rows`) or are computed from images (:func:`features_from_images`). ``dvt show`` draws
+them; the evaluation harness (:mod:`pipeline.eval`) measures them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .decode import decode_image, resize_to_tensor
-from .metrics import FeatureFn, artifact_metrics
+from .metrics import FeatureFn
 from .storage import filesystem
 
-__all__ = ["FeatureSet", "load_store_rows", "load_image", "features_from_images", "stage1_maps", "load_models",
-           "label_free", "write_report", "format_markdown", "MEASURES"]
+__all__ = ["FeatureSet", "load_store_rows", "load_image", "features_from_images", "stage1_maps", "load_models"]
 
 _log = logging.getLogger(__name__)
-
-#: Measure -> (title, which direction is better, one-line definition) for the Markdown report.
-MEASURES: dict[str, tuple[str, str, str]] = {
-    "positional_energy": ("positional energy", "lower", "share of feature variance explained by grid position "
-                          "alone across images (omega squared)"),
-    "grid_energy": ("grid energy", "lower", "share of DCT energy of the mean-removed maps at periods "
-                    "shorter than 4 patches"),
-    "position_information": ("position information", "lower", "maximal information between feature "
-                             "summaries (norm, 3 PCs) and the patch row/column on equal-frequency grids (a "
-                             "lower bound on the paper's MIC)"),
-    "cross_view_consistency": ("cross-view consistency", "higher", "cosine similarity of two overlapping "
-                               "crops' features at the same image point"),
-}
-
 
 @dataclass
 class FeatureSet:
@@ -137,80 +118,6 @@ def stage1_maps(backbone: Any, pixels: torch.Tensor, preset: str = "ci", seed: i
             out["clean"].append(r.clean)
             out["artifact"].append(r.artifact)
     return {k: torch.stack(v) for k, v in out.items()}
-
-
-def label_free(sources: Mapping[str, torch.Tensor], *, information: bool = True) -> dict[str, dict[str, float]]:
-    """:func:`pipeline.metrics.artifact_metrics` for each named source."""
-    out = {}
-    for name, maps in sources.items():
-        t0 = time.perf_counter()
-        out[name] = artifact_metrics(maps.float(), information=information)
-        _log.info("%s: %s (%.1fs)", name, ", ".join(f"{k} {v:.3f}" for k, v in out[name].items()),
-                  time.perf_counter() - t0)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ report
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def format_markdown(report: Mapping[str, Any]) -> str:
-    """The Markdown rendering of a report dict (see :func:`write_report`)."""
-    lines = ["# DVT evaluation", ""]
-    inputs = report.get("inputs", {})
-    if inputs:
-        lines += [f"- **{k}**: `{v}`" for k, v in inputs.items() if v not in (None, "", [])] + [""]
-    measures = report.get("artifacts", {})
-    if measures:
-        sources = list(measures)
-        keys = [k for k in MEASURES if any(k in measures[s] for s in sources)]
-        lines += ["## Artifact measures (no labels)", ""]
-        lines += _table(["measure", "better", *sources],
-                        [[MEASURES[k][0], MEASURES[k][1], *(_fmt(measures[s].get(k)) for s in sources)] for k in keys])
-        lines += ["", *(f"- *{MEASURES[k][0]}*: {MEASURES[k][2]}." for k in keys), ""]
-        if report.get("notes"):
-            lines += [f"> {n}" for n in report["notes"]] + [""]
-    for task, metrics, title in (("segmentation", ("miou", "pixel_accuracy"), "Linear segmentation probe"),
-                                 ("depth", ("rmse", "abs_rel", "delta1"), "Linear depth probe")):
-        res = report.get("probes", {}).get(task)
-        if not res:
-            continue
-        info = res.get("dataset", {})
-        lines += [f"## {title}", "", f"{info.get('root', '')}: {info.get('train', '?')} train / "
-                  f"{info.get('val', '?')} val images, labels at {info.get('label_size', '?')} px.", ""]
-        sources = [s for s in res if s != "dataset"]
-        lines += _table(["source", *metrics], [[s, *(_fmt(res[s].get(m)) for m in metrics)] for s in sources])
-        lines += [""]
-    lines += [f"Written {report.get('written', '')} in {float(report.get('seconds') or 0):.1f} s.", ""]
-    return "\n".join(lines)
-
-
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns both paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "report.json", out / "report.md"
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, Mapping):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    json_path.write_text(json.dumps(clean(report), indent=2) + "\n")
-    md_path.write_text(format_markdown(report))
-    return json_path, md_path
 
 
 def load_models(model: str, weights: str, input_size: int, *, block: int = -1, stride: int | None = None,

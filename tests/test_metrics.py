@@ -156,11 +156,14 @@ def test_eval_job_on_stores(tmp_path, pattern, position_free):
     assert main(["eval", "--store", str(tmp_path / "s1.zarr"), "--stage2-store", str(tmp_path / "s2.zarr"),
                  "--out", str(out), "--no-information"]) == 0
     report = json.loads((out / "report.json").read_text())
-    art = report["artifacts"]
+    art = report["measures"]["extras"]["results"]
     assert set(art) == {"raw", "stage-1", "stage-2"}
     assert art["raw"]["positional_energy"] > 0.3
     assert art["stage-1"]["positional_energy"] < 0.02
     assert 0.0 < art["stage-2"]["positional_energy"] < 0.05  # the 1% of the pattern that is left
     md = (out / "report.md").read_text()
-    assert "| positional energy | lower |" in md and "stage-2" in md
+    assert "| positional_energy | lower |" in md and "| metric | better | raw | stage-1 | stage-2 |" in md
+    # a white-noise pattern over positions is a function of (x, y) jointly, of neither alone: MIC with one
+    # coordinate does not see it (the paper's measure); positional energy does (above)
+    assert set(report["measures"]["mic"]["results"]) == {"raw", "stage-1", "stage-2"}
     assert main(["eval", "--out", str(out)]) == 1  # nothing to evaluate: one error line

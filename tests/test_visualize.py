@@ -146,7 +146,7 @@ def test_eval_and_show_with_a_stage2_denoiser(tmp_path, sample_images):
     common = ["--images", str(sample_images[0].parent), "--limit", "2", "--model", "tests.custom_backbone:create",
               "--weights", "none", "--input-size", "64", "--denoiser", path]
     assert main(["eval", *common, "--pairs", "1", "--no-information", "--out", str(tmp_path / "r")]) == 0
-    art = json.loads((tmp_path / "r" / "report.json").read_text())["artifacts"]
+    art = json.loads((tmp_path / "r" / "report.json").read_text())["measures"]["extras"]["results"]
     assert set(art) == {"raw", "stage-2"} and "cross_view_consistency" in art["stage-2"]
     assert main(["show", *common, "--out", str(tmp_path / "s"), "--cell", str(CELL)]) == 0
     assert Image.open(tmp_path / "s" / "features.png").size == (7 * CELL, 2 * 28 + 2 * CELL)
