@@ -156,8 +156,9 @@ class Stage1Result:
         residual_norm: ``|h(raw)|`` on the full view ``(gh, gw)`` (zeros without ``h``).
         residual_norm_mean, residual_norm_max: ``|h|`` over every view token.
         losses: final per-image losses over every token (``mse``, ``cos``, ``residual``, ``sparsity``, ``total``).
-        seconds: wall-clock seconds of the batch's fit divided by its size.
+        seconds: wall-clock seconds of the batch's fit divided by its size (views, solve, steps, readout).
         clean_fine: ``F`` on a ``clean_upsample`` times finer grid, when asked for.
+        view_seconds: the part of ``seconds`` spent extracting the views' backbone features.
     """
 
     image_id: int
@@ -171,6 +172,7 @@ class Stage1Result:
     losses: dict[str, float]
     seconds: float
     clean_fine: torch.Tensor | None = None
+    view_seconds: float = 0.0
 
 
 def fit_generator(image_id: int, seed: int) -> torch.Generator:
@@ -205,8 +207,10 @@ def _validate(backbone, images: torch.Tensor, image_ids: Sequence[int], config: 
 
 
 def _draw(gens: Sequence[torch.Generator], n: int, k: int, steps: int, device: torch.device) -> torch.Tensor:
-    """Token indices ``(steps, B, k)``: image ``b``'s draws come from its own generator only."""
-    return torch.stack([torch.randint(n, (steps, k), generator=g) for g in gens], 1).to(device)
+    """Token indices ``(steps, B, k)``: image ``b``'s draws come from its own generator only (CPU generators; to
+    a GPU through pinned memory, so the fitting loop never waits for the copy)."""
+    draws = torch.stack([torch.randint(n, (steps, k), generator=g) for g in gens], 1)
+    return draws.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else draws.to(device)
 
 
 def _adam(model: torch.nn.Module, config: Stage1Config) -> torch.optim.Adam:
@@ -293,14 +297,15 @@ def fit_images(backbone, images: torch.Tensor, config: Stage1Config | None = Non
         opt.zero_grad(set_to_none=True)
         losses["total"].sum().backward()
         opt.step()
+        # Reading the losses waits for the device: only at log steps, and only for a caller who asked.
         if progress is not None and (step % log_every == 0 or step == config.steps - 1):
             progress(step, config.steps, {k: float(v.detach().mean()) for k, v in losses.items()})
-    seconds = time.perf_counter() - t0
     del interp
     results = _readout(model, raw, xy, full_coords, views, config, image_ids,
                        use_residual=config.residual and config.steps > freeze_step)
+    seconds = time.perf_counter() - t0  # after the readout's copies to the host, so a GPU has finished too
     for r in results:
-        r.seconds = seconds / b
+        r.seconds, r.view_seconds = seconds / b, t_views / b
     _log.info("stage 1: %d images, %d views, %d steps in %.2fs (views %.2fs)", b, views, config.steps, seconds,
               t_views)
     return results
