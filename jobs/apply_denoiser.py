@@ -7,7 +7,7 @@ import sys
 
 from pipeline.apply import ApplyConfig, run_apply
 
-from .denoise import EXIT_SOME_FAILED, SAMPLES, add_store_arguments, add_worker_arguments
+from .denoise import EXIT_SOME_FAILED, SAMPLES, add_amp_argument, add_store_arguments, add_worker_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", default=None, help="expected backbone; refuses a denoiser trained for another")
     model.add_argument("--weights", default="hub", help="'hub' (timm pretrained), 'none' (random), or a local file")
     model.add_argument("--input-size", type=int, default=None, help="square input size (default: the training size)")
+    add_amp_argument(model)
     run = parser.add_argument_group("resources")
-    run.add_argument("--images-per-batch", type=int, default=16, help="images per forward pass and store unit")
+    run.add_argument("--images-per-batch", type=int, default=None,
+                     help="images per forward pass and store unit (default: 16 on CPUs; on GPUs units of 64, in "
+                          "passes sized to the GPU's free memory)")
     add_worker_arguments(run)
 
 

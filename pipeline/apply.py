@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from .backbone import Backbone
+from .batching import forward_bytes_per_image, images_per_pass, unit_size
 from .decode import DecodeConfig
 from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
 from .image_job import (ImageBatchWorker, JobSummary, describe_backbone, list_uris, open_job_store, run_image_job,
@@ -33,6 +34,8 @@ from .store import FeatureStore, StoreLayout
 __all__ = ["ApplyConfig", "ApplyWorker", "prepare_apply_store", "run_apply"]
 
 _log = logging.getLogger(__name__)
+
+_AMP = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -46,7 +49,9 @@ class ApplyConfig:
         weights: backbone weights: ``"hub"``, ``"none"`` or a local file.
         model: the backbone the caller expects; a denoiser trained for another one is refused.
         input_size: square size images are resized to; ``None`` means the size the denoiser was trained at.
-        images_per_batch: images per forward pass and per store unit.
+        images_per_batch: images per forward pass and per store unit; ``None`` chooses per device
+            (:mod:`pipeline.batching`: 16 on CPUs; on GPUs units of 64 in passes that fit the memory).
+        amp: autocast dtype (``"bfloat16"``) for the backbone and the denoiser; ``None``: fp32.
         workers, gpus_per_worker, cpus_per_worker: actors and their resources (see ``dvt denoise``).
         limit, overwrite, retry_failed, allow_config_change, dtype, progress_every_s, dashboard: as for ``dvt denoise``.
         keep_raw: also store the backbone's raw features (array ``raw``); off halves the store.
@@ -58,7 +63,8 @@ class ApplyConfig:
     weights: str = "hub"
     model: str | None = None
     input_size: int | None = None
-    images_per_batch: int = 16
+    images_per_batch: int | None = None
+    amp: str | None = None
     keep_raw: bool = True
     workers: int = 1
     gpus_per_worker: float | None = None
@@ -81,16 +87,25 @@ class ApplyWorker(ImageBatchWorker):
     def __init__(self, config: ApplyConfig, layout: dict[str, Any]):
         self.config = config
         super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
-                         cpus_per_worker=config.cpus_per_worker)
+                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
 
     def setup(self) -> None:
         self.model = DenoisedViT.from_file(self.config.denoiser, self.config.weights, input_size=self.config.input_size,
                                            device=self.device)
+        backbone = self.model.backbone
+        self.images_per_pass = self.config.images_per_batch or images_per_pass(
+            "apply", self.device, forward_bytes_per_image(grid=backbone.grid(self.config.input_size),
+                                                          channels=backbone.embed_dim,
+                                                          prefix_tokens=backbone.num_prefix_tokens))
 
     @torch.no_grad()
     def process(self, ids: list[int], images: torch.Tensor) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         started = time.perf_counter()
-        raw, clean = self.model.features(images, return_raw=True)
+        amp = _AMP[self.config.amp] if self.config.amp else None
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            raw, clean = self.model.features(images, return_raw=True)
+        # One copy per array to the host (a GPU works asynchronously: this also makes the time the model's own).
+        raw, clean = raw.cpu(), clean.cpu()
         seconds = (time.perf_counter() - started) / len(ids)
         if not self.config.keep_raw:
             return [({"seconds": seconds}, {"clean": clean[j]}) for j in range(len(ids))]
@@ -111,6 +126,8 @@ def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Tabl
     Returns the store, how many images this run covers, the listing rows still to do, and the config with
     its defaults resolved (input size).
     """
+    if config.amp is not None and config.amp not in _AMP:
+        raise ValueError(f"unknown autocast dtype {config.amp!r}: use one of {sorted(_AMP)} or none")
     data = read_denoiser_bytes(config.denoiser)
     spec = read_spec(config.denoiser, data)
     if config.input_size is None:
@@ -137,5 +154,6 @@ def run_apply(config: ApplyConfig) -> JobSummary:
     config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
     return run_image_job(job="apply", store=store, covered=covered, pending=pending, worker=ApplyWorker,
                          worker_kwargs={"config": config, "layout": store.layout.geometry()},
-                         images_per_batch=config.images_per_batch, workers=config.workers, gpus=gpus, cpus=cpus,
+                         images_per_batch=config.images_per_batch or unit_size("apply", gpus > 0),
+                         workers=config.workers, gpus=gpus, cpus=cpus,
                          progress_every_s=config.progress_every_s, started=started)

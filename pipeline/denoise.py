@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from .backbone import Backbone, BackboneConfig, create_backbone
+from .batching import images_per_pass, stage1_bytes_per_image, unit_size
 from .decode import DecodeConfig
 from .image_job import ImageBatchWorker, JobSummary, fetch_bytes, list_uris, open_job_store, run_image_job
 from .image_job import describe_backbone as _describe
@@ -39,6 +40,7 @@ __all__ = ["DenoiseConfig", "DenoiseSummary", "Stage1Worker", "fetch_bytes", "pr
 _log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -51,11 +53,14 @@ class DenoiseConfig:
         model, weights, block, stride: the backbone (see :class:`pipeline.backbone.BackboneConfig`).
         input_size: square size images are resized to before the ViT (518 for patch 14 in the paper).
         preset: stage-1 preset (``default``, ``paper``, ``ci``); ``views`` and ``steps`` override it.
-        images_per_batch: images fitted together by one worker, and the size of one store unit.
+        images_per_batch: images per store unit, fitted together; ``None`` chooses per device
+            (:mod:`pipeline.batching`: 4 on CPUs; on GPUs units of 16 fitted in passes that fit the memory).
         workers: maximum number of stage-1 actors.
         gpus_per_worker: GPUs per actor; ``None`` means 1 when the cluster has GPUs, else 0.
         cpus_per_worker: CPUs per actor; ``None`` means 1 with a GPU, else an even share of the CPUs.
         seed: fixes every image's views and random draws (with its image id).
+        amp: autocast dtype (``"bfloat16"``) for the backbone and the fit on top of the preset's; ``None``
+            keeps the preset's (fp32 in every preset).
         limit: only the first ``limit`` images of the listing.
         overwrite: delete the store and start again; otherwise finished images are skipped.
         retry_failed: also redo images a previous run recorded as failed.
@@ -76,11 +81,12 @@ class DenoiseConfig:
     preset: str = "default"
     views: int | None = None
     steps: int | None = None
-    images_per_batch: int = 4
+    images_per_batch: int | None = None
     workers: int = 1
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
     seed: int = 0
+    amp: str | None = None
     limit: int | None = None
     overwrite: bool = False
     retry_failed: bool = True
@@ -101,6 +107,8 @@ class DenoiseConfig:
             config = config.replace(views=dataclasses.replace(config.views, num_views=self.views))
         if self.steps is not None:
             config = config.replace(steps=self.steps)
+        if self.amp is not None:
+            config = config.replace(amp_dtype=self.amp)
         return config
 
     def arrays(self) -> tuple[str, ...]:
@@ -121,11 +129,16 @@ class Stage1Worker(ImageBatchWorker):
     def __init__(self, config: DenoiseConfig, layout: dict[str, Any]):
         self.config = config
         super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
-                         cpus_per_worker=config.cpus_per_worker)
+                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
 
     def setup(self) -> None:
         self.backbone: Backbone = create_backbone(self.config.backbone_config()).to(self.device)
         self.stage1 = self.config.stage1_config()
+        self.images_per_pass = self.config.images_per_batch or images_per_pass(
+            "denoise", self.device, stage1_bytes_per_image(
+                views=self.stage1.views.num_views, grid=self.backbone.grid(self.config.input_size),
+                channels=self.backbone.embed_dim, feature_bytes=_DTYPE_BYTES[self.stage1.feature_dtype],
+                batch_tokens=self.stage1.batch_tokens))
 
     def process(self, ids: list[int], images: torch.Tensor) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         results = fit_images(self.backbone, images, self.stage1, image_ids=ids, seed=self.config.seed)
@@ -166,5 +179,6 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
     return run_image_job(job="denoise", store=store, covered=covered, pending=pending, worker=Stage1Worker,
                          worker_kwargs={"config": config, "layout": store.layout.geometry()},
-                         images_per_batch=config.images_per_batch, workers=config.workers, gpus=gpus, cpus=cpus,
+                         images_per_batch=config.images_per_batch or unit_size("denoise", gpus > 0),
+                         workers=config.workers, gpus=gpus, cpus=cpus,
                          progress_every_s=config.progress_every_s, started=started)

@@ -81,15 +81,21 @@ class ImageBatchWorker:
         input_size: square size images are resized to.
         decode: limits on accepted images.
         cpus_per_worker: CPU threads for torch when running on the CPU.
+        gpus_per_worker: GPUs Ray gave the actor; 0 keeps it on the CPU even where a GPU is visible (Ray 2.60
+            leaves every GPU visible to actors that asked for none); ``None``: a GPU whenever one is visible.
     """
 
     stage = "model"
+    #: Images per model call; ``None`` is the whole batch. Subclasses set it in :meth:`setup` (see
+    #: :mod:`pipeline.batching`) so a store unit larger than the device's memory allows is done in passes.
+    images_per_pass: int | None = None
 
     def __init__(self, output: str, layout: dict[str, Any], *, input_size: int, decode: DecodeConfig = DecodeConfig(),
-                 cpus_per_worker: float | None = None):
+                 cpus_per_worker: float | None = None, gpus_per_worker: float | None = None):
         self.input_size = input_size
         self.decode = decode
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        use_gpu = torch.cuda.is_available() and (gpus_per_worker is None or gpus_per_worker > 0)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         if self.device.type == "cpu" and cpus_per_worker:
             torch.set_num_threads(max(1, round(cpus_per_worker)))
         self.setup()
@@ -158,8 +164,21 @@ class ImageBatchWorker:
         return results
 
     def _run_ids(self, ids: list[int], pixels: dict[int, torch.Tensor]) -> dict[int, Any]:
-        images = torch.stack([pixels[i] for i in ids]).to(self.device)
-        return dict(zip(ids, self.process(ids, images)))
+        step = self.images_per_pass or len(ids)
+        results: dict[int, Any] = {}
+        for start in range(0, len(ids), step):
+            part = ids[start:start + step]
+            results.update(zip(part, self.process(part, self._to_device([pixels[i] for i in part]))))
+        return results
+
+    def _to_device(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Stack decoded images on the worker's device; to a GPU through pinned memory without blocking (the
+        copy is queued on the stream that then computes on it)."""
+        if self.device.type != "cuda":
+            return torch.stack(images)
+        staged = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
+        torch.stack(images, out=staged)
+        return staged.to(self.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------- driver

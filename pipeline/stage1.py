@@ -306,6 +306,7 @@ def fit_views(batch: ViewBatch, config: Stage1Config | None = None, *, seed: int
         opt.zero_grad(set_to_none=True)
         losses["total"].sum().backward()
         opt.step()
+        # Reading the losses waits for the device: only at log steps, and only for a caller who asked.
         if progress is not None and (step % log_every == 0 or step == config.steps - 1):
             progress(step, config.steps, {k: float(v.detach().mean()) for k, v in losses.items()})
     model.fix_gauge()  # the stated split: G has zero mean over the view grid, F keeps the image mean
