@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                    "steps are run when the full schedule would not fit (0: no limit)")
     p.add_argument("--paper-time-steps", type=int, default=0, help="also time the paper preset on one image for "
                    "this many steps, extrapolated to its full schedule")
-    p.add_argument("--reference", type=Path, help="saved paper-preset fits to score against")
+    p.add_argument("--reference", type=Path, action="append", default=[], help="saved paper-preset fits to score "
+                   "against (repeatable: files of different families)")
     p.add_argument("--save-reference", type=Path, help="save the paper-preset fits here")
     p.add_argument("--candidate", action="append", default=[], help="default preset with overrides, e.g. "
                    "views=48,steps=600 (repeatable)")
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     families = [f for f in args.families.split(",") if f and f != "none"]
     configs = {"default": Stage1Config.preset("default")}
     configs.update({c: Stage1Config.preset("default", **parse_overrides(c)) for c in args.candidate})
-    reference = load_reference(args.reference, args) if args.reference else {}
+    reference = {f: r for path in args.reference for f, r in load_reference(path, args).items()}
     if args.paper_steps:
         reference = paper_reference(families, args.paper_steps, args, args.paper_budget)
         if args.save_reference:
