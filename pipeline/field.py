@@ -115,9 +115,31 @@ class HashGrid(nn.Module):
         idx = idx + (torch.arange(b, device=coords.device) * self.entries).view(b, 1, 1, 1)
         fx, fy = frac[..., 0:1], frac[..., 1:2]
         w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)  # (B, N, L, 1, 4)
-        feats = F.embedding(idx, self.table.view(-1, self.config.features_per_level))  # (B, N, L, 4, F)
+        feats = _gather_rows(self.table.view(-1, self.config.features_per_level), idx)  # (B, N, L, 4, F)
         out = (w.to(feats.dtype) @ feats).squeeze(-2)  # (B, N, L, F)
         return out.reshape(b, n, self.out_dim)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``table[idx]`` whose backward is one ``index_add_`` into a zeroed dense gradient: on a CPU several times
+    faster than ``embedding``'s dense backward for the paper preset's 20M-entry tables (same sums)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = table.shape[0]
+        return table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows, grad.shape[-1])
+        out.index_add_(0, idx.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        return out, None
+
+
+def _gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(table, idx)
 
 
 class BatchedMLP(nn.Module):
