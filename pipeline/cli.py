@@ -31,6 +31,9 @@ JOBS: dict[str, str] = {
 def _configure_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose <= 0:  # the AWS and fsspec libraries narrate every session at INFO ("Found credentials ...")
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _describe(module) -> str:

@@ -34,7 +34,12 @@ EXIT_TERMINATED = 143
 
 
 class JobFailedError(RuntimeError):
-    """A running job stopped because of a fault around it (storage, workers), not because of its input."""
+    """A running job stopped because of a fault around it (storage, workers), not because of its input.
+
+    ``storage_unavailable`` is true when the fault was storage that stopped answering (nothing more is sent to
+    it while the job ends)."""
+
+    storage_unavailable: bool = False
 
 
 class Terminated(BaseException):

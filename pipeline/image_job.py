@@ -36,6 +36,7 @@ from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tens
 from .failures import JobFailedError, one_line, root_cause
 from .listing import fetch_bytes, iter_uris
 from .progress import Progress
+from .storage import StorageUnavailableError
 from .store import FeatureStore, StoreError, StoreLayout
 
 __all__ = ["JobSummary", "ImageBatchWorker", "fetch_bytes", "describe_backbone", "list_uris", "open_job_store",
@@ -311,5 +312,8 @@ def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> No
         return
     line, _, detail = str(out["error"][fatal[0]]).partition("\n\n")
     _log.debug("%s", detail)
-    raise JobFailedError(f"{job} stopped after {progress.done} of {progress.total} images: {line}. Finished units "
-                         f"are kept: fix the cause and re-run the same command to resume.")
+    advice = "" if "re-run" in line else " Finished units are kept: fix the cause and re-run the same command."
+    error = JobFailedError(f"{job} stopped after {progress.done} of {progress.total} images: "
+                           f"{line.rstrip('.')}.{advice}")
+    error.storage_unavailable = StorageUnavailableError.__name__ in line
+    raise error

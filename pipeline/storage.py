@@ -164,7 +164,8 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 
 def is_unavailable(error: BaseException) -> bool:
     """Is ``error`` (or anything in its chain) a connection failure or a timeout talking to storage?"""
-    return any(isinstance(e, StorageUnavailableError) or type(e).__name__ in _UNAVAILABLE for e in _chain(error))
+    return any(isinstance(e, StorageUnavailableError) or type(e).__name__ in _UNAVAILABLE
+               or getattr(e, "storage_unavailable", False) for e in _chain(error))
 
 
 def unavailable(url: str, error: BaseException) -> StorageUnavailableError:

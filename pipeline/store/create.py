@@ -133,7 +133,8 @@ def check_append(url: str, attrs: Mapping[str, Any], layout: StoreLayout, allow_
     _check_format(url, attrs)
     theirs = layout.to_attrs()
     store = dict(attrs)
-    store.setdefault("stage1_version", 1)
+    if store.get("stage1_version") is None:
+        store["stage1_version"] = 1  # written before versions were recorded
     new_attrs: dict[str, Any] = {}
     for key in ("weights", "seed", "stage1_version"):
         if _absent(theirs.get(key)):
