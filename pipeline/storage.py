@@ -82,7 +82,7 @@ def s3_endpoint() -> str | None:
 def storage_options(url: str, **overrides: Any) -> dict[str, Any]:
     """fsspec ``storage_options`` for ``url``: retries and S3-compatible-server settings for ``s3://``.
 
-    Credentials and the endpoint are left to botocore's own resolution so they never pass through here.
+    Credentials are left to botocore's own resolution so they never pass through here.
     """
     protocol = fsspec.utils.get_protocol(url)
     if protocol not in ("s3", "s3a"):
@@ -97,6 +97,10 @@ def storage_options(url: str, **overrides: Any) -> dict[str, Any]:
         config["request_checksum_calculation"] = "when_required"
         config["response_checksum_validation"] = "when_required"
     options: dict[str, Any] = {"config_kwargs": config}
+    if s3_endpoint():
+        # Named here although botocore would find it too: s3fs caches filesystems by their arguments, and one
+        # made for another endpoint earlier in the process must not be reused.
+        options["endpoint_url"] = s3_endpoint()
     options.update(overrides)
     return options
 

@@ -231,13 +231,14 @@ def own_s3(monkeypatch):
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.1)
-    for k, v in {"AWS_ENDPOINT_URL_S3": endpoint, "DVT_S3_READ_TIMEOUT": "1", "DVT_S3_CONNECT_TIMEOUT": "1",
-                 "DVT_S3_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(k, v)
     from pipeline.storage import filesystem
 
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     bucket = f"b{uuid.uuid4().hex[:10]}"
-    filesystem(f"s3://{bucket}")[0].mkdir(bucket)
+    filesystem(f"s3://{bucket}")[0].mkdir(bucket)  # with the default limits: the server may still be warming up
+    assert proc.poll() is None, "moto_server exited (its port taken?)"
+    for k, v in {"DVT_S3_READ_TIMEOUT": "1", "DVT_S3_CONNECT_TIMEOUT": "1", "DVT_S3_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(k, v)
     try:
         yield proc, endpoint, f"s3://{bucket}"
     finally:
