@@ -10,7 +10,8 @@ it would show.
 A local instance is the job's own: :func:`shutdown_ray` stops it when the job ends, however it ends. If the driver
 is killed outright (SIGKILL), Ray's agents notice their raylet is gone but then wait for the GCS to come back
 before exiting: 64 s with Ray's default ``RAY_gcs_rpc_server_reconnect_timeout_s`` (60), 3 s with the 5 s
-this module sets for a local instance it starts (a cluster's own setting is left alone).
+this module sets when no ``RAY_ADDRESS`` names a cluster and the variable is not set already (a cluster's own
+processes keep their setting).
 
 Ray's core worker logs one error-level line on every run that needs no action (Ray Data passes its actors'
 arguments through the object store, ray-project/ray#57733); :func:`init_ray` drops that line from the console.
@@ -33,7 +34,7 @@ __all__ = ["init_ray", "shutdown_ray", "add_dashboard_argument", "LOCAL_GCS_RECO
 _log = logging.getLogger(__name__)
 
 #: How long the processes of a local Ray wait for a lost GCS before exiting (the driver owns it: it is not coming
-#: back). Applies only to a Ray this module starts.
+#: back). Set only when no ``RAY_ADDRESS`` names a cluster.
 LOCAL_GCS_RECONNECT_S = 5
 
 #: Console lines Ray prints on every run that are expected and need no action.

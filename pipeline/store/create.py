@@ -20,7 +20,7 @@ from ..manifest import LISTING_FILE, extend_listing, put_atomic
 from ..storage import filesystem, storage_errors, zarr_location
 from .errors import StoreError, StoreMismatchError
 from .info import _human
-from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, _check_format, _jsonable, _read_attrs,
+from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, _check_format, _read_attrs,
                      field_differences)
 from .lease import LEASE_FILE
 
