@@ -453,10 +453,10 @@ def case_two_writers(c: Ctx) -> str:
                    "--limit", "5", "--steps", "1500")
     a = first.wait(400)
     stop_ray(first.ray_dir)
-    done = [int(m.group(1)) for run in (a, second) for m in [re.search(r"finished: (\d+) ok", run.stderr)] if m]
+    done = [m.group(1) if m else "?" for run in (a, second) for m in [re.search(r"finished: (\d+) ok", run.stderr)]]
     s = read_store(str(out))
-    return (f"1st rc {a.rc}, 2nd {_summary(second)}; images computed by the two runs: {sum(done)}, store holds "
-            f"{s['ok']} ok of 5")
+    return (f"1st rc {a.rc}, 2nd {_summary(second)}; images computed by the 1st / 2nd run: {done[0]} / {done[1]}, "
+            f"store holds {s['ok']} ok of 5")
 
 
 def case_typo_weights(c: Ctx) -> str:
