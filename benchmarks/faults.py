@@ -296,7 +296,7 @@ def case_stall(c: Ctx) -> str:
     try:
         env = {**KEY, "AWS_ENDPOINT_URL_S3": moto.endpoint}
         job = c.job("jobs.denoise", "--images", str(c.samples), "--output", "s3://bucket/s.zarr", *TINY,
-                    "--weights", "none", "--limit", "4", "--steps", "150", env=env)
+                    "--weights", "none", "--limit", "5", "--steps", "1500", env=env)
         t = _wait_for_part(job, moto, None)
         os.kill(moto.proc.pid, signal.SIGSTOP)
         run = job.wait(c.stall_limit + (t - job.started))

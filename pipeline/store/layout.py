@@ -9,10 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import zarr
 
 from .. import __version__
-from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol, zarr_location
+from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol
 from .errors import StoreError, StoreNotFoundError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights",
@@ -198,13 +197,23 @@ def _geometry_diff(store: Mapping[str, Any], expected: Mapping[str, Any]) -> lis
 # --------------------------------------------------------------------------------------------------- root attributes
 
 def _read_attrs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Root group attributes, or None when there is no Zarr group at ``url``."""
-    loc, so = zarr_location(url, **dict(storage_options or {}))
+    """Root group attributes, or None when there is no Zarr v3 group at ``url``.
+
+    Read from ``zarr.json`` with one plain GET rather than through zarr, whose concurrent requests, when storage
+    does not answer, leave coroutines behind that print tracebacks at interpreter exit: the first request of
+    every open is this one, so an unreachable endpoint fails here, cleanly, in one line.
+    """
+    fs, root = filesystem(url, **dict(storage_options or {}))
     with storage_errors(url):
         try:
-            return dict(zarr.open_group(loc, mode="r", storage_options=so).attrs)
-        except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
+            meta = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json"))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except ValueError:  # not JSON: not a Zarr node
+            return None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        return None
+    return dict(meta.get("attributes") or {})
 
 
 def _raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:
