@@ -446,11 +446,12 @@ def case_odd_images(c: Ctx) -> str:
 
 def case_two_writers(c: Ctx) -> str:
     out = c.work / "two.zarr"
+    # ~20 s per image: the first job is still running when the second one starts
     first = c.job("jobs.denoise", "--images", str(c.samples), "--output", str(out), *TINY, "--weights", "none",
-                  "--limit", "5", "--steps", "1500")
+                  "--limit", "5", "--steps", "8000")
     _wait_for_part(first, None, out / "manifest" / "parts")
     second = c.run("jobs.denoise", "--images", str(c.samples), "--output", str(out), *TINY, "--weights", "none",
-                   "--limit", "5", "--steps", "1500")
+                   "--limit", "5", "--steps", "8000")
     a = first.wait(400)
     stop_ray(first.ray_dir)
     done = [m.group(1) if m else "?" for run in (a, second) for m in [re.search(r"finished: (\d+) ok", run.stderr)]]
