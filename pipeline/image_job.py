@@ -123,14 +123,15 @@ class ImageBatchWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Status rows for a batch; a problem that is not one image's (the store cannot be written, a bug) comes
         back as ``fatal`` rows, and the driver stops the job with their message instead of Ray's traceback."""
-        if self._broken is None:
+        error = self._broken
+        if error is None:
             try:
                 return self._process_batch(batch)
             except Exception as e:  # noqa: BLE001 - see above
-                self._last_error = f"{self.stage} worker failed: {one_line(e)}\n\n{traceback.format_exc()}"
+                error = f"{self.stage} worker failed: {one_line(e)}\n\n{traceback.format_exc()}"
         n = len(batch["image_id"])
         return {"image_id": np.asarray(batch["image_id"], dtype=np.int64), "status": np.full(n, "fatal", dtype=object),
-                "error": np.full(n, self._broken or self._last_error, dtype=object), "seconds": np.zeros(n)}
+                "error": np.full(n, error, dtype=object), "seconds": np.zeros(n)}
 
     def _process_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
@@ -278,11 +279,9 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
                     lease.check()
                 failed = int((out["status"] == "failed").sum())
                 progress.update(ok=len(out["status"]) - failed, failed=failed)
-        except (JobFailedError, KeyboardInterrupt):
+        except (JobFailedError, StoreError):
             raise
-        except Exception as e:
-            if isinstance(e, StoreError):
-                raise
+        except Exception as e:  # Ray's own errors: actors or nodes lost for good
             raise JobFailedError(f"{job} stopped after {progress.done} of {todo} images: Ray lost its workers "
                                  f"({one_line(root_cause(e))}). Finished units are kept: re-run the same command "
                                  f"to resume.") from e
