@@ -271,7 +271,9 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
             # per actor: the next batch reaches the actor while it computes the current one.
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2))
         progress.start()
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        # No prefetch: with it, Ray Data holds each result back until the next one arrives, so progress runs one
+        # unit late and a worker's fault reaches the driver only after the next unit (a second timeout) too.
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
         try:
             for out in batches:
                 _raise_fatal(job, out, progress)
