@@ -263,7 +263,8 @@ class StoreLease:
             try:
                 self.renew()
             except Exception as e:  # noqa: BLE001 - storage trouble: the job itself will hit it and fail clearly
-                _log.warning("%s: could not renew the lease (%s)", self.url, e)
+                if not self._stop.is_set():  # (once the job is ending, its own error is the one to read)
+                    _log.warning("%s: could not renew the lease (%s)", self.url, e)
                 continue
             if self.lost.is_set():
                 _log.error("%s: another job took over this job's lease; stopping", self.url)
