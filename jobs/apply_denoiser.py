@@ -7,7 +7,8 @@ import sys
 
 from pipeline.apply import ApplyConfig, run_apply
 
-from .denoise import EXIT_SOME_FAILED, SAMPLES, add_amp_argument, add_store_arguments, add_worker_arguments
+from .denoise import (EXIT_SOME_FAILED, SAMPLES, add_amp_argument, add_store_arguments, add_worker_arguments,
+                      config_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = set(ApplyConfig.__dataclass_fields__)
-    summary = run_apply(ApplyConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    summary = run_apply(config_from_args(ApplyConfig, args))
     return EXIT_SOME_FAILED if summary.failed else 0
 
 

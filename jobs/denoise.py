@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.decode import DecodeConfig
 from pipeline.denoise import DEFAULT_MODEL, DenoiseConfig, run_denoise
+from pipeline.failures import EXIT_SOME_FAILED
 from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.stage1 import PRESETS
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
 
-#: Exit status when the job finished but some images failed (they are recorded in the manifest).
-EXIT_SOME_FAILED = 3
 
 
 def add_store_arguments(group: argparse._ArgumentGroup, *, changed: str) -> None:
@@ -24,6 +24,17 @@ def add_store_arguments(group: argparse._ArgumentGroup, *, changed: str) -> None
                        help="skip images a previous run recorded as failed")
     group.add_argument("--allow-config-change", action="store_true", help=f"add to a store made with another {changed}")
     group.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    group.add_argument("--min-side", type=int, default=1,
+                       help="refuse images with a shorter side (default: every image is used, stretched to the input)")
+    group.add_argument("--max-aspect", type=float, default=None,
+                       help="refuse images whose long/short side ratio is above this (default: no limit)")
+
+
+def config_from_args(config_class: type, args: argparse.Namespace) -> object:
+    """A job config from its flags: the dataclass fields, plus the decode limits."""
+    fields = set(config_class.__dataclass_fields__)
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    return config_class(**values, decode=DecodeConfig(min_side=args.min_side, max_aspect=args.max_aspect))
 
 
 def add_worker_arguments(group: argparse._ArgumentGroup) -> None:
@@ -70,9 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = {f for f in DenoiseConfig.__dataclass_fields__}
-    config = DenoiseConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    summary = run_denoise(config)
+    summary = run_denoise(config_from_args(DenoiseConfig, args))
     return EXIT_SOME_FAILED if summary.failed else 0
 
 

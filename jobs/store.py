@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from pipeline.store import FeatureStore, StoreError
+from pipeline.store import FeatureStore, StoreError, StoreLease
 
 _log = logging.getLogger("dvt.store")
 
@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.add_argument("--no-size", dest="size", action="store_false",
                       help="skip the size on storage (it lists every object: slow for millions of images)")
-    compact = sub.add_parser("compact", help="merge the manifest parts into one object (no writer may be running)")
+    compact = sub.add_parser("compact", help="merge the manifest parts into one object (takes the store's lease: "
+                                             "refused while a job writes)")
     compact.add_argument("url", help="store URL")
 
 
@@ -33,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
             info = FeatureStore.open(args.url).info(size=args.size)
             sys.stdout.write((json.dumps(asdict(info), indent=2, default=str) if args.json else info.format()) + "\n")
         elif args.action == "compact":
-            merged = FeatureStore.open(args.url, "r+").compact()
+            store = FeatureStore.open(args.url, "r+")
+            with StoreLease(store.url, "compact"):  # no job may write while parts are merged
+                merged = store.compact()
             _log.info("merged %d manifest parts of %s", merged, args.url)
     except (StoreError, FileNotFoundError, PermissionError) as e:
         _log.error("%s", e)

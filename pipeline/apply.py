@@ -7,7 +7,8 @@ instead of a stage-1 fit, so a corpus of any size becomes a clean feature datase
 
 The store has the usual layout: ``clean`` holds the denoiser's output and ``raw`` the backbone's features
 (the store format keeps both). Its ``stage1`` attribute records the denoiser (file, SHA-1, architecture,
-training stores), so adding to the store with another denoiser is refused unless asked for.
+training stores) and the backbone's weights: adding to the store with another denoiser is refused unless asked
+for, with other backbone weights always.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from .decode import DecodeConfig
 from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
 from .image_job import (ImageBatchWorker, JobSummary, describe_backbone, list_uris, open_job_store, run_image_job,
                         worker_resources)
+from .job_checks import JobConfigError, check_job_flags, nothing_to_do, store_session
 from .ray_runtime import init_ray
-from .store import FeatureStore, StoreLayout
+from .store import FeatureStore, StoreLayout, check_store
+from .weights import check_weights, weights_identity
 
-__all__ = ["ApplyConfig", "ApplyWorker", "prepare_apply_store", "run_apply"]
+__all__ = ["ApplyConfig", "ApplyWorker", "check_apply", "prepare_apply_store", "run_apply"]
 
 _log = logging.getLogger(__name__)
 
@@ -120,25 +123,48 @@ def _check_backbone(config: ApplyConfig, spec: DenoiserSpec, backbone: Backbone)
     spec.check_backbone(backbone)
 
 
-def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Table, ApplyConfig]:
-    """Check the denoiser, create or reopen the store, and list what is left to do.
-
-    Returns the store, how many images this run covers, the listing rows still to do, and the config with
-    its defaults resolved (input size).
-    """
+def _apply_layout(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, DenoiserSpec]:
+    """Check the denoiser against the backbone: the config with its defaults resolved, the store's layout and the
+    denoiser's spec."""
     if config.amp is not None and config.amp not in _AMP:
-        raise ValueError(f"unknown autocast dtype {config.amp!r}: use one of {sorted(_AMP)} or none")
+        raise JobConfigError(f"--amp {config.amp!r}: unknown autocast dtype; use one of {sorted(_AMP)} or none")
     data = read_denoiser_bytes(config.denoiser)
     spec = read_spec(config.denoiser, data)
     if config.input_size is None:
         config = dataclasses.replace(config, input_size=int(spec.input_size[0]))
-    backbone = describe_backbone(spec.backbone_config(config.weights, config.input_size))
+    backbone_config = spec.backbone_config(config.weights, config.input_size)
+    backbone = describe_backbone(backbone_config)
     _check_backbone(config, spec, backbone)
     record = {"stage": 2, "denoiser": config.denoiser, "sha1": hashlib.sha1(data).hexdigest(),
               "architecture": dataclasses.asdict(spec.denoiser), "trained_on": spec.training.get("stores")}
     arrays = ("raw", "clean") if config.keep_raw else ("clean",)
     layout = StoreLayout.from_backbone(backbone, config.input_size, arrays=arrays, dtype=config.dtype,
-                                       stage1=record)
+                                       stage1=record, weights=weights_identity(backbone_config))
+    return config, layout, spec
+
+
+def check_apply(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, list[str], bool]:
+    """Everything a run can check before Ray starts or anything is written (as :func:`pipeline.denoise.check_denoise`):
+    flags, the denoiser and the backbone it names, weights, the listing and the output location. Returns the
+    resolved config, the layout, the listed URIs and whether a store is already there."""
+    check_job_flags(workers=config.workers, images_per_batch=config.images_per_batch, limit=config.limit,
+                    progress_every_s=config.progress_every_s, gpus_per_worker=config.gpus_per_worker,
+                    cpus_per_worker=config.cpus_per_worker)
+    config, layout, spec = _apply_layout(config)
+    check_weights(spec.backbone_config(config.weights, config.input_size))
+    uris = list_uris(config.images, config.limit)
+    existed = check_store(config.output, layout, overwrite=config.overwrite,
+                          allow_config_change=config.allow_config_change)
+    return config, layout, uris, existed
+
+
+def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Table, ApplyConfig]:
+    """Check the denoiser, create or reopen the store, and list what is left to do (no lease).
+
+    Returns the store, how many images this run covers, the listing rows still to do, and the config with
+    its defaults resolved (input size).
+    """
+    config, layout, _ = _apply_layout(config)
     store, covered, pending = open_job_store(
         config.output, layout, list_uris(config.images, config.limit), overwrite=config.overwrite,
         allow_config_change=config.allow_config_change, retry_failed=config.retry_failed)
@@ -148,12 +174,17 @@ def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Tabl
 def run_apply(config: ApplyConfig) -> JobSummary:
     """Run backbone + denoiser over ``config.images`` into the store ``config.output`` (resumable)."""
     started = time.monotonic()
+    if nothing_to_do(config.limit):
+        return JobSummary.nothing(config.output, "apply")
+    config, layout, uris, existed = check_apply(config)
     init_ray(config.dashboard)
-    store, covered, pending, config = prepare_apply_store(config)
-    gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
-    config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
-    return run_image_job(job="apply", store=store, covered=covered, pending=pending, worker=ApplyWorker,
-                         worker_kwargs={"config": config, "layout": store.layout.geometry()},
-                         images_per_batch=config.images_per_batch or unit_size("apply", gpus > 0),
-                         workers=config.workers, gpus=gpus, cpus=cpus,
-                         progress_every_s=config.progress_every_s, started=started)
+    with store_session(config.output, "apply", existed=existed and not config.overwrite) as lease:
+        store, covered, pending = open_job_store(config.output, layout, uris, overwrite=config.overwrite,
+                                                 allow_config_change=config.allow_config_change,
+                                                 retry_failed=config.retry_failed)
+        gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
+        config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
+        return run_image_job(job="apply", store=store, covered=covered, pending=pending, worker=ApplyWorker,
+                             worker_kwargs={"config": config, "layout": store.layout.geometry()},
+                             images_per_batch=config.images_per_batch or unit_size("apply", gpus > 0),
+                             workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s, started=started, lease=lease)

@@ -29,9 +29,13 @@ from torch import nn
 from .views import grid_shape
 
 __all__ = ["BackboneConfig", "BackboneError", "Backbone", "create_backbone", "load_state_dict",
-           "EXAMPLE_MODELS"]
+           "EXAMPLE_MODELS", "RANDOM_WEIGHTS_SEED"]
 
 _log = logging.getLogger(__name__)
+
+#: Seed of the random initialisation (``weights="none"``): every process builds the same network, so a job's
+#: workers, a resumed job and a later ``dvt apply`` all see one backbone. Stores record it.
+RANDOM_WEIGHTS_SEED = 0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +63,8 @@ class BackboneConfig:
 
     Attributes:
         model: a timm model name (``vit_base_patch14_dinov2.lvd142m``) or ``package.module:factory``.
-        weights: ``"hub"`` (timm's pretrained weights), ``"none"`` (random init), or a local file
+        weights: ``"hub"`` (timm's pretrained weights), ``"none"`` (random init, seeded with
+            :data:`RANDOM_WEIGHTS_SEED`), or a local file
             (``.safetensors`` or a torch checkpoint, read with ``weights_only=True``).
         block: transformer block whose output is taken; negative counts from the end (-1: last).
         stride: patch stride in pixels; ``None`` means the patch size (no overlap).
@@ -75,11 +80,20 @@ class BackboneConfig:
     img_size: int | None = None
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    """Names and shapes of a safetensors file as meta tensors: its header only, no weight values."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+
+def load_state_dict(path: str | os.PathLike, *, meta: bool = False) -> dict[str, torch.Tensor]:
     """Read a weights file without executing code: safetensors, or a torch file with ``weights_only=True``.
 
     Checkpoints that wrap the weights (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped, and a
-    ``module.`` prefix left by DistributedDataParallel is removed.
+    ``module.`` prefix left by DistributedDataParallel is removed. With ``meta=True`` only names and shapes are
+    read (tensors on the meta device), enough to check that a file fits a model.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,9 +102,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state = _safetensors_header(path) if meta else load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise BackboneError(f"Could not read weights file {path} ({type(e).__name__}: {e}); "
                             "pass a .safetensors file or a torch state dict saved with torch.save.") from e
@@ -133,7 +147,9 @@ def _create_timm(config: BackboneConfig) -> nn.Module:
                 "or pass --weights none for random weights."
             ) from e
     try:
-        model = timm.create_model(config.model, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = timm.create_model(config.model, pretrained=False, **kwargs)
     except TypeError as e:
         raise BackboneError(f"timm model '{config.model}' is not a ViT this wrapper supports ({e}); "
                             "use a vision transformer (vit_*, deit3_*, eva02_*) or a module:factory.") from e
@@ -181,7 +197,9 @@ def _create_custom(config: BackboneConfig) -> nn.Module:
     except (ImportError, AttributeError) as e:
         raise BackboneError(f"Cannot import backbone factory '{config.model}' ({e}); "
                             "make the module importable (on PYTHONPATH) and name an existing callable.") from e
-    model = factory(weights=None if config.weights in ("none", "hub") else config.weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = factory(weights=None if config.weights in ("none", "hub") else config.weights)
     for attr_name in ("patch_size", "embed_dim", "patch_features"):
         if not hasattr(model, attr_name):
             raise BackboneError(f"Backbone from '{config.model}' has no '{attr_name}'; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,9 @@ JOBS: dict[str, str] = {
 def _configure_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose <= 0:  # the AWS and fsspec libraries narrate every session at INFO ("Found credentials ...")
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _describe(module) -> str:
@@ -64,14 +68,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_job(run, args: argparse.Namespace) -> int:
-    """Run a job; errors about the user's input end in one logged sentence (a traceback too with -v)."""
-    from pipeline.store import StoreError
+    """Run a job. Every expected way to fail ends in one logged line that says what to do (a traceback too with
+    -v) and a documented exit status (:mod:`pipeline.failures`); only a bug shows a traceback."""
+    from pipeline.failures import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, exit_status, one_line,
+                                   terminate_on_sigterm)
 
+    from pipeline.ray_runtime import shutdown_ray
+
+    log = logging.getLogger("dvt")
+    previous = terminate_on_sigterm()
     try:
         return int(run(args) or 0)
-    except (ValueError, StoreError, OSError, KeyError) as e:
-        logging.getLogger("dvt").error("%s: %s", type(e).__name__, e, exc_info=args.verbose > 0)
-        return 1
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+        log.error("%s: finished work is kept in the output; re-run the same command to resume", what)
+        return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_TERMINATED
+    except Exception as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        log.error("%s", one_line(e, limit=2000), exc_info=args.verbose > 0)
+        return status
+    finally:
+        shutdown_ray()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def job_main(module_name: str, argv: Sequence[str] | None = None) -> int:

@@ -27,15 +27,23 @@ class ImageDecodeError(ValueError):
 class DecodeConfig:
     """Limits on what is accepted as an image.
 
+    Every image that decodes is used: :func:`resize_to_tensor` stretches it to the square input, however small or
+    elongated (a 3x5 icon, a 2000x40 strip), as the DVT reference does. The size and shape limits are opt-in.
+
     Attributes:
         max_pixels: larger images are refused before their pixels are decoded (decompression bombs).
-        min_side: smaller sides cannot hold one patch worth of content.
-        max_aspect: longer/shorter side ratio above this is refused (strips, corrupt headers).
+        min_side: refuse images with a side shorter than this many pixels (default 1: no limit).
+        max_aspect: refuse images whose longer/shorter side ratio is above this (default ``None``: no limit).
     """
 
     max_pixels: int = 100_000_000
-    min_side: int = 8
-    max_aspect: float = 20.0
+    min_side: int = 1
+    max_aspect: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.min_side < 1 or (self.max_aspect is not None and self.max_aspect < 1):
+            raise ValueError(f"DecodeConfig: max_pixels and min_side must be at least 1 and max_aspect (--max-aspect) "
+                             f"at least 1, got {self}")
 
 
 @dataclass
@@ -72,9 +80,10 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedI
                 raise ImageDecodeError(f"{w}x{h} pixels exceeds the limit of {config.max_pixels} "
                                        "(decompression bomb?); raise DecodeConfig.max_pixels to accept it")
             if min(w, h) < config.min_side:
-                raise ImageDecodeError(f"{w}x{h} is too small: sides must be at least {config.min_side} pixels")
-            if max(w, h) / min(w, h) > config.max_aspect:
-                raise ImageDecodeError(f"{w}x{h} has an aspect ratio above {config.max_aspect}")
+                raise ImageDecodeError(f"{w}x{h} is too small: sides must be at least {config.min_side} pixels "
+                                       f"(--min-side)")
+            if config.max_aspect is not None and max(w, h) / max(1, min(w, h)) > config.max_aspect:
+                raise ImageDecodeError(f"{w}x{h} has an aspect ratio above {config.max_aspect:g} (--max-aspect)")
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
@@ -93,8 +102,9 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedI
 def resize_to_tensor(pixels: np.ndarray, size: int) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> ``(3, size, size)`` float in ``[0, 1]``, resized with an antialiased bicubic.
 
-    Images are resized to a square, as the DVT reference does; the original width and height are kept
-    in the manifest so features can be mapped back to the image's aspect ratio.
+    Images are stretched to a square, as the DVT reference does, whatever their size and aspect (a 3x5 image is
+    upsampled, a 2000x40 strip squeezed); the original width and height are kept in the manifest so features can
+    be mapped back to the image's aspect ratio.
     """
     image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

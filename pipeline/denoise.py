@@ -31,11 +31,14 @@ from .decode import DecodeConfig
 from .image_job import ImageBatchWorker, JobSummary, fetch_bytes, list_uris, open_job_store, run_image_job
 from .image_job import describe_backbone as _describe
 from .image_job import worker_resources
+from .job_checks import JobConfigError, check_job_flags, nothing_to_do, store_session
 from .ray_runtime import init_ray
-from .stage1 import Stage1Config, fit_images
-from .store import FeatureStore, StoreLayout
+from .stage1 import STAGE1_VERSION, Stage1Config, fit_images
+from .store import FeatureStore, StoreLayout, check_store
+from .weights import check_weights, weights_identity
 
-__all__ = ["DenoiseConfig", "DenoiseSummary", "Stage1Worker", "fetch_bytes", "prepare_store", "run_denoise"]
+__all__ = ["DenoiseConfig", "DenoiseSummary", "Stage1Worker", "fetch_bytes", "check_denoise", "store_layout",
+           "prepare_store", "run_denoise"]
 
 _log = logging.getLogger(__name__)
 
@@ -154,16 +157,59 @@ def describe_backbone(config: DenoiseConfig) -> Backbone:
     return _describe(config.backbone_config())
 
 
+def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> StoreLayout:
+    """What the run's store holds, and what decides its features: geometry, weights, stage-1 setup."""
+    backbone = backbone or describe_backbone(config)
+    return StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays(), dtype=config.dtype,
+                                     stage1=dataclasses.asdict(config.stage1_config()),
+                                     weights=weights_identity(config.backbone_config()), seed=config.seed,
+                                     stage1_version=STAGE1_VERSION)
+
+
+def _check_flags(config: DenoiseConfig) -> None:
+    check_job_flags(workers=config.workers, images_per_batch=config.images_per_batch, limit=config.limit,
+                    progress_every_s=config.progress_every_s, gpus_per_worker=config.gpus_per_worker,
+                    cpus_per_worker=config.cpus_per_worker)
+
+
+def check_denoise(config: DenoiseConfig) -> tuple[StoreLayout, list[str], bool]:
+    """Everything a run can check before Ray starts or anything is written: flags, stage-1 settings, backbone,
+    geometry, weights, the image listing and the output location (a store there must have been made with the
+    same settings). Returns the layout, the listed URIs and whether a store is already there.
+    """
+    _check_flags(config)
+    if config.views is not None and config.views < 1:
+        raise JobConfigError(f"--views must be at least 1 (stage 1 fits random views besides the full one), "
+                             f"got {config.views}")
+    if config.steps is not None and config.steps < 0:
+        raise JobConfigError(f"--steps must be 0 or more, got {config.steps}")
+    try:
+        stage1 = config.stage1_config()
+    except (ValueError, KeyError) as e:
+        raise JobConfigError(f"stage-1 settings: {e}") from None
+    if stage1.views.num_views < 1 or not stage1.views.include_full:
+        raise JobConfigError(f"preset {config.preset!r} has no random views; pass --views 1 or more")
+    backbone = describe_backbone(config)
+    try:
+        backbone.grid(config.input_size)
+    except ValueError as e:
+        raise JobConfigError(f"--input-size {config.input_size}: {e}") from None
+    check_weights(config.backbone_config())
+    layout = store_layout(config, backbone)
+    uris = list_uris(config.images, config.limit)
+    existed = check_store(config.output, layout, overwrite=config.overwrite,
+                          allow_config_change=config.allow_config_change)
+    return layout, uris, existed
+
+
 def prepare_store(config: DenoiseConfig) -> tuple[FeatureStore, int, pa.Table]:
-    """Create or reopen the store for this run.
+    """Create or reopen the store for this run (no lease: for callers that run one job at a time themselves).
 
     Returns the store, how many images this run covers, and the listing rows it still has to do.
     """
-    backbone = describe_backbone(config)
-    layout = StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays(), dtype=config.dtype,
-                                       stage1=dataclasses.asdict(config.stage1_config()))
-    return open_job_store(config.output, layout, list_uris(config.images, config.limit), overwrite=config.overwrite,
-                          allow_config_change=config.allow_config_change, retry_failed=config.retry_failed)
+    return open_job_store(config.output, store_layout(config), list_uris(config.images, config.limit),
+                          overwrite=config.overwrite, allow_config_change=config.allow_config_change,
+                          retry_failed=config.retry_failed)
 
 
 def _resources(config: DenoiseConfig) -> tuple[float, float]:
@@ -171,14 +217,24 @@ def _resources(config: DenoiseConfig) -> tuple[float, float]:
 
 
 def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
-    """Run stage 1 over ``config.images`` into ``config.output`` on the Ray cluster in use (or a local one)."""
+    """Run stage 1 over ``config.images`` into ``config.output`` on the Ray cluster in use (or a local one).
+
+    Everything that can be checked is checked before Ray starts (:func:`check_denoise`); the store's lease is
+    held while the job runs (another job on the same store is refused).
+    """
     started = time.monotonic()
+    _check_flags(config)
+    if nothing_to_do(config.limit):
+        return JobSummary.nothing(config.output, "denoise")
+    layout, uris, existed = check_denoise(config)
     init_ray(config.dashboard)
-    store, covered, pending = prepare_store(config)
-    gpus, cpus = _resources(config)
-    config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
-    return run_image_job(job="denoise", store=store, covered=covered, pending=pending, worker=Stage1Worker,
-                         worker_kwargs={"config": config, "layout": store.layout.geometry()},
-                         images_per_batch=config.images_per_batch or unit_size("denoise", gpus > 0),
-                         workers=config.workers, gpus=gpus, cpus=cpus,
-                         progress_every_s=config.progress_every_s, started=started)
+    with store_session(config.output, "denoise", existed=existed and not config.overwrite) as lease:
+        store, covered, pending = open_job_store(config.output, layout, uris, overwrite=config.overwrite,
+                                                 allow_config_change=config.allow_config_change,
+                                                 retry_failed=config.retry_failed)
+        gpus, cpus = _resources(config)
+        config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
+        return run_image_job(job="denoise", store=store, covered=covered, pending=pending, worker=Stage1Worker,
+                             worker_kwargs={"config": config, "layout": store.layout.geometry()},
+                             images_per_batch=config.images_per_batch or unit_size("denoise", gpus > 0),
+                             workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s, started=started, lease=lease)

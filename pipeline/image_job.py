@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +33,11 @@ import torch
 
 from .backbone import Backbone, BackboneConfig, create_backbone
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
+from .failures import JobFailedError, one_line, root_cause
 from .listing import fetch_bytes, iter_uris
 from .progress import Progress
-from .store import FeatureStore, StoreLayout
+from .storage import StorageUnavailableError
+from .store import FeatureStore, StoreError, StoreLayout
 
 __all__ = ["JobSummary", "ImageBatchWorker", "fetch_bytes", "describe_backbone", "list_uris", "open_job_store",
            "worker_resources", "run_image_job"]
@@ -58,6 +61,12 @@ class JobSummary:
     store_failed: int
     failures: list[tuple[str, int]] = field(default_factory=list)
     job: str = "denoise"
+
+    @classmethod
+    def nothing(cls, store: str, job: str) -> JobSummary:
+        """A run that had nothing to do and touched nothing."""
+        return cls(store=store, listed=0, skipped=0, todo=0, ok=0, failed=0, seconds=0.0, images_per_second=0.0,
+                   store_ok=0, store_failed=0, job=job)
 
     def format(self) -> str:
         lines = [f"{self.job} finished: {self.ok} ok, {self.failed} failed of {self.todo} to do "
@@ -98,10 +107,15 @@ class ImageBatchWorker:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if self.device.type == "cpu" and cpus_per_worker:
             torch.set_num_threads(max(1, round(cpus_per_worker)))
-        self.setup()
-        self.store = FeatureStore.open(output, "r+", expect=layout)
-        self.arrays = self.store.layout.arrays
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
+        self._broken: str | None = None
+        try:
+            self.setup()
+            self.store = FeatureStore.open(output, "r+", expect=layout)
+            self.arrays = self.store.layout.arrays
+        except Exception as e:  # noqa: BLE001 - every batch reports it, so the driver stops with this one line
+            self._broken = f"{self.stage} worker could not start: {one_line(e)}\n\n{traceback.format_exc()}"
+            return
         _log.info("%s worker %s ready on %s", self.stage, self.worker, self.device)
 
     def setup(self) -> None:
@@ -113,6 +127,19 @@ class ImageBatchWorker:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Status rows for a batch; a problem that is not one image's (the store cannot be written, a bug) comes
+        back as ``fatal`` rows, and the driver stops the job with their message instead of Ray's traceback."""
+        error = self._broken
+        if error is None:
+            try:
+                return self._process_batch(batch)
+            except Exception as e:  # noqa: BLE001 - see above
+                error = f"{self.stage} worker failed: {one_line(e)}\n\n{traceback.format_exc()}"
+        n = len(batch["image_id"])
+        return {"image_id": np.asarray(batch["image_id"], dtype=np.int64), "status": np.full(n, "fatal", dtype=object),
+                "error": np.full(n, error, dtype=object), "seconds": np.zeros(n)}
+
+    def _process_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         ids, uris = [int(i) for i in batch["image_id"]], [str(u) for u in batch["uri"]]
         rows: dict[int, dict[str, Any]] = {i: {"image_id": i, "uri": u} for i, u in zip(ids, uris)}
@@ -234,10 +261,13 @@ def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worke
 
 def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Table, worker: type,
                   worker_kwargs: dict[str, Any], images_per_batch: int, workers: int, gpus: float, cpus: float,
-                  progress_every_s: float = 30.0, started: float | None = None) -> JobSummary:
+                  progress_every_s: float = 30.0, started: float | None = None, lease: Any = None) -> JobSummary:
     """Run ``worker`` actors over the ``pending`` listing rows into ``store`` and summarise the run.
 
-    ``worker`` is an :class:`ImageBatchWorker` subclass built with ``worker_kwargs``.
+    ``worker`` is an :class:`ImageBatchWorker` subclass built with ``worker_kwargs``. A fault that is not one
+    image's (a worker that cannot start or write, Ray losing its actors, ``lease`` taken over) raises
+    :class:`JobFailedError` with one line; units committed before it stay in the store. A run with nothing to
+    do leaves the store untouched.
     """
     import ray
 
@@ -259,17 +289,51 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
             # a short queue, since one actor with two batches in flight looks busy enough). Two batches in flight
             # per actor: the next batch reaches the actor while it computes the current one.
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2))
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            failed = int((out["status"] == "failed").sum())
-            progress.update(ok=len(out["status"]) - failed, failed=failed)
-    progress.close()
+        progress.start()
+        # No prefetch: with it, Ray Data holds each result back until the next one arrives, so progress runs one
+        # unit late and a worker's fault reaches the driver only after the next unit (a second timeout) too.
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
+        try:
+            for out in batches:
+                _raise_fatal(job, out, progress)
+                if lease is not None:
+                    lease.check()
+                failed = int((out["status"] == "failed").sum())
+                progress.update(ok=len(out["status"]) - failed, failed=failed)
+        except (JobFailedError, StoreError):
+            raise
+        except Exception as e:  # Ray's own errors: actors or nodes lost for good
+            raise JobFailedError(f"{job} stopped after {progress.done} of {todo} images: Ray lost its workers "
+                                 f"({one_line(root_cause(e))}). Finished units are kept: re-run the same command "
+                                 f"to resume.") from e
+        finally:
+            progress.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
     seconds = time.monotonic() - started
-    info = store.refresh().info()
+    info = store.refresh().info(size=False)
     summary = JobSummary(
         store=store.url, listed=store.num_rows, skipped=covered - todo, todo=todo,
         ok=progress.ok, failed=progress.failed, seconds=seconds,
         images_per_second=progress.done / seconds if seconds > 0 else 0.0,
         store_ok=info.ok, store_failed=info.failed, failures=[(str(r), int(n)) for r, n in info.failures], job=job)
-    store.update_attrs(last_run={**dataclasses.asdict(summary), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if todo:
+        store.update_attrs(last_run={**dataclasses.asdict(summary),
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _log.info("%s", summary.format())
     return summary
+
+
+def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> None:
+    """Stop the job with a worker's ``fatal`` rows' message (its traceback only at debug level)."""
+    fatal = np.flatnonzero(out["status"] == "fatal")
+    if not len(fatal):
+        return
+    line, _, detail = str(out["error"][fatal[0]]).partition("\n\n")
+    _log.debug("%s", detail)
+    advice = "" if "re-run" in line else " Finished units are kept: fix the cause and re-run the same command."
+    error = JobFailedError(f"{job} stopped after {progress.done} of {progress.total} images: "
+                           f"{line.rstrip('.')}.{advice}")
+    error.storage_unavailable = StorageUnavailableError.__name__ in line
+    raise error

@@ -4,7 +4,8 @@ The ``image_id`` is an image's position in the listing. It names the image's row
 and is the resume key, so a listing is made once per store and reused by every re-run (adding files to a
 folder later never shifts existing rows). Sources, all as fsspec URLs or local paths:
 
-* a folder or an object-store prefix (``s3://bucket/images/``): every image file below it, sorted;
+* a folder or an object-store prefix (``s3://bucket/images/``): every image file below it, sorted (files without
+  an extension are included when their first bytes are an image's; the rest are skipped, with a count logged);
 * a glob (``/data/**/*.jpg``, ``s3://bucket/*/*.png``): the matches, sorted;
 * a list file: ``.txt`` (one URI per line, ``#`` comments), ``.csv`` (column ``uri``, ``url``, ``path``
   or ``image``, else the first column) or ``.parquet`` (same column names), in file order.
@@ -15,6 +16,7 @@ Relative entries of a list file are resolved against the list file's own folder.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import logging
@@ -45,6 +47,41 @@ class ListingError(ValueError):
 
 def _is_image(path: str) -> bool:
     return posixpath.splitext(path.lower())[1] in IMAGE_EXTENSIONS
+
+
+#: Leading bytes of the formats Pillow decodes, for files without an extension.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"P5", b"P6")
+
+
+def _looks_like_image(head: bytes) -> bool:
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _folder_images(fs, found: list[str], source: str) -> list[str]:
+    """The images among a folder's files: known extensions, and files without one whose first bytes are an
+    image's. Everything else is skipped and counted in one log line, so nothing disappears silently."""
+    images, skipped = [], collections.Counter()
+    for path in found:
+        name = posixpath.basename(path)
+        ext = posixpath.splitext(name.lower())[1]
+        if ext in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif not ext and not name.startswith("."):
+            try:
+                with fs.open(path, "rb") as f:
+                    head = f.read(16)
+            except OSError:
+                head = b""
+            if _looks_like_image(head):
+                images.append(path)
+            else:
+                skipped["no extension, not an image"] += 1
+        else:
+            skipped[ext or "hidden file"] += 1
+    if skipped:
+        _log.info("%s: skipped %d files that are not images (%s); list files explicitly to include others", source,
+                  sum(skipped.values()), ", ".join(f"{n} x {what}" for what, n in skipped.most_common(5)))
+    return images
 
 
 def _with_protocol(fs, path: str) -> str:
@@ -106,7 +143,7 @@ def iter_uris(source: str) -> Iterator[str]:
         raise ListingError(f"Image source {source} does not exist: pass a folder, an s3:// prefix, a glob, "
                            "or a .txt/.csv/.parquet list of image URIs.")
     if fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if _is_image(p))
+        found = _folder_images(fs, sorted(fs.find(path)), source)
         if not found:
             raise ListingError(f"{source} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
         yield from (_with_protocol(fs, p) for p in found)

@@ -190,6 +190,9 @@ def write_part(fs: fsspec.AbstractFileSystem, root: str, records: Sequence[Image
 
 
 def _part_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    # Always a fresh listing: s3fs caches directory listings per filesystem instance, and other processes
+    # (the workers) add parts all the time.
+    fs.invalidate_cache(f"{root}/{PARTS_DIR}")
     try:
         paths = fs.find(f"{root}/{PARTS_DIR}")
     except FileNotFoundError:
@@ -203,7 +206,9 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str, *, dedup: bool = Tru
     """Union of all manifest parts (one concurrent batch of GETs), deduplicated per image by default.
 
     A part that cannot be parsed (only possible if something other than this module wrote it) is skipped
-    with a warning: its images are simply not done.
+    with a warning: its images are simply not done. A part that vanished since the listing (merged by a
+    compaction) is skipped quietly; any other read error (storage unavailable) is raised, since a manifest with
+    holes would send finished images to be done again.
     """
     paths = _part_paths(fs, root)
     if not paths:
@@ -212,8 +217,12 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str, *, dedup: bool = Tru
     tables = []
     for path in paths:
         blob = blobs.get(path) if isinstance(blobs, dict) else blobs
-        if isinstance(blob, BaseException) or blob is None:
-            _log.warning("manifest part %s could not be read (%s); its images count as not done", path, blob)
+        if isinstance(blob, FileNotFoundError):
+            continue
+        if isinstance(blob, BaseException):
+            raise blob
+        if blob is None:
+            _log.warning("manifest part %s could not be read; its images count as not done", path)
             continue
         try:
             tables.append(pq.read_table(pa.BufferReader(blob)).cast(MANIFEST_SCHEMA))

@@ -6,17 +6,44 @@ share the machine with the workers: on 2 cores with workers that sleep, the driv
 cores busy with the dashboard and 0.17-0.19 without it (``benchmarks/denoise_job.py --idle-seconds 25``). So a
 local instance starts without the dashboard unless asked for (``--dashboard``); the progress lines report what
 it would show.
+
+A local instance is the job's own: :func:`shutdown_ray` stops it when the job ends, however it ends. If the driver
+is killed outright (SIGKILL), Ray's agents notice their raylet is gone but then wait for the GCS to come back
+before exiting: 64 s with Ray's default ``RAY_gcs_rpc_server_reconnect_timeout_s`` (60), 3 s with the 5 s
+this module sets when no ``RAY_ADDRESS`` names a cluster and the variable is not set already (a cluster's own
+processes keep their setting).
+
+Ray's core worker logs one error-level line on every run that needs no action (Ray Data passes its actors'
+arguments through the object store, ray-project/ray#57733); :func:`init_ray` drops that line from the console.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
+import re
+import signal
+import sys
+import threading
 from typing import Any
 
-__all__ = ["init_ray", "add_dashboard_argument"]
+__all__ = ["init_ray", "shutdown_ray", "add_dashboard_argument", "LOCAL_GCS_RECONNECT_S"]
 
 _log = logging.getLogger(__name__)
+
+#: How long the processes of a local Ray wait for a lost GCS before exiting (the driver owns it: it is not coming
+#: back). Set only when no ``RAY_ADDRESS`` names a cluster.
+LOCAL_GCS_RECONNECT_S = 5
+
+#: Console lines Ray prints on every run that are expected and need no action.
+EXPECTED_RAY_LINES = (
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store "
+               rb"and max_restarts > 0"),
+)
+
+_started = False
 
 
 def init_ray(dashboard: bool = False) -> Any:
@@ -27,13 +54,91 @@ def init_ray(dashboard: bool = False) -> Any:
     """
     import ray
 
+    global _started
     if ray.is_initialized():
         return None
+    from .failures import _raise_terminated, terminate_on_sigterm
+
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is \
+        _raise_terminated
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(LOCAL_GCS_RECONNECT_S))
     # ``include_dashboard`` only applies to a Ray this call starts; connecting to a cluster ignores it.
     context = ray.init(log_to_driver=True, include_dashboard=dashboard)
+    _started = True
+    if ours:
+        terminate_on_sigterm()  # ray.init replaced it
+    _filter_stderr(EXPECTED_RAY_LINES)
     if dashboard and context.dashboard_url:
         _log.info("Ray dashboard at http://%s", context.dashboard_url)
     return context
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray :func:`init_ray` started or joined (nothing otherwise), now rather than at interpreter
+    exit, where Ray's threads may still run and the process can end in an abort."""
+    global _started
+    if not _started:
+        return
+    _started = False
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - the job is already ending; nothing left to clean up
+        pass
+
+
+def _filter_stderr(patterns: tuple[re.Pattern[bytes], ...]) -> None:
+    """Route this process's file descriptor 2 through a thread that drops whole lines matching ``patterns``.
+
+    Lines written from C++ (Ray's core worker) reach fd 2 directly, so they cannot be filtered by ``logging``.
+    Text without a newline yet is held only while it could still become a filtered line (Ray's C++ lines start
+    with ``[``), so progress bars redrawn with ``\\r`` pass at once.
+    """
+    if getattr(_filter_stderr, "installed", False):
+        return
+    try:
+        sys.stderr.flush()
+        read_end, write_end = os.pipe()
+        original = os.dup(2)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:  # no usable fd 2 (closed, or a platform without pipes): leave the console as it is
+        return
+    _filter_stderr.installed = True
+
+    def pump() -> None:
+        held = b""
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            *lines, held = (held + chunk).split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not any(p.search(line) for p in patterns))
+            if held and not held.startswith(b"["):
+                out, held = out + held, b""
+            if out:
+                os.write(original, out)
+        if held:
+            os.write(original, held)
+        os.close(read_end)
+
+    thread = threading.Thread(target=pump, name="dvt-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(original, 2)  # closes the pipe's last write end here: the thread drains what is left and ends
+        thread.join(timeout=2)
+
+    atexit.register(restore)
 
 
 def add_dashboard_argument(group: argparse._ArgumentGroup) -> None:

@@ -24,3 +24,10 @@ class DiesOnceViT(TinyConvViT):
 
 def create(weights=None) -> DiesOnceViT:
     return DiesOnceViT(weights)  # without a marker (weights none) it never dies
+
+
+def broken(weights=None) -> TinyConvViT:
+    """Builds on the driver (``weights=None``: metadata only) but not in a worker, as when a GPU has no memory left."""
+    if weights is not None:
+        raise RuntimeError(f"CUDA out of memory while loading {weights} (simulated)")
+    return TinyConvViT()

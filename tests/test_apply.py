@@ -86,3 +86,23 @@ def test_no_raw_keeps_only_the_denoised_features(tmp_path, sample_images, traine
     assert store.layout.arrays == ("clean",) and covered == 1
     with pytest.raises(StoreError, match="no raw features"):
         next(store.iter_pairs())
+
+
+def test_an_apply_store_records_its_denoiser_and_weights_and_refuses_others(tmp_path, sample_images, trained):
+    from pipeline.apply import check_apply
+
+    torch.manual_seed(1)
+    other = Denoiser(DenoiserConfig(channels=384, pos_grid=(4, 4))).eval()
+    spec = DenoiserSpec(denoiser=other.config, backbone=TINY, block=11, input_size=(56, 56), patch_size=14,
+                        stride=14, training={"stores": ["test"]})
+    other_path = save_denoiser(str(tmp_path / "other.safetensors"), other, spec)
+    config = ApplyConfig(images=str(sample_images[0].parent), output=str(tmp_path / "out.zarr"),
+                         denoiser=trained["denoiser"], weights=trained["weights"], limit=1)
+    store, _, _, _ = prepare_apply_store(config)
+    assert store.attrs["weights"]["source"] == "file" and len(store.attrs["weights"]["sha256"]) == 64
+    with pytest.raises(StoreMismatchError, match=r"other run settings: denoiser: store has .*denoiser.safetensors"
+                                                 r".*sha1: store has"):
+        check_apply(ApplyConfig(**{**config.__dict__, "denoiser": other_path}))
+    with pytest.raises(StoreMismatchError, match=r"weights: store has file backbone.safetensors .* this run random"):
+        check_apply(ApplyConfig(**{**config.__dict__, "weights": "none", "allow_config_change": True}))
+    assert check_apply(ApplyConfig(**{**config.__dict__, "limit": 2}))[3]  # same denoiser and weights: fine

@@ -74,14 +74,27 @@ def test_truncated_image_is_refused():
         decode_image(data[: len(data) // 3])
 
 
-def test_bombs_and_absurd_dimensions_are_refused():
+def test_bombs_are_refused_and_size_limits_are_opt_in():
     big = encode(Image.new("L", (3000, 3000)))
     with pytest.raises(ImageDecodeError, match="decompression bomb"):
         decode_image(big, DecodeConfig(max_pixels=1_000_000))
-    with pytest.raises(ImageDecodeError, match="too small"):
-        decode_image(encode(Image.new("RGB", (4, 100))))
-    with pytest.raises(ImageDecodeError, match="aspect ratio"):
-        decode_image(encode(Image.new("RGB", (2000, 20))))
+    with pytest.raises(ImageDecodeError, match=r"too small.*--min-side"):
+        decode_image(encode(Image.new("RGB", (4, 100))), DecodeConfig(min_side=8))
+    with pytest.raises(ImageDecodeError, match=r"aspect ratio above 20 \(--max-aspect\)"):
+        decode_image(encode(Image.new("RGB", (2000, 20))), DecodeConfig(max_aspect=20))
+    with pytest.raises(ValueError, match="max_aspect"):
+        DecodeConfig(max_aspect=0.5)
+
+
+def test_tiny_and_elongated_images_are_stretched_to_the_input():
+    """A 3x5 PNG and a 2000x40 JPEG are valid images: decoded at their size, then stretched to the square."""
+    rng = np.random.default_rng(0)
+    tiny = decode_image(encode(Image.fromarray(rng.integers(0, 255, (5, 3, 3), np.uint8))))
+    strip = decode_image(encode(Image.fromarray(rng.integers(0, 255, (40, 2000, 3), np.uint8)), "JPEG"))
+    assert (tiny.width, tiny.height, strip.width, strip.height) == (3, 5, 2000, 40)
+    for image in (tiny, strip):
+        t = resize_to_tensor(image.pixels, 56)
+        assert t.shape == (3, 56, 56) and 0 <= t.min() and t.max() <= 1 and t.std() > 0.01
 
 
 def test_resize_to_tensor_range_and_shape():

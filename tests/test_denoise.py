@@ -36,24 +36,24 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def make_corpus(folder: Path, sample_images) -> dict[str, str]:
-    """Two good images and one of each kind of broken file; returns name -> expected failure reason."""
+    """Two good images, two awkward but valid ones (a 2000x40 strip, a 3x5 icon) and one of each kind of broken
+    file; returns name -> expected failure reason for the broken ones."""
     folder.mkdir(parents=True, exist_ok=True)
     for p in sample_images[:2]:
         (folder / p.name).write_bytes(p.read_bytes())
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 2000, 3), np.uint8)).save(folder / "strip.jpg")
+    Image.fromarray(rng.integers(0, 255, (5, 3, 3), np.uint8)).save(folder / "tiny.png")
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "JPEG")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "JPEG")
     broken = {
         "truncated.jpg": (buf.getvalue()[:300], "corrupt or truncated"),
         "empty.png": (b"", "empty file"),
         "notes.jpg": (b"just some text, not an image", "not an image"),
         "bomb.png": (png_header_only(60000, 60000), "decompression bomb"),
-        "strip.png": (None, "aspect ratio"),
     }
     for name, (data, _) in broken.items():
-        if data is None:
-            Image.new("RGB", (3000, 20)).save(folder / name)
-        else:
-            (folder / name).write_bytes(data)
+        (folder / name).write_bytes(data)
     return {name: reason for name, (_, reason) in broken.items()}
 
 
@@ -84,21 +84,22 @@ def test_broken_files_fail_alone_and_resume_skips_done(ray_local, tmp_path, samp
     first = run_denoise(DenoiseConfig(images=str(tmp_path / "corpus"), output=url, limit=4, **TINY))
     assert first.todo == 4
     summary = run_denoise(DenoiseConfig(images=str(tmp_path / "corpus"), output=url, **TINY))
-    assert summary.skipped == 4 - first.failed and summary.todo == 7 - 4 + first.failed
+    assert summary.skipped == 4 - first.failed and summary.todo == 8 - 4 + first.failed
     store = FeatureStore.open(url)
     rows = {Path(r["uri"]).name: r for r in store.manifest().to_pylist()}
-    assert len(rows) == 7
+    assert len(rows) == 8
     for name, reason in reasons.items():
         assert rows[name]["status"] == "failed" and reason in rows[name]["error"], (name, rows[name]["error"])
     good = [r for r in rows.values() if r["status"] == "ok"]
-    assert len(good) == 2
+    assert len(good) == 4 and (rows["strip.jpg"]["width"], rows["tiny.png"]["height"]) == (2000, 5)
     assert np.isfinite(store.get([r["image_id"] for r in good], ["clean"])["clean"]).all()
     # failed rows hold no data
     failed_ids = [r["image_id"] for r in rows.values() if r["status"] == "failed"]
     assert np.isnan(store.read("clean", failed_ids[:1], check=False)).all()
     # a third run has nothing left but the failures, which fail again the same way
+    last_run = FeatureStore.open(url).attrs["last_run"]
     again = run_denoise(DenoiseConfig(images=str(tmp_path / "corpus"), output=url, retry_failed=False, **TINY))
-    assert again.todo == 0
+    assert again.todo == 0 and FeatureStore.open(url).attrs["last_run"] == last_run  # nothing done, nothing written
 
 
 def test_a_killed_worker_is_replaced_without_lost_or_duplicated_rows(ray_local, tmp_path, sample_images):
@@ -116,14 +117,15 @@ def test_a_killed_worker_is_replaced_without_lost_or_duplicated_rows(ray_local, 
 
 
 def test_interrupted_job_resumes(tmp_path, sample_images):
-    """SIGKILL the whole job (driver and its local Ray) after its first unit; a re-run completes the store."""
+    """SIGTERM the job's driver after its first unit: it ends in one line with status 143, its local Ray and its
+    lease gone; a re-run completes the store."""
     url = str(tmp_path / "store.zarr")
     args = [sys.executable, "-m", "jobs.denoise", "--images", str(sample_images[0].parent), "--output", url,
             "--model", "vit_small_patch14_dinov2", "--weights", "none", "--input-size", "56", "--preset", "ci",
             "--views", "4", "--steps", "60", "--images-per-batch", "1", "--cpus-per-worker", "0.5"]
     env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     parts = tmp_path / "store.zarr" / "manifest" / "parts"
     deadline = time.monotonic() + 240
     try:
@@ -131,9 +133,15 @@ def test_interrupted_job_resumes(tmp_path, sample_images):
             assert proc.poll() is None, "the job ended before it could be interrupted"
             assert time.monotonic() < deadline, "no unit was committed in time"
             time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 143 and "terminated (SIGTERM): finished work is kept" in lines[-1], stderr[-3000:]
+    assert not any("Traceback" in line for line in lines) and not (tmp_path / "store.zarr" / "lease.json").exists()
     done_before = FeatureStore.open(url).manifest().num_rows
     assert 1 <= done_before < len(sample_images)
     rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -54,3 +54,20 @@ def test_missing_or_empty_sources_fail_clearly(tmp_path):
     pq.write_table(pa.table({"name": ["a"]}), tmp_path / "l.parquet")
     with pytest.raises(ListingError, match="no column named"):
         list(iter_uris(str(tmp_path / "l.parquet")))
+
+
+def test_folder_sniffs_files_without_extension_and_says_what_it_skips(tmp_path, caplog):
+    import io
+    import logging
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    (tmp_path / "photo").write_bytes(buf.getvalue())  # an image without an extension
+    (tmp_path / "README").write_text("not an image")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    with caplog.at_level(logging.INFO, logger="pipeline.listing"):
+        assert list(iter_uris(str(tmp_path))) == [str(tmp_path / "a.jpg"), str(tmp_path / "photo")]
+    assert "skipped 2 files that are not images (1 x no extension, not an image, 1 x .txt)" in caplog.text

@@ -21,7 +21,8 @@ def test_endpoint_and_credentials_come_from_the_environment(s3_endpoint):
     opts = storage_options("s3://bucket/x")
     flat = repr(opts)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in flat and os.environ["AWS_ACCESS_KEY_ID"] not in flat
-    assert opts["config_kwargs"]["retries"]["max_attempts"] > 1
+    config = opts["config_kwargs"]
+    assert config["retries"]["total_max_attempts"] > 1 and config["read_timeout"] > 0 and config["connect_timeout"] > 0
     assert storage_options("memory://x") == {} and storage_options("/tmp/x") == {}
 
 

@@ -14,19 +14,26 @@ Commit protocol: the driver creates all metadata (:meth:`FeatureStore.create`); 
 done only when a part lists it, so a writer killed mid-unit leaves chunks nobody trusts and a resume
 rewrites them. Object PUTs are atomic, so no reader ever sees a torn part.
 
+One job writes a store at a time: it holds the store's lease (``<url>/lease.json``, :mod:`.lease`) while it runs.
+
 Modules: :mod:`.layout` (what a store holds, format constants, root attributes), :mod:`.errors`,
 :mod:`.feature_store` (open, ledger, reads, Ray datasets), :mod:`.create` (create or append, driver side),
-:mod:`.writer` (committing units), :mod:`.info` (``dvt store info``). Import from ``pipeline.store``.
+:mod:`.writer` (committing units), :mod:`.lease` (one writing job), :mod:`.info` (``dvt store info``). Import
+from ``pipeline.store``.
 """
 
 from __future__ import annotations
 
 from ..manifest import ImageRecord
+from .create import check_store, remove_store
 from .errors import StoreError, StoreMismatchError, StoreNotFoundError
 from .feature_store import FeatureStore, _cached_store, _read_batch, _reopen
 from .info import StoreInfo
-from .layout import DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout
+from .layout import DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, describe_weights
+from .lease import LEASE_FILE, LeaseLostError, StoreBusyError, StoreLease, lease_holder
 from .writer import UnitWriter
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "StoreLayout", "FeatureStore", "UnitWriter", "StoreInfo",
-           "StoreError", "StoreNotFoundError", "StoreMismatchError", "ImageRecord"]
+           "StoreError", "StoreNotFoundError", "StoreMismatchError", "StoreBusyError", "LeaseLostError",
+           "StoreLease", "LEASE_FILE", "ImageRecord", "check_store", "remove_store", "lease_holder",
+           "describe_weights"]

@@ -11,6 +11,8 @@ import pyarrow.compute as pc
 
 from ..manifest import PARTS_DIR, STATUS_FAILED
 from ..storage import storage_errors
+from .layout import describe_weights
+from .lease import lease_holder
 
 if TYPE_CHECKING:
     from .feature_store import FeatureStore
@@ -33,6 +35,7 @@ class StoreInfo:
     manifest_parts: int
     size_bytes: int | None = None
     objects: int | None = None
+    lease: str | None = None
 
     def format(self) -> str:
         a = self.attrs
@@ -52,7 +55,11 @@ class StoreInfo:
         if self.failures:
             lines.append("  failures:")
             lines += [f"    {n:6d} x {reason}" for reason, n in self.failures]
-        lines.append(f"  stage1:   {json.dumps(a.get('stage1', {}), sort_keys=True)}")
+        lines.append(f"  weights:  {describe_weights(a.get('weights'))}")
+        lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}, "
+                     f"{json.dumps(a.get('stage1', {}), sort_keys=True)}")
+        if self.lease:
+            lines.append(f"  in use:   by {self.lease}")
         return "\n".join(lines)
 
 
@@ -64,15 +71,18 @@ def store_info(store: FeatureStore, size: bool = True) -> StoreInfo:
     failed_rows = m.filter(pc.equal(m["status"], STATUS_FAILED))["error"].to_pylist()
     errors = [e.splitlines()[0][:120] if e else "unknown" for e in failed_rows]
     with storage_errors(store.url):
+        store.fs.invalidate_cache(store.root)
         parts = len(store.fs.find(f"{store.root}/{PARTS_DIR}"))
         objects = store.fs.find(store.root, detail=True) if size else None
+    holder = lease_holder(store.url, store._options)
     arrays = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
                   "compressor": store.layout.compressor or "none"} for n, a in store._arrays.items()}
     return StoreInfo(
         url=store.url, attrs=store.attrs, arrays=arrays, listed=store.num_rows, ok=ok, failed=failed,
         pending=store.num_rows - ok - failed, failures=Counter(errors).most_common(10), manifest_parts=parts,
         size_bytes=None if objects is None else int(sum(o.get("size") or 0 for o in objects.values())),
-        objects=None if objects is None else len(objects))
+        objects=None if objects is None else len(objects),
+        lease=None if holder is None else holder.describe() + (" (stale)" if holder.stale() else ""))
 
 
 def _x(v: Any) -> str:

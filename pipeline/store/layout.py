@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import zarr
 
 from .. import __version__
-from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol, zarr_location
+from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol
 from .errors import StoreError, StoreNotFoundError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights",
+           "field_differences"]
 
 FORMAT = "dvt-feature-store"
 FORMAT_VERSION = 1
@@ -42,7 +42,11 @@ class StoreLayout:
         arrays: array names; ``clean`` always, ``raw`` (needed to train on the store), ``artifact`` and more
             optionally.
         compressor: ``None`` (chunk object = raw little-endian bytes) or ``"zstd"``.
-        stage1: the stage-1 configuration, recorded as given (JSON-serialisable).
+        stage1: the stage-1 configuration, recorded as given (JSON-serialisable); for ``dvt apply`` stores, the
+            denoiser (file, SHA-1, architecture).
+        weights: the backbone's weights identity (:func:`pipeline.weights.weights_identity`); never mixed.
+        seed: the seed of views and random draws (stage 1).
+        stage1_version: :data:`pipeline.stage1.STAGE1_VERSION` of the algorithm that wrote the rows.
     """
 
     backbone: str
@@ -56,9 +60,16 @@ class StoreLayout:
     arrays: tuple[str, ...] = ("raw", "clean")
     compressor: str | None = None
     stage1: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    weights: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    seed: int | None = field(default=None, compare=False)
+    stage1_version: int | None = field(default=None, compare=False)
 
     #: Settings that decide what the numbers in the arrays mean; never mixed within one store.
     GEOMETRY = ("backbone", "block", "input_size", "patch_size", "stride", "grid", "channels")
+    #: Never mixed either: a store holds features of one network, in one storage type.
+    FIXED = (*GEOMETRY, "dtype", "arrays", "weights")
+    #: How the rows were computed: another value is refused unless a run allows a configuration change.
+    RUN = ("stage1", "seed", "stage1_version")
 
     def __post_init__(self) -> None:
         size = self.input_size if isinstance(self.input_size, Sequence) else (self.input_size, self.input_size)
@@ -67,6 +78,7 @@ class StoreLayout:
         object.__setattr__(self, "arrays", tuple(self.arrays))
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         object.__setattr__(self, "stage1", _jsonable(self.stage1))
+        object.__setattr__(self, "weights", _jsonable(self.weights or {}))
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
         if "clean" not in self.arrays or len(set(self.arrays)) != len(self.arrays):
@@ -125,6 +137,59 @@ def _describe_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any], keys: Seq
     return "; ".join(f"{k}: store has {ours.get(k)!r}, expected {theirs.get(k)!r}" for k in keys)
 
 
+def describe_weights(identity: Mapping[str, Any] | None) -> str:
+    """One short phrase for a weights identity (messages, ``dvt store info``)."""
+    if not identity:
+        return "not recorded"
+    source = identity.get("source")
+    if source == "random":
+        return f"random init (seed {identity.get('seed')})"
+    if source == "hub":
+        return f"hub {identity.get('model')}"
+    if source == "file":
+        return f"file {identity.get('name')} (sha256 {str(identity.get('sha256'))[:12]})"
+    return f"{source} {identity.get('value', '')}".strip()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": leaf}``, so a difference deep in a configuration is named by its path."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def field_differences(store: Mapping[str, Any], run: Mapping[str, Any], keys: Sequence[str],
+                      limit: int = 4) -> tuple[list[str], str]:
+    """The fields among ``keys`` where ``store`` and ``run`` differ (nested ones by dotted path), and a message
+    naming at most ``limit`` of them with both values."""
+    names: list[str] = []
+    parts: list[str] = []
+    for key in keys:
+        a, b = _jsonable(store.get(key)), _jsonable(run.get(key))
+        if a == b:
+            continue
+        if key == "weights":
+            names.append(key)
+            parts.append(f"weights: store has {describe_weights(a)}, this run {describe_weights(b)}")
+            continue
+        flat_a, flat_b = _flatten(a, key), _flatten(b, key)
+        for path in sorted(set(flat_a) | set(flat_b)):
+            if flat_a.get(path) != flat_b.get(path):
+                names.append(path)
+                parts.append(f"{path.removeprefix('stage1.')}: store has {_short(flat_a.get(path))}, "
+                             f"this run {_short(flat_b.get(path))}")
+    text = "; ".join(parts[:limit]) + (f"; and {len(parts) - limit} more" if len(parts) > limit else "")
+    return names, text
+
+
 def _geometry_diff(store: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     return [k for k in expected if _jsonable(store.get(k)) != _jsonable(expected[k])]
 
@@ -132,13 +197,23 @@ def _geometry_diff(store: Mapping[str, Any], expected: Mapping[str, Any]) -> lis
 # --------------------------------------------------------------------------------------------------- root attributes
 
 def _read_attrs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Root group attributes, or None when there is no Zarr group at ``url``."""
-    loc, so = zarr_location(url, **dict(storage_options or {}))
+    """Root group attributes, or None when there is no Zarr v3 group at ``url``.
+
+    Read from ``zarr.json`` with one plain GET rather than through zarr, whose concurrent requests, when storage
+    does not answer, leave coroutines behind that print tracebacks at interpreter exit: the first request of
+    every open is this one, so an unreachable endpoint fails here, cleanly, in one line.
+    """
+    fs, root = filesystem(url, **dict(storage_options or {}))
     with storage_errors(url):
         try:
-            return dict(zarr.open_group(loc, mode="r", storage_options=so).attrs)
-        except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
+            meta = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json"))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except ValueError:  # not JSON: not a Zarr node
+            return None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        return None
+    return dict(meta.get("attributes") or {})
 
 
 def _raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:
