@@ -39,7 +39,7 @@ from .listing import iter_uris
 from .ray_runtime import init_ray
 from .storage import filesystem
 from .train_denoiser import RUN_NAME, _resources
-from .train_utils import all_reduce, denoising_loss, lr_lambda, ray_storage
+from .train_utils import all_reduce, denoising_loss, lr_lambda, per_worker_batch, ray_storage, scaled_lr
 
 __all__ = ["DistillConfig", "DistillSummary", "train_loop_per_worker", "run_distillation", "STUDENT_FILE", "STATE_FILE"]
 
@@ -65,7 +65,8 @@ class DistillConfig:
         input_size: square training size; ``None`` means the size the denoiser was trained at.
         epochs: passes over the training images.
         max_steps: stop (and end the schedule) after this many steps instead.
-        batch_size: images per worker and step (the paper: 512 in total).
+        batch_size: images per optimiser step over all workers, each taking ``batch_size / workers`` (the
+            paper: 512); with ``lr`` unset the rate follows it alone, so ``workers`` does not change the run.
         lr: peak learning rate; ``None`` means ``base_lr * sqrt(global batch / 256)`` (2.8e-4 at 512, the paper).
         base_lr, weight_decay, warmup_fraction: AdamW and schedule (linear warm-up, cosine decay to 0).
         flip: random horizontal flips (the same flip for teacher and student).
@@ -118,7 +119,7 @@ class DistillConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * (self.batch_size * self.workers / 256) ** 0.5
+        return self.lr if self.lr is not None else scaled_lr(self.base_lr, self.batch_size)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
@@ -179,6 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     config: DistillConfig = loop_config["config"]
     spe, total, size = int(loop_config["steps_per_epoch"]), int(loop_config["total_steps"]), int(loop_config["size"])
+    batch = int(loop_config["batch"])
     every = int(loop_config["checkpoint_every"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -207,7 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def measure() -> dict[str, float]:
         return distance_from_sums(all_reduce(distance_sums(
-            student, teacher, pixel_batches(held_out, config.batch_size, device), autocast)))
+            student, teacher, pixel_batches(held_out, batch, device), autocast)))
 
     if state is None:
         step, history, resumed, skipped = 0, [], [], 0
@@ -226,8 +228,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while step < total:
         epoch, left = step // spe, spe - step % spe
         batches = iter(shard.iter_torch_batches(
-            batch_size=config.batch_size, drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=4 * config.batch_size, local_shuffle_seed=config.seed + step))
+            batch_size=batch, drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=4 * batch, local_shuffle_seed=config.seed + step))
         done = 0
         while done < left and step < total:
             t = time.perf_counter()
@@ -320,10 +322,11 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
             break
         uris.append(uri)
     train_ids, val_ids = split_listing(uris, config.val_fraction, config.max_val_images)
-    spe = (len(train_ids) // config.workers) // config.batch_size
+    batch = per_worker_batch(config.batch_size, config.workers)
+    spe = (len(train_ids) // config.workers) // batch
     if spe < 1:
-        raise ValueError(f"{len(train_ids)} training images cannot fill one batch of {config.batch_size} on each of "
-                         f"{config.workers} workers: lower --batch-size or --workers, or add images")
+        raise ValueError(f"{len(train_ids)} training images cannot fill one global batch of {config.batch_size}: "
+                         f"lower --batch-size or add images")
     total = config.max_steps or config.epochs * spe
     every = min(config.checkpoint_every or min(spe, 1000), total)
     _check_previous(config)
@@ -338,7 +341,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
               cpus, spe, total, config.peak_lr(), size, config.output)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size,
+        train_loop_config={"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size, "batch": batch,
                            "checkpoint_every": every, "threads": threads, "val_uris": [uris[i] for i in val_ids]},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": cpus}),
@@ -346,7 +349,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": training_dataset(uris, train_ids, size, config.batch_size, config.read_cpus, config.decode)},
+        datasets={"train": training_dataset(uris, train_ids, size, batch, config.read_cpus, config.decode)},
     )
     result = trainer.fit()
     if result.error is not None:
@@ -363,7 +366,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     step = int(state["step"])
     note = {"teacher": config.denoiser, "images": config.images, "num_train": len(train_ids),
             "num_held_out": len(val_ids), "steps": step, "epochs": step / spe,
-            "batch_size": config.batch_size * config.workers, "lr": config.peak_lr(),
+            "batch_size": config.batch_size, "workers": config.workers, "lr": config.peak_lr(),
             "train_blocks": config.train_blocks, "flip": config.flip, "skipped_images": int(state["skipped"]),
             "before": before, "after": after,
             "held_out_rule": f"the {config.max_val_images} smallest sha1(file name) below {config.val_fraction}"}

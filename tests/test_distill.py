@@ -132,7 +132,7 @@ def test_distill_two_workers_falls_resumes_and_exports(ray_local, s3_bucket, den
     (images / "broken.png").write_bytes(b"not an image")
     output = f"{s3_bucket}/distill"
     config = DistillConfig(images=str(images), denoiser=denoiser_file, output=output, weights="none", epochs=1,
-                           batch_size=2, lr=1e-3, workers=2, cpus_per_worker=0.5, val_fraction=0.2, max_val_images=3)
+                           batch_size=4, lr=1e-3, workers=2, cpus_per_worker=0.5, val_fraction=0.2, max_val_images=3)
     first = run_distillation(config)
     assert first.steps == 3 and first.resumed_from == [] and first.num_val == 3 and first.num_train == 12
     assert first.after["distance"] < first.before["distance"]  # closer to the teacher after 3 steps

@@ -132,8 +132,8 @@ def test_stores_of_another_backbone_or_empty_are_refused(tmp_path):
     FeatureStore.create(empty, StoreLayout(**{**layout.to_attrs(), "stage1": {}}), ["x.png", "y.png"])
     with pytest.raises(StoreError, match="no finished images"):
         open_stores(TrainConfig(stores=[a, empty], output=str(tmp_path / "out")))
-    with pytest.raises(ValueError, match="cannot fill one global batch"):
-        run_training(TrainConfig(stores=[a], output=str(tmp_path / "out"), batch_size=16))
+    with pytest.raises(ValueError, match="cannot give each of 16 workers one"):
+        run_training(TrainConfig(stores=[a], output=str(tmp_path / "out"), batch_size=16, workers=16))
     with pytest.raises(ValueError, match="multiple of --workers"):
         run_training(TrainConfig(stores=[a], output=str(tmp_path / "out"), batch_size=6, workers=4))
 
