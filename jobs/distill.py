@@ -33,8 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     opt.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
-    opt.add_argument("--batch-size", type=int, default=8, help="images per worker and step")
-    opt.add_argument("--lr", type=float, default=None, help="peak rate (default: 2e-4 * sqrt(global batch / 256))")
+    opt.add_argument("--batch-size", type=int, default=8,
+                     help="global batch: images per step over all workers (each takes batch / workers)")
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak rate (default: --base-lr * sqrt(batch / 256), the same on any --workers)")
     opt.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
     opt.add_argument("--warmup-fraction", type=float, default=0.15, help="share of the steps spent warming up")
     opt.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pipeline.ray_runtime import add_dashboard_argument
-from pipeline.train_denoiser import TrainConfig, run_training
+from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,13 +19,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--model", dest="expect_backbone", default=None,
                       help="refuse stores of any other backbone (default: the backbone the stores name)")
     data.add_argument("--overwrite", action="store_true", help="delete the run folder instead of resuming from it")
-    fit = parser.add_argument_group("training")
-    fit.add_argument("--epochs", type=int, default=10, help="passes over the training images")
-    fit.add_argument("--batch-size", type=int, default=8, help="feature maps per worker and step")
+    fit = parser.add_argument_group("training (defaults from the learning curves in benchmarks/learning_curves.py)")
+    fit.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                     help="global batch: feature maps per step over all workers (each takes batch / workers)")
     fit.add_argument("--lr", type=float, default=None,
-                     help="peak learning rate (default: 2e-4 * sqrt(global batch / 256), as the reference)")
+                     help="peak learning rate (default: --base-lr * sqrt(batch / 256), the same on any --workers)")
+    fit.add_argument("--base-lr", type=float, default=TrainConfig.base_lr, help="learning rate at a global batch of 256")
+    fit.add_argument("--max-steps", type=int, default=None,
+                     help=f"step budget (default: {PASSES} passes over the training images, between {MIN_STEPS} and "
+                          f"{MAX_STEPS} steps)")
+    fit.add_argument("--epochs", type=float, default=None, help="step budget in passes, instead of --max-steps")
+    fit.add_argument("--eval-every", type=int, default=None,
+                     help="steps between held-out checks and checkpoints (default: ~25 per run)")
+    fit.add_argument("--patience", type=int, default=TrainConfig.patience,
+                     help="stop after this many held-out checks without improvement (0: train to the budget)")
+    fit.add_argument("--min-delta", type=float, default=TrainConfig.min_delta,
+                     help="relative drop of the held-out loss that counts as an improvement")
     fit.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
-    fit.add_argument("--warmup-fraction", type=float, default=0.15, help="share of steps with linear warm-up")
+    fit.add_argument("--warmup-fraction", type=float, default=TrainConfig.warmup_fraction, help="share of the budget with linear warm-up")
     fit.add_argument("--num-blocks", type=int, default=1, help="Transformer blocks of the denoiser")
     fit.add_argument("--seed", type=int, default=0, help="initialisation seed")
     run = parser.add_argument_group("resources")

@@ -204,9 +204,12 @@ def _create_custom(config: BackboneConfig) -> nn.Module:
         if not hasattr(model, attr_name):
             raise BackboneError(f"Backbone from '{config.model}' has no '{attr_name}'; "
                                 "see pipeline/backbone.py for the interface a custom backbone provides.")
-    if config.stride not in (None, model.patch_size) or config.block != -1:
-        raise BackboneError(f"Custom backbone '{config.model}' takes neither --stride nor --block; "
-                            "choose them inside its factory.")
+    # A custom backbone is one block whose stride is its patch size: block -1 and 0 (the index a denoiser or
+    # student records) both name it, and so does an explicit stride equal to the patch size.
+    if config.stride not in (None, _as_int(model.patch_size)) or config.block not in (-1, 0):
+        raise BackboneError(f"Custom backbone '{config.model}' has one block (--block -1 or 0) and stride "
+                            f"{_as_int(model.patch_size)} (its patch size); choose other features inside its "
+                            f"factory (got block {config.block}, stride {config.stride}).")
     return model
 
 

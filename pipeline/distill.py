@@ -14,8 +14,9 @@ is measured before the first step (the original backbone), at every checkpoint a
 
 Resume: ``RunConfig(name="run", storage_path=<output>)`` is stable, so a worker failure (``FailureConfig``) or a
 re-run of the same command continues from the latest checkpoint: weights, optimiser, schedule, step counter
-and history. An epoch cut short by a failure is finished on a fresh pass over the data (the flips are seeded
-by step, the order is random). A re-run with more ``epochs`` continues the same run with a longer schedule.
+and history. The driver lays out every pass of the run in one data stream (the pipeline starts once per run, not
+per epoch); restarted workers take fresh passes from its start (the flips are seeded by step). A re-run with
+more ``epochs`` continues the same run with a longer schedule.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from .distill_model import (build_student_and_teacher, distance_from_sums, dista
 from .listing import iter_uris
 from .ray_runtime import init_ray
 from .storage import filesystem
+from .train_data import passes_needed
 from .train_denoiser import RUN_NAME, _resources
-from .train_utils import all_reduce, denoising_loss, lr_lambda, ray_storage
+from .train_utils import all_reduce, denoising_loss, lr_lambda, per_worker_batch, ray_storage, scaled_lr
 
 __all__ = ["DistillConfig", "DistillSummary", "train_loop_per_worker", "run_distillation", "STUDENT_FILE", "STATE_FILE"]
 
@@ -65,7 +67,8 @@ class DistillConfig:
         input_size: square training size; ``None`` means the size the denoiser was trained at.
         epochs: passes over the training images.
         max_steps: stop (and end the schedule) after this many steps instead.
-        batch_size: images per worker and step (the paper: 512 in total).
+        batch_size: images per optimiser step over all workers, each taking ``batch_size / workers`` (the
+            paper: 512); with ``lr`` unset the rate follows it alone, so ``workers`` does not change the run.
         lr: peak learning rate; ``None`` means ``base_lr * sqrt(global batch / 256)`` (2.8e-4 at 512, the paper).
         base_lr, weight_decay, warmup_fraction: AdamW and schedule (linear warm-up, cosine decay to 0).
         flip: random horizontal flips (the same flip for teacher and student).
@@ -118,7 +121,7 @@ class DistillConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * (self.batch_size * self.workers / 256) ** 0.5
+        return self.lr if self.lr is not None else scaled_lr(self.base_lr, self.batch_size)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
@@ -179,6 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     config: DistillConfig = loop_config["config"]
     spe, total, size = int(loop_config["steps_per_epoch"]), int(loop_config["total_steps"]), int(loop_config["size"])
+    per_worker = int(loop_config["batch"])
     every = int(loop_config["checkpoint_every"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -207,7 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def measure() -> dict[str, float]:
         return distance_from_sums(all_reduce(distance_sums(
-            student, teacher, pixel_batches(held_out, config.batch_size, device), autocast)))
+            student, teacher, pixel_batches(held_out, per_worker, device), autocast)))
 
     if state is None:
         step, history, resumed, skipped = 0, [], [], 0
@@ -223,60 +227,57 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     loss_sum, wait, seen, bad = torch.zeros((), device=device), 0.0, 0, 0
     began = time.perf_counter()
+    # One stream over every pass of the run (laid out by the driver): the data pipeline starts once, not per epoch.
+    batches = iter(shard.iter_torch_batches(
+        batch_size=per_worker, drop_last=True, prefetch_batches=2,
+        local_shuffle_buffer_size=4 * per_worker, local_shuffle_seed=config.seed + step))
     while step < total:
-        epoch, left = step // spe, spe - step % spe
-        batches = iter(shard.iter_torch_batches(
-            batch_size=config.batch_size, drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=4 * config.batch_size, local_shuffle_seed=config.seed + step))
-        done = 0
-        while done < left and step < total:
-            t = time.perf_counter()
-            batch = next(batches, None)
-            wait += time.perf_counter() - t
-            if batch is None:
-                _log.warning("rank %d: epoch %d ended after %d of %d steps", rank, epoch, done, left)
-                break
-            pixels = batch["pixels"].to(device, non_blocking=True).float().div_(255)
-            ok = batch["ok"].bool()
-            if config.flip:
-                pixels = flip_batch(pixels, config.seed * 1_000_003 + step * 1_009 + rank)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                target = teacher.features(pixels)
-                loss = _loss(ddp(pixels), target, ok)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step, done = step + 1, done + 1
-            n_ok = int(ok.sum())
-            loss_sum, seen, bad = loss_sum + loss.detach() * n_ok, seen + n_ok, bad + len(ok) - n_ok
-            if step % every and step < total:
-                continue
-            interval_loss = loss_sum.item()  # waits for the device, so the time below is true
-            elapsed = time.perf_counter() - began
-            g = all_reduce([interval_loss, seen, bad, wait, elapsed])
-            slowest = all_reduce([elapsed], op="max")[0]
-            skipped += int(g[2])
-            metrics = {"step": step, "epoch": step / spe, "train_loss": g[0] / max(1.0, g[1]),
-                       "lr": sched.get_last_lr()[0], "images_per_s": (g[1] + g[2]) / max(slowest, 1e-9),
-                       "images_per_s_per_worker": (g[1] + g[2]) / max(slowest, 1e-9) / world,
-                       "data_wait_fraction": g[3] / max(g[4], 1e-9), "skipped_images": skipped}
-            metrics.update({f"val_{k}": v for k, v in measure().items()})
-            history.append(metrics)
-            _log.info("rank %d step %d/%d: %s", rank, step, total, json.dumps(metrics))
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    torch.save({"model": student.model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "step": step, "skipped": skipped,
-                                "history": json.dumps(history), "before": json.dumps(before),
-                                "resumed_from": json.dumps(resumed), "trainable": json.dumps(trainable)},
-                               os.path.join(d, STATE_FILE))
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=ckpt)
-            loss_sum, wait, seen, bad = torch.zeros((), device=device), 0.0, 0, 0
-            began = time.perf_counter()
-        del batches  # ends this pass (an early break is fine for Ray's streaming split)
+        t = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - t
+        if batch is None:
+            raise RuntimeError(f"rank {rank}: the training stream ended at step {step} of {total}")
+        pixels = batch["pixels"].to(device, non_blocking=True).float().div_(255)
+        ok = batch["ok"].bool()
+        if config.flip:
+            pixels = flip_batch(pixels, config.seed * 1_000_003 + step * 1_009 + rank)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            target = teacher.features(pixels)
+            loss = _loss(ddp(pixels), target, ok)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        n_ok = int(ok.sum())
+        loss_sum, seen, bad = loss_sum + loss.detach() * n_ok, seen + n_ok, bad + len(ok) - n_ok
+        if step % every and step < total:
+            continue
+        interval_loss = loss_sum.item()  # waits for the device, so the time below is true
+        elapsed = time.perf_counter() - began
+        g = all_reduce([interval_loss, seen, bad, wait, elapsed])
+        slowest = all_reduce([elapsed], op="max")[0]
+        skipped += int(g[2])
+        metrics = {"step": step, "epoch": step / spe, "train_loss": g[0] / max(1.0, g[1]),
+                   "lr": sched.get_last_lr()[0], "images_per_s": (g[1] + g[2]) / max(slowest, 1e-9),
+                   "images_per_s_per_worker": (g[1] + g[2]) / max(slowest, 1e-9) / world,
+                   "data_wait_fraction": g[3] / max(g[4], 1e-9), "skipped_images": skipped}
+        metrics.update({f"val_{k}": v for k, v in measure().items()})
+        history.append(metrics)
+        _log.info("rank %d step %d/%d: %s", rank, step, total, json.dumps(metrics))
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": student.model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "step": step, "skipped": skipped,
+                            "history": json.dumps(history), "before": json.dumps(before),
+                            "resumed_from": json.dumps(resumed), "trainable": json.dumps(trainable)},
+                           os.path.join(d, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+        loss_sum, wait, seen, bad = torch.zeros((), device=device), 0.0, 0, 0
+        began = time.perf_counter()
+    del batches  # ends this rank's read (leaving early is fine for Ray's streaming split)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -320,10 +321,11 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
             break
         uris.append(uri)
     train_ids, val_ids = split_listing(uris, config.val_fraction, config.max_val_images)
-    spe = (len(train_ids) // config.workers) // config.batch_size
+    batch = per_worker_batch(config.batch_size, config.workers)
+    spe = (len(train_ids) // config.workers) // batch
     if spe < 1:
-        raise ValueError(f"{len(train_ids)} training images cannot fill one batch of {config.batch_size} on each of "
-                         f"{config.workers} workers: lower --batch-size or --workers, or add images")
+        raise ValueError(f"{len(train_ids)} training images cannot fill one global batch of {config.batch_size}: "
+                         f"lower --batch-size or add images")
     total = config.max_steps or config.epochs * spe
     every = min(config.checkpoint_every or min(spe, 1000), total)
     _check_previous(config)
@@ -338,7 +340,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
               cpus, spe, total, config.peak_lr(), size, config.output)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size,
+        train_loop_config={"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size, "batch": batch,
                            "checkpoint_every": every, "threads": threads, "val_uris": [uris[i] for i in val_ids]},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": cpus}),
@@ -346,7 +348,9 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": training_dataset(uris, train_ids, size, config.batch_size, config.read_cpus, config.decode)},
+        datasets={"train": training_dataset(uris, train_ids, size, batch, config.read_cpus, config.decode,
+                                          passes=passes_needed(len(train_ids), total, config.batch_size),
+                                          seed=config.seed)},
     )
     result = trainer.fit()
     if result.error is not None:
@@ -363,7 +367,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     step = int(state["step"])
     note = {"teacher": config.denoiser, "images": config.images, "num_train": len(train_ids),
             "num_held_out": len(val_ids), "steps": step, "epochs": step / spe,
-            "batch_size": config.batch_size * config.workers, "lr": config.peak_lr(),
+            "batch_size": config.batch_size, "workers": config.workers, "lr": config.peak_lr(),
             "train_blocks": config.train_blocks, "flip": config.flip, "skipped_images": int(state["skipped"]),
             "before": before, "after": after,
             "held_out_rule": f"the {config.max_val_images} smallest sha1(file name) below {config.val_fraction}"}

@@ -84,8 +84,9 @@ def pixel_batches(pixels: torch.Tensor, batch_size: int, device: torch.device) -
 
 
 def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size: int, read_cpus: float = 0.25,
-                     decode: DecodeConfig = DecodeConfig()):
-    """The Ray Dataset of training images ``uris[ids]``: ``{"pixels", "ok"}`` rows, block order shuffled per epoch.
+                     decode: DecodeConfig = DecodeConfig(), *, passes: int = 1, seed: int = 0):
+    """The Ray Dataset of training images ``uris[ids]``: ``{"pixels", "ok"}`` rows, ``passes`` passes in one stream,
+    each a fresh permutation drawn from ``(seed, pass)`` (so the trainers start the pipeline once per run).
 
     Bytes are fetched by light tasks and decoded by ``read_cpus`` tasks; only ``(3, size, size)`` uint8 pixels
     travel to the trainers (a quarter of float32), in blocks of a few training batches.
@@ -93,11 +94,12 @@ def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size
     import pyarrow as pa
     import ray
 
-    table = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": pa.array([uris[i] for i in ids], pa.string())})
-    per_block = max(16, 4 * batch_size)
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.concatenate([ids[np.random.default_rng([seed, p]).permutation(len(ids))] for p in range(passes)])
+    table = pa.table({"image_id": pa.array(order, pa.int64()), "uri": pa.array([uris[i] for i in order], pa.string())})
+    per_block = max(16, 4 * batch_size, -(-table.num_rows // 4096))
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, table.num_rows, per_block)])
     batch = max(1, min(16, batch_size))
-    return (ds.randomize_block_order()
-            .map_batches(fetch_bytes, batch_size=batch, num_cpus=0.1)
+    return (ds.map_batches(fetch_bytes, batch_size=batch, num_cpus=0.1)
             .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch,
                          num_cpus=read_cpus))

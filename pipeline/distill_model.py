@@ -272,20 +272,32 @@ def read_note(path: str) -> dict[str, Any]:
     return json.loads(meta[NOTE_KEY])
 
 
-def load_student(path: str, device: str | torch.device = "cpu") -> Backbone:
-    """An exported student as a frozen :class:`Backbone` at its distillation size, loaded by timm itself."""
-    import timm
-
+def _local_copy(path: str, tmp: str) -> str:
+    """``path`` itself when local, else a copy of it in the folder ``tmp``."""
     from .storage import filesystem, is_local, local_path
 
+    if is_local(path):
+        return local_path(path)
+    local = f"{tmp}/student.safetensors"
+    fs, p = filesystem(path)
+    fs.get_file(p, local)
+    return local
+
+
+def load_student(path: str, device: str | torch.device = "cpu") -> Backbone:
+    """An exported student as a frozen :class:`Backbone` at its distillation size, loaded by timm itself (a custom
+    backbone by its own factory, called with ``weights=<the student file>``)."""
+    import timm
+
     note = read_note(path)
-    if note.get("timm") is None:
-        raise ValueError(f"{path} holds a custom backbone ({note['model']}): load it with its own factory")
+    if note.get("timm") is None:  # a custom backbone: its factory reads the file (``factory(weights=path)``)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = _local_copy(path, tmp)
+            config = BackboneConfig(model=note["model"], weights=local, block=int(note["block"]),
+                                    stride=note["stride"], norm=bool(note["norm"]), img_size=note.get("img_size"))
+            return create_backbone(config).to(device)
     with tempfile.TemporaryDirectory() as tmp:
-        local = local_path(path) if is_local(path) else f"{tmp}/student.safetensors"
-        if not is_local(path):
-            fs, p = filesystem(path)
-            fs.get_file(p, local)
+        local = _local_copy(path, tmp)
         kwargs: dict[str, Any] = dict(dynamic_img_size=True, pretrained_cfg_overlay=dict(file=local))
         if note.get("img_size"):
             kwargs["img_size"] = note["img_size"]

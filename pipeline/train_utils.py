@@ -1,11 +1,13 @@
 """Pieces both Ray Train jobs (stage 2 training, stage 3 distillation) use: the loss, the schedule, the
-held-out rule, Ray Train storage for any fsspec URL, and a small all-reduce."""
+learning-rate rule, the held-out rule and the plateau rule, Ray Train storage for any fsspec URL, and a small
+all-reduce."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -13,7 +15,8 @@ import torch.nn.functional as F
 
 from .storage import filesystem, is_local, local_path
 
-__all__ = ["denoising_loss", "lr_lambda", "uri_fraction", "ray_storage", "all_reduce"]
+__all__ = ["denoising_loss", "lr_lambda", "scaled_lr", "per_worker_batch", "Plateau", "uri_fraction", "ray_storage",
+           "all_reduce"]
 
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -31,6 +34,51 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """``base_lr * sqrt(global batch / 256)``: the square-root rule of the reference scripts, on the global batch
+    only, so the same run on more or fewer workers takes the same steps at the same rate."""
+    return base_lr * math.sqrt(global_batch / 256)
+
+
+def per_worker_batch(global_batch: int, workers: int, flag: str = "--batch-size") -> int:
+    """The batch each of ``workers`` ranks takes for a ``global_batch``; it must divide evenly."""
+    if workers < 1 or global_batch < workers or global_batch % workers:
+        raise ValueError(f"{flag} {global_batch} is the global batch: it must be a multiple of --workers ({workers}); "
+                         f"pass e.g. {flag} {max(1, global_batch // max(1, workers)) * max(1, workers)}")
+    return global_batch // workers
+
+
+@dataclass
+class Plateau:
+    """Early stopping on a held-out loss: stop after ``patience`` evaluations in a row that did not beat the best
+    by more than ``min_delta`` (relative). ``patience = 0`` never stops. Plain fields, so it rides in checkpoints.
+    """
+
+    patience: int = 0
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_step: int = -1
+    bad: int = 0
+
+    def update(self, loss: float, step: int) -> bool:
+        """Record the loss at ``step``; returns whether it is the new best (the weights worth keeping)."""
+        if not math.isfinite(loss):
+            self.bad += 1
+            return False
+        improved = loss < self.best * (1 - self.min_delta) if math.isfinite(self.best) else True
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+        self.bad = 0 if improved else self.bad + 1
+        return self.best_step == step
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def uri_fraction(uri: str) -> float:

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from pipeline.backbone import load_state_dict
+
 
 class TinyConvViT(nn.Module):
     patch_size = 8
@@ -22,5 +24,5 @@ class TinyConvViT(nn.Module):
 def create(weights=None) -> TinyConvViT:
     model = TinyConvViT()
     if weights is not None:
-        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.load_state_dict(load_state_dict(weights))  # a torch file, or a .safetensors such as `dvt distill`'s export
     return model

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.apply import ApplyConfig, prepare_apply_store, run_apply
+from pipeline.apply import ApplyConfig, ApplyWorker, prepare_apply_store, run_apply
 from pipeline.backbone import create_backbone
 from pipeline.decode import decode_image, resize_to_tensor
+from pipeline.listing import fetch_bytes
 from pipeline.denoiser import DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
 from pipeline.store import FeatureStore, StoreMismatchError
 from pipeline.synthetic_pairs import write_synthetic_store
@@ -106,3 +107,28 @@ def test_an_apply_store_records_its_denoiser_and_weights_and_refuses_others(tmp_
     with pytest.raises(StoreMismatchError, match=r"weights: store has file backbone.safetensors .* this run random"):
         check_apply(ApplyConfig(**{**config.__dict__, "weights": "none", "allow_config_change": True}))
     assert check_apply(ApplyConfig(**{**config.__dict__, "limit": 2}))[3]  # same denoiser and weights: fine
+
+
+def test_apply_runs_a_denoiser_trained_on_a_custom_backbone(tmp_path, sample_images, one_torch_thread):
+    # the denoiser's spec records block 0 and the stride of a `module:factory` backbone; apply must accept them
+    torch.manual_seed(0)
+    backbone = create_backbone("tests.custom_backbone:create", weights="none")
+    weights = str(tmp_path / "custom.pth")
+    torch.save(backbone.model.state_dict(), weights)
+    denoiser = Denoiser(DenoiserConfig(channels=12, pos_grid=(4, 4))).eval()
+    spec = DenoiserSpec(denoiser=denoiser.config, backbone="tests.custom_backbone:create", block=backbone.block,
+                        input_size=(32, 32), patch_size=8, stride=8)
+    path = save_denoiser(str(tmp_path / "denoiser.safetensors"), denoiser, spec)
+    config = ApplyConfig(images=str(sample_images[0].parent), output=str(tmp_path / "custom.zarr"), denoiser=path,
+                         weights=weights, model="tests.custom_backbone:create", limit=2)
+    store, covered, pending, config = prepare_apply_store(config)
+    assert covered == 2 and store.layout.backbone == "tests.custom_backbone:create" and tuple(store.layout.grid) == (4, 4)
+    worker = ApplyWorker(config, store.layout.geometry())  # the Ray actor's code, in this process
+    out = worker(fetch_bytes({"image_id": pending["image_id"].to_numpy(), "uri": np.array(pending["uri"].to_pylist())}))
+    assert out["status"].tolist() == ["ok", "ok"], out["error"]
+    uris = pending["uri"].to_pylist()
+    pixels = torch.stack([resize_to_tensor(decode_image(open(u, "rb").read()).pixels, 32) for u in uris])
+    raw, clean = DenoisedViT(backbone, denoiser, spec).features(pixels, return_raw=True)
+    data = FeatureStore.open(config.output).get(pending["image_id"].to_numpy())
+    np.testing.assert_allclose(data["clean"].astype(np.float32), clean.numpy(), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(data["raw"].astype(np.float32), raw.numpy(), atol=2e-2, rtol=1e-2)

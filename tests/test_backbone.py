@@ -120,3 +120,12 @@ def test_custom_factory_backbone(tmp_path):
     torch.testing.assert_close(again.features(x), backbone.features(x))
     with pytest.raises(BackboneError, match="Cannot import backbone factory"):
         create_backbone("tests.no_such_module:create")
+
+
+def test_custom_backbone_takes_the_block_and_stride_a_denoiser_records():
+    # a denoiser's spec names the block as a non-negative index and the stride explicitly: block 0, stride = patch
+    same = create_backbone("tests.custom_backbone:create", weights="none", block=0, stride=8)
+    assert (same.block, same.stride, same.num_blocks) == (0, 8, 1)
+    for kwargs in ({"block": 1}, {"block": -2}, {"stride": 4}):
+        with pytest.raises(BackboneError, match="has one block"):
+            create_backbone("tests.custom_backbone:create", weights="none", **kwargs)

@@ -132,7 +132,7 @@ def test_distill_two_workers_falls_resumes_and_exports(ray_local, s3_bucket, den
     (images / "broken.png").write_bytes(b"not an image")
     output = f"{s3_bucket}/distill"
     config = DistillConfig(images=str(images), denoiser=denoiser_file, output=output, weights="none", epochs=1,
-                           batch_size=2, lr=1e-3, workers=2, cpus_per_worker=0.5, val_fraction=0.2, max_val_images=3)
+                           batch_size=4, lr=1e-3, workers=2, cpus_per_worker=0.5, val_fraction=0.2, max_val_images=3)
     first = run_distillation(config)
     assert first.steps == 3 and first.resumed_from == [] and first.num_val == 3 and first.num_train == 12
     assert first.after["distance"] < first.before["distance"]  # closer to the teacher after 3 steps
@@ -159,3 +159,26 @@ def test_distill_two_workers_falls_resumes_and_exports(ray_local, s3_bucket, den
     with torch.no_grad():
         assert torch.allclose(load_student(second.student).features(pixels), student.features(pixels), atol=1e-6)
     assert read_note(second.student)["steps"] == 6
+
+
+def test_a_custom_backbone_distils_exports_and_loads_through_its_factory(tmp_path):
+    custom = "tests.custom_backbone:create"
+    torch.manual_seed(0)
+    config = DenoiserConfig(channels=12, pos_grid=(4, 4))
+    spec = DenoiserSpec(denoiser=config, backbone=custom, block=0, input_size=(32, 32), patch_size=8, stride=8)
+    denoiser = save_denoiser(str(tmp_path / "denoiser.safetensors"), Denoiser(config), spec)
+    student, teacher, _ = build_student_and_teacher(denoiser, "none")
+    assert student.custom and select_trainable(student, "all") == ["proj.weight", "proj.bias"]
+    with pytest.raises(ValueError, match="no numbered blocks"):
+        select_trainable(student, "last:1")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = export_student(student, str(tmp_path / "student.safetensors"), {"teacher": denoiser, "steps": 1})
+    note = read_note(path)
+    assert note["model"] == custom and note["timm"] is None and "extra_keys_from_original" not in note
+    loaded = load_student(path)  # the factory reads the exported file
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.features(pixels), student.features(pixels), atol=1e-6)
+        assert not torch.allclose(loaded.features(pixels), teacher.backbone.features(pixels), atol=1e-3)

@@ -80,7 +80,7 @@ def test_store_info(ray_head, store_url):
 
 def test_train_denoiser(ray_head, store_url, work):
     submit(ray_head, "jobs.train_denoiser", "--stores", store_url, "--output", str(work / "train"), "--cpu",
-           "--workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", "--batch-size", "1",
+           "--workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", "--batch-size", "2",
            "--val-fraction", "0.2")
     assert (work / "train" / "denoiser.safetensors").is_file()
 

@@ -16,12 +16,14 @@ from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchE
 from pipeline.synthetic_pairs import synthetic_pairs, write_synthetic_store
 from pipeline.train_denoiser import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
                                      split_ids)
+from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, step_budget
+from pipeline.train_utils import Plateau
 from pipeline.train_utils import denoising_loss as loss_fn
 
 
-def die_once(marker: str, at_epoch: int, at_rank: int, *, epoch: int, rank: int) -> None:
-    """``TrainConfig.after_epoch`` hook: the first time ``at_rank`` finishes ``at_epoch``, its process dies."""
-    if epoch == at_epoch and rank == at_rank and not os.path.exists(marker):
+def die_once(marker: str, at_step: int, at_rank: int, *, step: int, rank: int) -> None:
+    """``TrainConfig.after_checkpoint`` hook: the first time ``at_rank`` reports ``at_step``, its process dies."""
+    if step == at_step and rank == at_rank and not os.path.exists(marker):
         Path(marker).touch()
         os._exit(1)
 
@@ -40,8 +42,28 @@ def test_warmup_then_cosine_to_zero():
     assert f(0) == pytest.approx(1 / 15) and f(14) == pytest.approx(1.0)
     values = [f(s) for s in range(15, 101)]
     assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0, abs=1e-9)
-    config = TrainConfig(stores=["x"], output="y", batch_size=16, workers=4)
+    config = TrainConfig(stores=["x"], output="y", batch_size=64, workers=4, base_lr=2e-4)
     assert config.peak_lr() == pytest.approx(2e-4 * (64 / 256) ** 0.5)
+    # the batch is global: more workers split it, the rate stays
+    assert TrainConfig(**{**config.__dict__, "workers": 1}).peak_lr() == config.peak_lr()
+
+
+def test_plateau_stops_after_patience_checks_without_a_real_improvement():
+    p = Plateau(patience=2, min_delta=0.01)
+    assert p.update(1.0, 10) and not p.stop
+    assert p.update(0.995, 20) and p.bad == 1  # a new best (its weights are kept) but not by 1%: no progress
+    assert not p.update(1.2, 30) and p.stop and (p.best, p.best_step) == (0.995, 20)
+    assert Plateau(**{**p.to_dict(), "patience": 0}).stop is False  # patience 0 trains to the budget
+
+
+def test_step_budget_grows_with_the_data_between_bounds():
+    assert step_budget(48, 32) == MIN_STEPS
+    assert step_budget(20_000, 32) == round(PASSES * 20_000 / 32)
+    assert step_budget(10**8, 32) == MAX_STEPS
+    config = TrainConfig(stores=["x"], output="y", batch_size=32)
+    assert config.total_steps(1000) == step_budget(1000, 32)
+    assert TrainConfig(**{**config.__dict__, "epochs": 2.0}).total_steps(1000) == round(2 * 1000 / 32)
+    assert TrainConfig(**{**config.__dict__, "max_steps": 7, "epochs": 2.0}).total_steps(1000) == 7
 
 
 def test_synthetic_pairs_have_a_positional_artifact():
@@ -110,8 +132,10 @@ def test_stores_of_another_backbone_or_empty_are_refused(tmp_path):
     FeatureStore.create(empty, StoreLayout(**{**layout.to_attrs(), "stage1": {}}), ["x.png", "y.png"])
     with pytest.raises(StoreError, match="no finished images"):
         open_stores(TrainConfig(stores=[a, empty], output=str(tmp_path / "out")))
-    with pytest.raises(ValueError, match="cannot fill one batch"):
-        run_training(TrainConfig(stores=[a], output=str(tmp_path / "out"), batch_size=8, workers=2))
+    with pytest.raises(ValueError, match="cannot give each of 16 workers one"):
+        run_training(TrainConfig(stores=[a], output=str(tmp_path / "out"), batch_size=16, workers=16))
+    with pytest.raises(ValueError, match="multiple of --workers"):
+        run_training(TrainConfig(stores=[a], output=str(tmp_path / "out"), batch_size=6, workers=4))
 
 
 @pytest.mark.slow
@@ -120,28 +144,34 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume_on_rerun(ray_local
     store = write_synthetic_store(str(tmp_path / "pairs.zarr"), 40, channels=64, grid=(4, 4))
     output = f"{s3_bucket}/denoisers/synthetic"
     marker = str(tmp_path / "worker-died")
-    config = TrainConfig(stores=[store.url], output=output, epochs=4, batch_size=4, workers=2, cpus_per_worker=0.5,
-                         lr=3e-3, val_fraction=0.2, max_failures=2,
-                         after_epoch=functools.partial(die_once, marker, 1, 1))
+    config = TrainConfig(stores=[store.url], output=output, max_steps=16, eval_every=4, patience=0, batch_size=8,
+                         workers=2, cpus_per_worker=0.5, lr=3e-3, warmup_fraction=0.25, val_fraction=0.2, max_failures=2,
+                         after_checkpoint=functools.partial(die_once, marker, 8, 1))
     summary = run_training(config)
     assert os.path.exists(marker), "no worker died: the resume was not tested"
-    # Ray Train restores the latest checkpoint its controller registered: epoch 1's, or epoch 0's if the worker
-    # died before the controller polled the epoch-1 report. Either way the epochs continue from there.
-    assert summary.resumed_from in ([0], [1]), f"the run did not resume from a checkpoint: {summary.resumed_from}"
-    assert [h["epoch"] for h in summary.history] == [0, 1, 2, 3]
+    # Ray Train restores the latest checkpoint its controller registered: step 8's, or step 4's if the worker
+    # died before the controller polled the step-8 report. Either way the steps continue from there.
+    assert summary.resumed_from in ([4], [8]), f"the run did not resume from a checkpoint: {summary.resumed_from}"
+    assert [h["step"] for h in summary.history] == [4, 8, 12, 16] and summary.steps == 16
     val = [h["val_loss"] for h in summary.history]
     assert val[-1] < 0.6 * val[0], f"validation loss did not fall: {val}"
     assert summary.num_val >= 1 and summary.num_train + summary.num_val == 40
-    # the exported file (on S3) reproduces the run's last validation score
+    # the exported file (on S3) holds the best held-out weights, and says so
     denoiser, spec = load_denoiser(summary.denoiser)
-    assert spec.backbone == "synthetic" and spec.training["num_train"] == summary.num_train and len(spec.training["history"]) == 4
+    stopping = spec.training["stopping"]
+    assert spec.backbone == "synthetic" and spec.training["num_train"] == summary.num_train
+    assert len(spec.training["history"]) == 4 and spec.training["batch_size"] == 8 and spec.training["workers"] == 2
+    assert (stopping["reason"], stopping["budget_steps"], stopping["exported_step"]) == ("budget", 16, stopping["best_step"])
+    assert stopping["best_val_loss"] == pytest.approx(min(val))
     _, val_ids = split_ids(store, 0.2)
     pairs = store.get(val_ids, torch=True)
     with torch.no_grad():
         pred = denoiser(pairs["raw"].float())
     mse = ((pred - pairs["clean"].float()) ** 2).flatten(1).mean(1).mean().item()
-    assert mse == pytest.approx(summary.history[-1]["val_mse"], rel=1e-4)
-    # re-running with more epochs continues from the latest checkpoint (here on one worker)
-    more = run_training(TrainConfig(**{**config.__dict__, "epochs": 5, "workers": 1, "cpus_per_worker": 1.0,
-                                       "after_epoch": None}))
-    assert more.resumed_from == [*summary.resumed_from, 3] and [h["epoch"] for h in more.history] == [0, 1, 2, 3, 4]
+    assert mse == pytest.approx(stopping["val_mse"], rel=1e-4)
+    # re-running with a larger budget continues from the latest checkpoint, here on one worker: the same global
+    # batch, so the same learning rate and steps
+    more = run_training(TrainConfig(**{**config.__dict__, "max_steps": 20, "workers": 1, "cpus_per_worker": 1.0,
+                                       "after_checkpoint": None}))
+    assert more.resumed_from == [*summary.resumed_from, 16] and [h["step"] for h in more.history] == [4, 8, 12, 16, 20]
+    assert load_denoiser(more.denoiser)[1].training["lr"] == spec.training["lr"]
