@@ -338,8 +338,10 @@ def part_train(run) -> None:
                           unit=16)
     written = time.monotonic() - t0
     out = str(STATE["work"] / "train")
+    steps_per_pass = max(1, cfg.train_images // cfg.train_batch)
     args = ["--stores", url, "--output", out, "--epochs", str(cfg.train_epochs), "--batch-size", str(cfg.train_batch),
-            "--workers", "1", "--val-fraction", "0", "--overwrite", "--gpu" if device.type == "cuda" else "--cpu"]
+            "--eval-every", str(steps_per_pass), "--patience", "0", "--workers", "1", "--val-fraction", "0",
+            "--overwrite", "--gpu" if device.type == "cuda" else "--cpu"]
     release(device)
     sampler = GpuSampler(device)
     try:
@@ -350,14 +352,19 @@ def part_train(run) -> None:
                                "batch": cfg.train_batch, "epochs": cfg.train_epochs, "store_write_s": round(written, 1),
                                **job, "gpu": sampler.summary()}
     if job["rc"] == 0:
+        # One history entry per held-out check (here: per pass); the first interval pays for the workers' start.
         history = read_spec(f"{out}/denoiser.safetensors").training.get("history", [])
         for h in history:
-            run.row(epoch=h["epoch"], steps=h["steps"], samples_per_s=round(h["samples_per_s"], 2),
-                    data_wait=round(h["data_wait_fraction"], 4),
-                    data_wait_after_first_batch=round(h["data_wait_fraction_after_first_batch"], 4),
-                    first_batch_s=round(h["first_batch_s"], 3))
+            run.row(step=h["step"], epoch=round(h["epoch"], 2), samples_per_s=round(h["samples_per_s"], 2),
+                    data_wait=round(h["data_wait_fraction"], 4), first_batch_s=round(h["first_batch_s"], 3))
         if history:
-            summary.update(samples_per_s_last_epoch=round(history[-1]["samples_per_s"], 2),
-                           data_wait_last_epoch=round(history[-1]["data_wait_fraction"], 4))
+            later = history[1:] or history
+            seconds = sum(h["seconds"] for h in history)
+            summary.update(
+                samples_per_s_after_first_check=round(
+                    sum(h["samples_per_s"] * h["seconds"] for h in later) / max(sum(h["seconds"] for h in later), 1e-9), 2),
+                data_wait_run=round(sum(h["data_wait_s"] for h in history) / max(seconds, 1e-9), 4),
+                data_wait_after_first_batch=round((sum(h["data_wait_s"] for h in history) - history[0]["first_batch_s"])
+                                                  / max(seconds - history[0]["first_batch_s"], 1e-9), 4))
     run.part()["summary"] = summary
     run.save()

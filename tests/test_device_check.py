@@ -69,9 +69,11 @@ def test_smoke_run_measures_every_part(tmp_path):
                                                    abs=1e-3)
     apply = parts["apply_job"]["summary"]
     assert apply["rc"] == 0 and apply["ok"] == apply["images"] and _positive(apply["ratio_steady"])
-    epochs = parts["train"]["rows"]
-    assert [r["epoch"] for r in epochs] == [0, 1]
-    assert all(_positive(r["samples_per_s"]) and 0 <= r["data_wait"] <= 1 for r in epochs)
+    checks = parts["train"]["rows"]  # one per pass: 16 images in global batches of 4, 2 passes
+    assert [(r["step"], r["epoch"]) for r in checks] == [(4, 1.0), (8, 2.0)]
+    assert all(_positive(r["samples_per_s"]) and 0 <= r["data_wait"] <= 1 for r in checks)
+    train = parts["train"]["summary"]
+    assert _positive(train["samples_per_s_after_first_check"]) and 0 <= train["data_wait_run"] <= 1
 
     goals = {g["goal"]: g for g in report["goals"]}
     assert len(goals) == 5 and all({"target", "value", "met"} <= set(g) for g in goals.values())
