@@ -17,8 +17,9 @@ Presets (``Stage1Config.preset(name)``):
 
 * ``paper``: the reference (768 views, hash grid 16 levels 16..1024 x 8 features, table 2^20, MLP head,
   20k steps of 2048 tokens, lr 0.01 -> 0.001).
-* ``default``: the same noise model solved in closed form, where the cost is a few dozen ViT passes: 24 views,
-  ``F`` a dense bilinear grid (two nodes per patch), ``G`` per grid position, fitted by weighted least squares
+* ``default``: the same noise model solved in closed form, where the cost is a few dozen ViT passes: 24 views
+  of 30-70% of the image's area (closer to the full view's scale than the reference's 10-50%, so a crop's
+  patches see content nearer to what the clean map is read at), ``F`` a dense bilinear grid (two nodes per patch), ``G`` per grid position, fitted by weighted least squares
   in which the full view leads ``F`` (a crop's patch sees finer content than the full view's), DINOv2-style
   high-norm tokens are left to the residual ``h`` (the part ``F + G`` does not explain), and a light membrane
   term fills ``F`` where those tokens were. No gradient steps: on the synthetic families they made the clean
@@ -142,7 +143,7 @@ class Stage1Config:
 PRESETS: dict[str, Stage1Config] = {
     "paper": Stage1Config(),
     "default": Stage1Config(
-        views=ViewConfig(num_views=24), field=FieldConfig(kind="grid", grid_factor=2), steps=0,
+        views=ViewConfig(num_views=24, scale=(0.3, 0.7)), field=FieldConfig(kind="grid", grid_factor=2), steps=0,
         linear_solve_iters=30, full_view_weight=10.0, high_norm=2.5, field_smooth=0.03),
     # A tiny schedule for tests and smoke runs (seconds on a CPU).
     "ci": Stage1Config(
