@@ -56,8 +56,13 @@ class StoreInfo:
             lines.append("  failures:")
             lines += [f"    {n:6d} x {reason}" for reason, n in self.failures]
         lines.append(f"  weights:  {describe_weights(a.get('weights'))}")
-        lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}, "
-                     f"{json.dumps(a.get('stage1', {}), sort_keys=True)}")
+        record = a.get("stage1") or {}
+        if "method" in record or record.get("stage") == 2:  # a method other than stage 1 (pipeline.methods)
+            lines.append(f"  method:   {record.get('method', 'denoiser')}, seed {a.get('seed', 'not recorded')}, "
+                         f"{json.dumps(record, sort_keys=True)}")
+        else:
+            lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}, "
+                         f"{json.dumps(record, sort_keys=True)}")
         if self.lease:
             lines.append(f"  in use:   by {self.lease}")
         return "\n".join(lines)
