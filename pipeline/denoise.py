@@ -77,7 +77,8 @@ class DenoiseConfig:
         copies, max_shift: ``average``'s forward passes per image and largest shift in patches.
         artifact: ``bias``'s artifact file (from ``dvt artifact``).
         denoiser: ``denoiser``'s file (from ``dvt train``); the run is then exactly ``dvt apply``.
-        upsample: also store ``F`` on a grid this many times finer (array ``clean_hr``; ``dvt`` only).
+        upsample: also store ``F`` on a grid this many times finer (array ``clean_x2`` or ``clean_x4``, ``dvt``
+            only; :meth:`pipeline.store.StoreLayout.fine_geometry` says where its nodes lie).
     """
 
     images: str
@@ -132,7 +133,7 @@ class DenoiseConfig:
         if self.method != "dvt":
             return ("raw", "clean")
         arrays = ("raw", "clean", "artifact") if self.keep_artifact else ("raw", "clean")
-        return arrays + (("clean_hr",) if self.upsample > 1 else ())
+        return arrays + ((f"clean_x{self.upsample}",) if self.upsample > 1 else ())
 
 
 #: What a denoise run did (the shared :class:`pipeline.image_job.JobSummary`).
@@ -162,9 +163,10 @@ class Stage1Worker(ImageBatchWorker):
 
     def process(self, ids: list[int], images: torch.Tensor) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         results = fit_images(self.backbone, images, self.stage1, image_ids=ids, seed=self.config.seed)
+        fine = f"clean_x{self.stage1.clean_upsample}"
         return [({"seconds": r.seconds, "losses": r.losses,
                   "stats": {"residual_norm_mean": r.residual_norm_mean, "residual_norm_max": r.residual_norm_max}},
-                 {"raw": r.raw, "clean": r.clean, "artifact": r.artifact}) for r in results]
+                 {"raw": r.raw, "clean": r.clean, "artifact": r.artifact, fine: r.clean_fine}) for r in results]
 
 
 # ---------------------------------------------------------------------------------------------- driver

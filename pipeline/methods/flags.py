@@ -23,4 +23,4 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--artifact", default=None, help="bias: artifact file from `dvt artifact`")
     group.add_argument("--denoiser", default=None, help="denoiser: file from `dvt train`")
     group.add_argument("--upsample", type=int, choices=(1, 2, 4), default=1,
-                       help="dvt: also store the clean field F on a grid 2 or 4 times finer (array clean_hr)")
+                       help="dvt: also store the clean field F on a grid 2 or 4 times finer (array clean_x2 or clean_x4)")

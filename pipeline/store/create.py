@@ -21,7 +21,7 @@ from ..storage import filesystem, storage_errors, zarr_location
 from .errors import StoreError, StoreMismatchError
 from .info import _human
 from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, _check_format, _read_attrs,
-                     field_differences)
+                     field_differences, upsample_factor)
 from .lease import LEASE_FILE
 
 if TYPE_CHECKING:
@@ -99,10 +99,14 @@ def _initialise(cls: type[FeatureStore], url: str, fs: Any, root: str, layout: S
     n = listing.num_rows
     compressors = None if layout.compressor is None else zarr.codecs.ZstdCodec(level=1)
     for name in layout.arrays:
+        shape = layout.array_shape(name)
+        attributes = {"description": DESCRIPTIONS.get(name, name)}
+        if upsample_factor(name) > 1:
+            attributes = {"description": f"clean features (stage-1 F) on a {upsample_factor(name)}x finer grid",
+                          **layout.fine_geometry(name)}
         group.create_array(
-            name, shape=(n, *layout.image_shape), chunks=(1, *layout.image_shape), dtype=layout.dtype,
-            fill_value=float("nan"), dimension_names=DIMS, compressors=compressors,
-            attributes={"description": DESCRIPTIONS.get(name, name)})
+            name, shape=(n, *shape), chunks=(1, *shape), dtype=layout.dtype,
+            fill_value=float("nan"), dimension_names=DIMS, compressors=compressors, attributes=attributes)
     group.create_group("manifest", attributes={"description": "Parquet ledger, not Zarr: listing.parquet and "
                                                               "parts/part-*.parquet; see docs/store.md"})
     put_atomic(fs, f"{root}/{LISTING_FILE}", _parquet_bytes(listing))
@@ -176,8 +180,8 @@ def _append(cls: type[FeatureStore], url: str, attrs: dict[str, Any], layout: St
     if table.num_rows != old.num_rows:
         n = table.num_rows
         _log.info("%s: listing grows from %d to %d images; resizing arrays", url, old.num_rows, n)
-        for arr in store._arrays.values():  # metadata only: existing chunk objects keep their keys
-            arr.resize((n, *layout.image_shape))
+        for name, arr in store._arrays.items():  # metadata only: existing chunk objects keep their keys
+            arr.resize((n, *layout.array_shape(name)))
         put_atomic(store.fs, f"{store.root}/{LISTING_FILE}", _parquet_bytes(table))
         new_attrs["num_rows"] = n
     if new_attrs:

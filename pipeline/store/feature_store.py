@@ -54,9 +54,9 @@ class FeatureStore:
         # "is it all NaN?" scan (slow on float16) by declaring empty chunks worth writing.
         self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in self.layout.arrays}
         for name, arr in self._arrays.items():
-            if arr.shape != (self.num_rows, *self.layout.image_shape):
+            if arr.shape != (self.num_rows, *self.layout.array_shape(name)):
                 raise StoreError(f"{self.url}: array {name!r} has shape {arr.shape}, the store's attributes say "
-                                 f"{(self.num_rows, *self.layout.image_shape)}; an append was interrupted: run "
+                                 f"{(self.num_rows, *self.layout.array_shape(name))}; an append was interrupted: run "
                                  f"FeatureStore.create again with the same listing.")
         self._listing: pa.Table | None = None
         self._manifest: pa.Table | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from .. import __version__
 from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol
 from .errors import StoreError, StoreNotFoundError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights",
+__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights", "upsample_factor",
            "field_differences"]
 
 FORMAT = "dvt-feature-store"
@@ -25,6 +26,14 @@ DESCRIPTIONS = {
     "clean": "denoised features (stage-1 neural field F)",
     "artifact": "position-dependent artifact term (stage-1 G)",
 }
+#: ``clean_x2``, ``clean_x4``: stage 1's clean field F read out on a grid that many times finer (``--upsample``).
+FINE_ARRAY = re.compile(r"^clean_x([0-9]+)$")
+
+
+def upsample_factor(name: str) -> int:
+    """How many times finer than the patch grid an array is: ``k`` for ``clean_x<k>``, else 1."""
+    match = FINE_ARRAY.match(name)
+    return int(match.group(1)) if match else 1
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,23 @@ class StoreLayout:
     def image_shape(self) -> tuple[int, int, int]:
         """Shape of one image's entry in every array: ``(gh, gw, C)``."""
         return (*self.grid, self.channels)
+
+    def array_shape(self, name: str) -> tuple[int, int, int]:
+        """Shape of one image's entry in array ``name``: :attr:`image_shape`, or for ``clean_x<k>`` the fine grid
+        ``(k * (gh - 1) + 1, k * (gw - 1) + 1, C)`` spanning the first to the last patch centre."""
+        k = upsample_factor(name)
+        if k == 1:
+            return self.image_shape
+        gh, gw = self.grid
+        return (k * (gh - 1) + 1, k * (gw - 1) + 1, self.channels)
+
+    def fine_geometry(self, name: str) -> dict[str, Any]:
+        """Where the nodes of a ``clean_x<k>`` array lie, in image coordinates (``[0, 1]``, ``(x, y)``, the
+        convention of :mod:`pipeline.views`): node ``(i, j)`` is at ``first + (j, i) * step``."""
+        k = upsample_factor(name)
+        (h, w), p, s = self.input_size, self.patch_size, self.stride
+        return {"upsample": k, "grid": list(self.array_shape(name)[:2]), "first": [p / 2 / w, p / 2 / h],
+                "step": [s / k / w, s / k / h]}
 
     @property
     def image_nbytes(self) -> int:

@@ -126,10 +126,10 @@ def _unit_arrays(store: FeatureStore, recs: list[ImageRecord], arrays: Mapping[s
         a = _to_numpy(arrays[name], layout.dtype)
         if a.ndim == 4 and len(a) == len(recs) and len(recs) != len(ok_idx):
             a = a[ok_idx]
-        if a.shape != (len(ok_idx), *layout.image_shape):
+        if a.shape != (len(ok_idx), *layout.array_shape(name)):
             raise StoreMismatchError(
                 f"array {name!r}: got shape {a.shape} for {len(ok_idx)} ok images of {len(recs)}; the store "
-                f"{store.url} holds {layout.image_shape} per image (backbone {layout.backbone}, grid "
+                f"{store.url} holds {layout.array_shape(name)} per image (backbone {layout.backbone}, grid "
                 f"{_x(layout.grid)}, {layout.channels} channels)")
         out[name] = a
     finite = np.ones(len(ok_idx), dtype=bool)
