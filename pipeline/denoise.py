@@ -77,6 +77,7 @@ class DenoiseConfig:
         copies, max_shift: ``average``'s forward passes per image and largest shift in patches.
         artifact: ``bias``'s artifact file (from ``dvt artifact``).
         denoiser: ``denoiser``'s file (from ``dvt train``); the run is then exactly ``dvt apply``.
+        compress: ``"int8"`` keeps the store's features as int8 codes (:mod:`pipeline.store.compact`).
         upsample: also store ``F`` on a grid this many times finer (array ``clean_x2`` or ``clean_x4``, ``dvt``
             only; :meth:`pipeline.store.StoreLayout.fine_geometry` says where its nodes lie).
     """
@@ -112,6 +113,7 @@ class DenoiseConfig:
     artifact: str | None = None
     denoiser: str | None = None
     upsample: int = 1
+    compress: str | None = None
 
     def backbone_config(self) -> BackboneConfig:
         return BackboneConfig(model=self.model, weights=self.weights, block=self.block, stride=self.stride,
@@ -186,7 +188,8 @@ def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> Sto
         geometry = StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays()).geometry()
         record, version = method_record(config, geometry, weights), None
     return StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays(), dtype=config.dtype,
-                                     stage1=record, weights=weights, seed=config.seed, stage1_version=version)
+                                     stage1=record, weights=weights, seed=config.seed, stage1_version=version,
+                                     compact={"kind": config.compress} if config.compress else None)
 
 
 def _check_flags(config: DenoiseConfig) -> None:

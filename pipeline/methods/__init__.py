@@ -62,6 +62,9 @@ def check_method(config: DenoiseConfig) -> None:
             average_config(config)
         except ValueError as e:
             raise JobConfigError(f"--copies/--max-shift: {e}") from None
+    if config.compress not in (None, "int8"):
+        raise JobConfigError(f"--compress {config.compress!r}: a job can write int8 only; PCA needs a basis fitted on "
+                             f"features first: write a plain store, then `dvt store convert SRC DST --compress pca`")
     if config.upsample != 1 and config.method != "dvt":
         raise JobConfigError(f"--upsample reads stage 1's continuous field F on a finer grid: it needs --method dvt, "
                              f"not --method {config.method}")

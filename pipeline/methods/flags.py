@@ -22,5 +22,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"average: largest shift in patches (default {AverageConfig.max_shift:g})")
     group.add_argument("--artifact", default=None, help="bias: artifact file from `dvt artifact`")
     group.add_argument("--denoiser", default=None, help="denoiser: file from `dvt train`")
+    group.add_argument("--compress", choices=("int8",), default=None,
+                       help="keep features as int8 with per-image, per-channel scale and offset (about half the "
+                            "bytes of float16; reads decode it). PCA: `dvt store convert`")
     group.add_argument("--upsample", type=int, choices=(1, 2, 4), default=1,
                        help="dvt: also store the clean field F on a grid 2 or 4 times finer (array clean_x2 or clean_x4)")

@@ -46,6 +46,8 @@ class StoreInfo:
             f"patch {a.get('patch_size')} stride {a.get('stride')}, grid {_x(a.get('grid'))} x {a.get('channels')} "
             f"channels, {a.get('dtype')}",
         ]
+        if a.get("compact"):
+            lines.append(f"  compact:  {json.dumps(a['compact'], sort_keys=True)} (reads decode it; docs/store.md)")
         for name, arr in self.arrays.items():
             lines.append(f"  array {name:9s} shape {tuple(arr['shape'])} {arr['dtype']} chunks {tuple(arr['chunks'])}"
                          f" compressor {arr['compressor']}")

@@ -19,7 +19,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "d
            "field_differences"]
 
 FORMAT = "dvt-feature-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compact stores (pipeline.store.compact); plain stores are still written as 1
 DIMS = ("image", "y", "x", "channel")
 DESCRIPTIONS = {
     "raw": "backbone features as computed, artifacts included",
@@ -51,6 +51,7 @@ class StoreLayout:
         arrays: array names; ``clean`` always, ``raw`` (needed to train on the store), ``artifact`` and more
             optionally.
         compressor: ``None`` (chunk object = raw little-endian bytes) or ``"zstd"``.
+        compact: ``None``, or how the feature arrays are kept smaller (:mod:`pipeline.store.compact`).
         stage1: the stage-1 configuration, recorded as given (JSON-serialisable); for ``dvt apply`` stores, the
             denoiser (file, SHA-1, architecture).
         weights: the backbone's weights identity (:func:`pipeline.weights.weights_identity`); never mixed.
@@ -72,11 +73,12 @@ class StoreLayout:
     weights: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     seed: int | None = field(default=None, compare=False)
     stage1_version: int | None = field(default=None, compare=False)
+    compact: Mapping[str, Any] | None = None
 
     #: Settings that decide what the numbers in the arrays mean; never mixed within one store.
     GEOMETRY = ("backbone", "block", "input_size", "patch_size", "stride", "grid", "channels")
     #: Never mixed either: a store holds features of one network, in one storage type.
-    FIXED = (*GEOMETRY, "dtype", "arrays", "weights")
+    FIXED = (*GEOMETRY, "dtype", "arrays", "weights", "compact")
     #: How the rows were computed: another value is refused unless a run allows a configuration change.
     RUN = ("stage1", "seed", "stage1_version")
 
@@ -95,6 +97,11 @@ class StoreLayout:
         bad = [a for a in self.arrays if not a.isidentifier() or a == "manifest"]
         if bad:
             raise ValueError(f"array names must be identifiers other than 'manifest': {bad}")
+        if self.compact is not None:
+            from .compact import check_compact
+
+            object.__setattr__(self, "compact", _jsonable(dict(self.compact)))
+            check_compact(self.compact, self.channels)
         if self.compressor not in (None, "zstd"):
             raise ValueError(f"compressor must be None or 'zstd', got {self.compressor!r}")
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..manifest import STATUS_FAILED, STATUS_OK, ImageRecord, unit_id, write_part
 from ..storage import storage_errors
+from .compact import encode
 from .errors import StoreError, StoreMismatchError
 from .info import _x
 
@@ -97,6 +98,8 @@ def write_unit(store: FeatureStore, records: Sequence[ImageRecord | Mapping[str,
         raise ValueError(f"image ids {out[:5].tolist()} are outside the store's {store.num_rows} rows: grow the "
                          f"listing on the driver (FeatureStore.create) before the run")
     data = _unit_arrays(store, recs, arrays or {})
+    if store.layout.compact and data:
+        data = encode(store, data)  # validated features in, the arrays a compact store keeps out
     if any(r.uri is None for r in recs):
         uris = store.listing()["uri"]
         for r in recs:
