@@ -107,3 +107,24 @@ def test_denoise_writes_int8_directly_and_refuses_pca(tmp_path):
     assert store_layout(dataclasses.replace(base, compress="int8")).compact == {"kind": "int8"}
     with pytest.raises(JobConfigError, match="PCA needs a basis"):
         check_denoise(dataclasses.replace(base, compress="pca"))
+
+
+def test_the_documented_zarr_and_xarray_decoding_gives_the_features(tmp_path):
+    import xarray as xr
+
+    data = _features(5)
+    store = _write(str(tmp_path / "int8.zarr"), dataclasses.replace(LAYOUT, compact={"kind": "int8"}), data)
+    expected = store.get(np.arange(5))["clean"].astype(np.float32)
+    ds = xr.open_zarr(store.url, consolidated=False)
+    clean = (ds.clean_int8 * ds.clean_scale + ds.clean_offset).transpose("image", "y", "x", "channel").values
+    np.testing.assert_allclose(clean, expected, rtol=2e-3, atol=1e-3)
+    plain = _write(str(tmp_path / "plain.zarr"), LAYOUT, data)
+    pca = convert_store(plain.url, str(tmp_path / "pca.zarr"), CompactConfig("pca", k=8, sample=5))
+    g = zarr.open_group(pca.url, mode="r")
+    coef = g["clean_pca"].get_orthogonal_selection((np.arange(5),)).astype("f4")
+    by_hand = coef @ g["clean_pca_basis"][...].T + g["clean_pca_mean"][...]
+    decoded = pca.get(np.arange(5))["clean"].astype(np.float32)
+    np.testing.assert_allclose(by_hand, decoded, rtol=2e-3, atol=2e-2)
+    ds = xr.open_zarr(pca.url, consolidated=False)
+    with_xarray = xr.dot(ds.clean_pca.astype("f4"), ds.clean_pca_basis, dim="component") + ds.clean_pca_mean
+    np.testing.assert_allclose(with_xarray.transpose("image", "y", "x", "channel").values, decoded, rtol=2e-3, atol=2e-2)

@@ -59,6 +59,17 @@ def description(name: str) -> str | None:
     return None
 
 
+def dimension_names(name: str, ndim: int) -> tuple[str, ...]:
+    """xarray's dims of a store array: PCA coefficients run over ``component``, not ``channel``."""
+    if name.endswith("_pca_basis"):
+        return ("channel", "component")
+    if name.endswith("_pca_mean"):
+        return ("channel",)
+    if name.endswith("_pca"):
+        return ("image", "y", "x", "component")
+    return ("image", "y", "x", "channel") if ndim == 4 else ("image", "channel")
+
+
 def storage_arrays(layout: StoreLayout) -> dict[str, tuple[tuple[int, ...], str, bool]]:
     """Every Zarr array of a store: ``name -> (shape of one row or of the whole array, dtype, one row per image)``."""
     out: dict[str, tuple[tuple[int, ...], str, bool]] = {}

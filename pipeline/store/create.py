@@ -19,6 +19,7 @@ from .. import __version__
 from ..manifest import LISTING_FILE, extend_listing, put_atomic
 from ..storage import filesystem, storage_errors, zarr_location
 from .compact import description as describe_compact
+from .compact import dimension_names as compact_dims
 from .compact import storage_arrays
 from .errors import StoreError, StoreMismatchError
 from .info import _human
@@ -108,8 +109,7 @@ def _initialise(cls: type[FeatureStore], url: str, fs: Any, root: str, layout: S
         shape, chunks = ((n, *row), (1, *row)) if per_image else (row, row)
         group.create_array(
             name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0 if dtype == "int8" else float("nan"),
-            dimension_names=DIMS[-len(shape):] if per_image else None, compressors=compressors,
-            attributes=attributes)
+            dimension_names=compact_dims(name, len(shape)), compressors=compressors, attributes=attributes)
     group.create_group("manifest", attributes={"description": "Parquet ledger, not Zarr: listing.parquet and "
                                                               "parts/part-*.parquet; see docs/store.md"})
     put_atomic(fs, f"{root}/{LISTING_FILE}", _parquet_bytes(listing))
