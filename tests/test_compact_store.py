@@ -128,3 +128,10 @@ def test_the_documented_zarr_and_xarray_decoding_gives_the_features(tmp_path):
     ds = xr.open_zarr(pca.url, consolidated=False)
     with_xarray = xr.dot(ds.clean_pca.astype("f4"), ds.clean_pca_basis, dim="component") + ds.clean_pca_mean
     np.testing.assert_allclose(with_xarray.transpose("image", "y", "x", "channel").values, decoded, rtol=2e-3, atol=2e-2)
+
+
+def test_a_pca_store_without_its_basis_refuses_to_write(tmp_path):
+    layout = dataclasses.replace(LAYOUT, compact={"kind": "pca", "k": 4})
+    store = FeatureStore.create(str(tmp_path / "nobasis.zarr"), layout, ["a.png"])
+    with pytest.raises(StoreError, match="PCA basis of 'raw' was never written"):
+        store.write_unit([{"image_id": 0}], {k: v[:1] for k, v in _features(1).items()})

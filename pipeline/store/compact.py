@@ -120,8 +120,12 @@ def dequantize(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dtype: str 
 def _basis(store: FeatureStore, name: str) -> tuple[np.ndarray, np.ndarray]:
     cache = store.__dict__.setdefault("_pca_basis", {})
     if name not in cache:
-        cache[name] = (np.asarray(store._arrays[f"{name}_pca_basis"][...], dtype=np.float32),
-                       np.asarray(store._arrays[f"{name}_pca_mean"][...], dtype=np.float32))
+        basis = np.asarray(store._arrays[f"{name}_pca_basis"][...], dtype=np.float32)
+        mean = np.asarray(store._arrays[f"{name}_pca_mean"][...], dtype=np.float32)
+        if not (np.isfinite(basis).all() and np.isfinite(mean).all()):
+            raise StoreError(f"{store.url}: the PCA basis of {name!r} was never written; make PCA stores with "
+                             f"`dvt store convert` (pipeline.compact_store.convert_store)")
+        cache[name] = (basis, mean)
     return cache[name]
 
 
