@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.decode import DecodeConfig
 from pipeline.denoise import DEFAULT_MODEL, DenoiseConfig, run_denoise
 from pipeline.failures import EXIT_SOME_FAILED
+from pipeline.methods.flags import add_method_arguments
 from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.stage1 import PRESETS
 
@@ -73,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the preset)")
     fit.add_argument("--seed", type=int, default=0, help="seed for views and random draws")
     add_amp_argument(fit)
+    add_method_arguments(parser)
     run = parser.add_argument_group("resources")
     run.add_argument("--images-per-batch", type=int, default=None,
                      help="images per store unit, fitted together (default: 4 on CPUs; on GPUs units of 16, fitted "

@@ -57,7 +57,7 @@ def _from_store(args: argparse.Namespace) -> tuple[FeatureSet, str]:
         from pipeline.store import FeatureStore
 
         fs.clean = store_features(FeatureStore.open(args.stage2_store), fs.uris, "clean")
-        fs.artifact = None  # G and the residual belong to stage 1
+        fs.artifact = fs.clean_fine = None  # G, the residual and the fine grid belong to stage 1
         label = "stage-2"
     return fs, label
 
@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     fs, label = _from_store(args) if args.store else _from_images(args)
     rows = [PanelRow(raw=fs.raw[i], clean=None if fs.clean is None else fs.clean[i],
                      artifact=None if fs.artifact is None else fs.artifact[i],
-                     image=fs.images[i] if fs.images else None, title=fs.titles[i]) for i in range(len(fs))]
+                     image=fs.images[i] if fs.images else None, title=fs.titles[i],
+                     clean_fine=None if fs.clean_fine is None else fs.clean_fine[i]) for i in range(len(fs))]
     config = PanelConfig(clusters=args.clusters, cell=args.cell, denoised_label=label, seed=args.seed)
     out = Path(args.out)
     source = args.store or args.images

@@ -23,11 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compact = sub.add_parser("compact", help="merge the manifest parts into one object (takes the store's lease: "
                                              "refused while a job writes)")
     compact.add_argument("url", help="store URL")
+    convert = sub.add_parser("convert", help="copy a finished store into a compact one (int8 codes, or PCA to K "
+                                             "channels fitted on a sample); reads decode it")
+    convert.add_argument("src", help="finished plain store")
+    convert.add_argument("dst", help="new store URL")
+    convert.add_argument("--compress", choices=("int8", "pca"), required=True)
+    convert.add_argument("--pca-k", type=int, default=64, help="PCA channels kept (default 64)")
+    convert.add_argument("--sample", type=int, default=256, help="images the PCA is fitted on (default 256)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a store at DST")
 
 
 def run(args: argparse.Namespace) -> int:
     if not getattr(args, "action", None):
-        sys.stderr.write("usage: dvt store {info,compact} URL\n")
+        sys.stderr.write("usage: dvt store {info,compact,convert} URL\n")
         return 2
     try:
         if args.action == "info":
@@ -38,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
             with StoreLease(store.url, "compact"):  # no job may write while parts are merged
                 merged = store.compact()
             _log.info("merged %d manifest parts of %s", merged, args.url)
+        elif args.action == "convert":
+            from pipeline.compact_store import CompactConfig, convert_store
+
+            convert_store(args.src, args.dst, CompactConfig(kind=args.compress, k=args.pca_k, sample=args.sample),
+                          overwrite=args.overwrite)
     except (StoreError, FileNotFoundError, PermissionError) as e:
         _log.error("%s", e)
         return 1

@@ -18,6 +18,7 @@ __all__ = ["JOBS", "build_parser", "main", "job_main"]
 #: Subcommand name -> module under ``jobs/``. Order is the order ``dvt --help`` lists them.
 JOBS: dict[str, str] = {
     "denoise": "jobs.denoise",
+    "artifact": "jobs.artifact",
     "train": "jobs.train_denoiser",
     "apply": "jobs.apply_denoiser",
     "distill": "jobs.distill",

@@ -32,6 +32,7 @@ from .image_job import ImageBatchWorker, JobSummary, fetch_bytes, list_uris, ope
 from .image_job import describe_backbone as _describe
 from .image_job import worker_resources
 from .job_checks import JobConfigError, check_job_flags, nothing_to_do, store_session
+from .methods import check_method, method_record, to_apply_config
 from .ray_runtime import init_ray
 from .stage1 import STAGE1_VERSION, Stage1Config, fit_images
 from .store import FeatureStore, StoreLayout, check_store
@@ -72,6 +73,13 @@ class DenoiseConfig:
         keep_artifact: also store ``G`` on the full-image grid (array ``artifact``).
         progress_every_s: seconds between progress lines.
         dashboard: start Ray's dashboard when this run starts a local Ray (:func:`pipeline.ray_runtime.init_ray`).
+        method: ``dvt`` (stage 1), ``average``, ``bias`` or ``denoiser`` (:mod:`pipeline.methods`).
+        copies, max_shift: ``average``'s forward passes per image and largest shift in patches.
+        artifact: ``bias``'s artifact file (from ``dvt artifact``).
+        denoiser: ``denoiser``'s file (from ``dvt train``); the run is then exactly ``dvt apply``.
+        compress: ``"int8"`` keeps the store's features as int8 codes (:mod:`pipeline.store.compact`).
+        upsample: also store ``F`` on a grid this many times finer (array ``clean_x2`` or ``clean_x4``, ``dvt``
+            only; :meth:`pipeline.store.StoreLayout.fine_geometry` says where its nodes lie).
     """
 
     images: str
@@ -99,6 +107,13 @@ class DenoiseConfig:
     progress_every_s: float = 30.0
     dashboard: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    method: str = "dvt"
+    copies: int = 8
+    max_shift: float = 2.0
+    artifact: str | None = None
+    denoiser: str | None = None
+    upsample: int = 1
+    compress: str | None = None
 
     def backbone_config(self) -> BackboneConfig:
         return BackboneConfig(model=self.model, weights=self.weights, block=self.block, stride=self.stride,
@@ -112,10 +127,15 @@ class DenoiseConfig:
             config = config.replace(steps=self.steps)
         if self.amp is not None:
             config = config.replace(amp_dtype=self.amp)
+        if self.upsample != 1:
+            config = config.replace(clean_upsample=self.upsample)
         return config
 
     def arrays(self) -> tuple[str, ...]:
-        return ("raw", "clean", "artifact") if self.keep_artifact else ("raw", "clean")
+        if self.method != "dvt":
+            return ("raw", "clean")
+        arrays = ("raw", "clean", "artifact") if self.keep_artifact else ("raw", "clean")
+        return arrays + ((f"clean_x{self.upsample}",) if self.upsample > 1 else ())
 
 
 #: What a denoise run did (the shared :class:`pipeline.image_job.JobSummary`).
@@ -145,9 +165,10 @@ class Stage1Worker(ImageBatchWorker):
 
     def process(self, ids: list[int], images: torch.Tensor) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         results = fit_images(self.backbone, images, self.stage1, image_ids=ids, seed=self.config.seed)
+        fine = f"clean_x{self.stage1.clean_upsample}"
         return [({"seconds": r.seconds, "losses": r.losses,
                   "stats": {"residual_norm_mean": r.residual_norm_mean, "residual_norm_max": r.residual_norm_max}},
-                 {"raw": r.raw, "clean": r.clean, "artifact": r.artifact}) for r in results]
+                 {"raw": r.raw, "clean": r.clean, "artifact": r.artifact, fine: r.clean_fine}) for r in results]
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -160,10 +181,15 @@ def describe_backbone(config: DenoiseConfig) -> Backbone:
 def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> StoreLayout:
     """What the run's store holds, and what decides its features: geometry, weights, stage-1 setup."""
     backbone = backbone or describe_backbone(config)
+    weights = weights_identity(config.backbone_config())
+    if config.method == "dvt":
+        record, version = dataclasses.asdict(config.stage1_config()), STAGE1_VERSION
+    else:  # the method's own record; the geometry it is checked against is the layout's
+        geometry = StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays()).geometry()
+        record, version = method_record(config, geometry, weights), None
     return StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays(), dtype=config.dtype,
-                                     stage1=dataclasses.asdict(config.stage1_config()),
-                                     weights=weights_identity(config.backbone_config()), seed=config.seed,
-                                     stage1_version=STAGE1_VERSION)
+                                     stage1=record, weights=weights, seed=config.seed, stage1_version=version,
+                                     compact={"kind": config.compress} if config.compress else None)
 
 
 def _check_flags(config: DenoiseConfig) -> None:
@@ -178,6 +204,7 @@ def check_denoise(config: DenoiseConfig) -> tuple[StoreLayout, list[str], bool]:
     same settings). Returns the layout, the listed URIs and whether a store is already there.
     """
     _check_flags(config)
+    check_method(config)
     if config.views is not None and config.views < 1:
         raise JobConfigError(f"--views must be at least 1 (stage 1 fits random views besides the full one), "
                              f"got {config.views}")
@@ -224,6 +251,11 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     """
     started = time.monotonic()
     _check_flags(config)
+    check_method(config)
+    if config.method == "denoiser":
+        from .apply import run_apply
+
+        return run_apply(to_apply_config(config))
     if nothing_to_do(config.limit):
         return JobSummary.nothing(config.output, "denoise")
     layout, uris, existed = check_denoise(config)
@@ -234,7 +266,10 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
                                                  retry_failed=config.retry_failed)
         gpus, cpus = _resources(config)
         config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
-        return run_image_job(job="denoise", store=store, covered=covered, pending=pending, worker=Stage1Worker,
+        from .methods.worker import MethodWorker
+
+        worker = Stage1Worker if config.method == "dvt" else MethodWorker
+        return run_image_job(job="denoise", store=store, covered=covered, pending=pending, worker=worker,
                              worker_kwargs={"config": config, "layout": store.layout.geometry()},
                              images_per_batch=config.images_per_batch or unit_size("denoise", gpus > 0),
                              workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s, started=started, lease=lease)

@@ -42,6 +42,7 @@ class FeatureSet:
     artifact: torch.Tensor | None = None
     images: list[torch.Tensor | None] | None = None
     titles: list[str] = field(default_factory=list)
+    clean_fine: torch.Tensor | None = None  # (N, gh', gw', C): a store's clean_x2 / clean_x4, when it has one
     uris: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -62,7 +63,7 @@ def load_store_rows(url: str, rows: Sequence[int] | None = None, *, limit: int |
                     images: bool = True, arrays: Sequence[str] | None = None) -> FeatureSet:
     """Rows of a feature store (default: every finished row, at most ``limit``) and, on request, their images
     read from the manifest's URIs and resized to the store's input size (``None`` where unreadable)."""
-    from .store import FeatureStore
+    from .store import FeatureStore, upsample_factor
 
     store = FeatureStore.open(url)
     ids = np.asarray(rows if rows is not None else store.ids(), dtype=np.int64)
@@ -84,8 +85,10 @@ def load_store_rows(url: str, rows: Sequence[int] | None = None, *, limit: int |
             except Exception as e:  # noqa: BLE001 - a missing picture leaves its panel blank
                 _log.warning("cannot read image %s (%s); its picture is left blank", uri, e)
                 pictures.append(None)
+    fine = [a for a in store.layout.arrays if upsample_factor(a) > 1]
     return FeatureSet(raw=data.get("raw"), clean=data.get("clean"), artifact=data.get("artifact"), images=pictures,
-                      titles=[f"{int(i)}: {_title(u)}" for i, u in zip(ids, uris)], uris=uris)
+                      titles=[f"{int(i)}: {_title(u)}" for i, u in zip(ids, uris)], uris=uris,
+                      clean_fine=store.read(fine[0], ids, torch=True) if fine and arrays is None else None)
 
 
 @torch.no_grad()

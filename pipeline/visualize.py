@@ -67,6 +67,7 @@ class PanelRow:
     artifact: torch.Tensor | None = None
     image: torch.Tensor | None = None  # (3, H, W) in [0, 1]
     title: str = ""
+    clean_fine: torch.Tensor | None = None  # clean on a finer grid (a store's clean_x2 / clean_x4)
 
 
 def pca_rgb(maps: Sequence[torch.Tensor], low: float = 0.01, high: float = 0.99) -> list[np.ndarray]:
@@ -164,6 +165,9 @@ def _columns(rows: Sequence[PanelRow], config: PanelConfig) -> list[tuple[str, s
                  (f"{name} K-means", "labels", kmeans_maps(clean, config.clusters, iters=config.kmeans_iters,
                                                            seed=config.seed, reference=raw_km)),
                  (f"{name} norm", "heat", norm_maps(clean))]
+        if all(r.clean_fine is not None for r in rows):
+            factor = (rows[0].clean_fine.shape[0] - 1) // max(1, rows[0].clean.shape[0] - 1)
+            cols.append((f"{name} PCA x{factor} grid", "rgb", pca_rgb([r.clean_fine.float() for r in rows])))
         if all(r.artifact is not None for r in rows):
             art = [r.artifact.float() for r in rows]
             cols += [("artifact G", "rgb", pca_rgb(art)),

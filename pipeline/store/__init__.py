@@ -29,11 +29,11 @@ from .create import check_store, remove_store
 from .errors import StoreError, StoreMismatchError, StoreNotFoundError
 from .feature_store import FeatureStore, _cached_store, _read_batch, _reopen
 from .info import StoreInfo
-from .layout import DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, describe_weights
+from .layout import DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, describe_weights, upsample_factor
 from .lease import LEASE_FILE, LeaseLostError, StoreBusyError, StoreLease, lease_holder
 from .writer import UnitWriter
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "StoreLayout", "FeatureStore", "UnitWriter", "StoreInfo",
            "StoreError", "StoreNotFoundError", "StoreMismatchError", "StoreBusyError", "LeaseLostError",
            "StoreLease", "LEASE_FILE", "ImageRecord", "check_store", "remove_store", "lease_holder",
-           "describe_weights"]
+           "describe_weights", "upsample_factor"]

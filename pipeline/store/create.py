@@ -18,10 +18,13 @@ import zarr
 from .. import __version__
 from ..manifest import LISTING_FILE, extend_listing, put_atomic
 from ..storage import filesystem, storage_errors, zarr_location
+from .compact import description as describe_compact
+from .compact import dimension_names as compact_dims
+from .compact import storage_arrays
 from .errors import StoreError, StoreMismatchError
 from .info import _human
 from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, _check_format, _read_attrs,
-                     field_differences)
+                     field_differences, upsample_factor)
 from .lease import LEASE_FILE
 
 if TYPE_CHECKING:
@@ -98,16 +101,20 @@ def _initialise(cls: type[FeatureStore], url: str, fs: Any, root: str, layout: S
     group = zarr.open_group(loc, mode="a", storage_options=so, attributes={"format": FORMAT, "creating": True})
     n = listing.num_rows
     compressors = None if layout.compressor is None else zarr.codecs.ZstdCodec(level=1)
-    for name in layout.arrays:
+    for name, (row, dtype, per_image) in storage_arrays(layout).items():
+        attributes = {"description": DESCRIPTIONS.get(name) or describe_compact(name) or name}
+        if upsample_factor(name) > 1:
+            attributes = {"description": f"clean features (stage-1 F) on a {upsample_factor(name)}x finer grid",
+                          **layout.fine_geometry(name)}
+        shape, chunks = ((n, *row), (1, *row)) if per_image else (row, row)
         group.create_array(
-            name, shape=(n, *layout.image_shape), chunks=(1, *layout.image_shape), dtype=layout.dtype,
-            fill_value=float("nan"), dimension_names=DIMS, compressors=compressors,
-            attributes={"description": DESCRIPTIONS.get(name, name)})
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0 if dtype == "int8" else float("nan"),
+            dimension_names=compact_dims(name, len(shape)), compressors=compressors, attributes=attributes)
     group.create_group("manifest", attributes={"description": "Parquet ledger, not Zarr: listing.parquet and "
                                                               "parts/part-*.parquet; see docs/store.md"})
     put_atomic(fs, f"{root}/{LISTING_FILE}", _parquet_bytes(listing))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION if layout.compact else 1, "package_version": __version__,
              "created": now, "updated": now, "num_rows": n, "dims": list(DIMS), "history": [],
              **layout.to_attrs()}
     group.attrs.put(attrs)  # replaces the "creating" marker last: the store is usable from here on
@@ -176,8 +183,9 @@ def _append(cls: type[FeatureStore], url: str, attrs: dict[str, Any], layout: St
     if table.num_rows != old.num_rows:
         n = table.num_rows
         _log.info("%s: listing grows from %d to %d images; resizing arrays", url, old.num_rows, n)
-        for arr in store._arrays.values():  # metadata only: existing chunk objects keep their keys
-            arr.resize((n, *layout.image_shape))
+        for name, (row, _, per_image) in storage_arrays(layout).items():  # metadata only: chunks keep their keys
+            if per_image:
+                store._arrays[name].resize((n, *row))
         put_atomic(store.fs, f"{store.root}/{LISTING_FILE}", _parquet_bytes(table))
         new_attrs["num_rows"] = n
     if new_attrs:

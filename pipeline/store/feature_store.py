@@ -21,6 +21,7 @@ import zarr
 
 from ..manifest import LISTING_FILE, STATUS_FAILED, STATUS_OK, ImageRecord, compact_parts, read_manifest
 from ..storage import filesystem, storage_errors, zarr_location
+from .compact import decode, storage_arrays, stored_names
 from .create import create_store
 from .errors import StoreError, StoreMismatchError
 from .info import StoreInfo, store_info
@@ -52,11 +53,13 @@ class FeatureStore:
         self.num_rows = int(self.attrs["num_rows"])
         # Workers only write chunks they fill completely, never the fill value: skip zarr's per-chunk
         # "is it all NaN?" scan (slow on float16) by declaring empty chunks worth writing.
-        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in self.layout.arrays}
+        specs = storage_arrays(self.layout)
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in specs}
         for name, arr in self._arrays.items():
-            if arr.shape != (self.num_rows, *self.layout.image_shape):
+            row, _, per_image = specs[name]
+            if arr.shape != ((self.num_rows, *row) if per_image else row):
                 raise StoreError(f"{self.url}: array {name!r} has shape {arr.shape}, the store's attributes say "
-                                 f"{(self.num_rows, *self.layout.image_shape)}; an append was interrupted: run "
+                                 f"{(self.num_rows, *row) if per_image else row}; an append was interrupted: run "
                                  f"FeatureStore.create again with the same listing.")
         self._listing: pa.Table | None = None
         self._manifest: pa.Table | None = None
@@ -257,8 +260,11 @@ class FeatureStore:
             arr = self._arrays[name]
             return arr[int(uniq[0]):int(uniq[-1]) + 1] if contiguous else arr.oindex[uniq]
 
+        stored = stored_names(self.layout, names)
         with storage_errors(self.url):
-            raw = dict(zip(names, self._executor().map(load, names)))
+            raw = dict(zip(stored, self._executor().map(load, stored)))
+            if self.layout.compact:
+                raw = decode(self, raw, names)
         out = {n: a[inverse] if len(uniq) != len(ids) or not np.array_equal(uniq, ids) else a for n, a in raw.items()}
         if torch:
             import torch as _torch

@@ -46,6 +46,8 @@ class StoreInfo:
             f"patch {a.get('patch_size')} stride {a.get('stride')}, grid {_x(a.get('grid'))} x {a.get('channels')} "
             f"channels, {a.get('dtype')}",
         ]
+        if a.get("compact"):
+            lines.append(f"  compact:  {json.dumps(a['compact'], sort_keys=True)} (reads decode it; docs/store.md)")
         for name, arr in self.arrays.items():
             lines.append(f"  array {name:9s} shape {tuple(arr['shape'])} {arr['dtype']} chunks {tuple(arr['chunks'])}"
                          f" compressor {arr['compressor']}")
@@ -56,8 +58,13 @@ class StoreInfo:
             lines.append("  failures:")
             lines += [f"    {n:6d} x {reason}" for reason, n in self.failures]
         lines.append(f"  weights:  {describe_weights(a.get('weights'))}")
-        lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}, "
-                     f"{json.dumps(a.get('stage1', {}), sort_keys=True)}")
+        record = a.get("stage1") or {}
+        if "method" in record or record.get("stage") == 2:  # a method other than stage 1 (pipeline.methods)
+            lines.append(f"  method:   {record.get('method', 'denoiser')}, seed {a.get('seed', 'not recorded')}, "
+                         f"{json.dumps(record, sort_keys=True)}")
+        else:
+            lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}, "
+                         f"{json.dumps(record, sort_keys=True)}")
         if self.lease:
             lines.append(f"  in use:   by {self.lease}")
         return "\n".join(lines)

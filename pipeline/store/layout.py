@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,17 +15,25 @@ from .. import __version__
 from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol
 from .errors import StoreError, StoreNotFoundError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights",
+__all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights", "upsample_factor",
            "field_differences"]
 
 FORMAT = "dvt-feature-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compact stores (pipeline.store.compact); plain stores are still written as 1
 DIMS = ("image", "y", "x", "channel")
 DESCRIPTIONS = {
     "raw": "backbone features as computed, artifacts included",
     "clean": "denoised features (stage-1 neural field F)",
     "artifact": "position-dependent artifact term (stage-1 G)",
 }
+#: ``clean_x2``, ``clean_x4``: stage 1's clean field F read out on a grid that many times finer (``--upsample``).
+FINE_ARRAY = re.compile(r"^clean_x([0-9]+)$")
+
+
+def upsample_factor(name: str) -> int:
+    """How many times finer than the patch grid an array is: ``k`` for ``clean_x<k>``, else 1."""
+    match = FINE_ARRAY.match(name)
+    return int(match.group(1)) if match else 1
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class StoreLayout:
         arrays: array names; ``clean`` always, ``raw`` (needed to train on the store), ``artifact`` and more
             optionally.
         compressor: ``None`` (chunk object = raw little-endian bytes) or ``"zstd"``.
+        compact: ``None``, or how the feature arrays are kept smaller (:mod:`pipeline.store.compact`).
         stage1: the stage-1 configuration, recorded as given (JSON-serialisable); for ``dvt apply`` stores, the
             denoiser (file, SHA-1, architecture).
         weights: the backbone's weights identity (:func:`pipeline.weights.weights_identity`); never mixed.
@@ -63,11 +73,12 @@ class StoreLayout:
     weights: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     seed: int | None = field(default=None, compare=False)
     stage1_version: int | None = field(default=None, compare=False)
+    compact: Mapping[str, Any] | None = None
 
     #: Settings that decide what the numbers in the arrays mean; never mixed within one store.
     GEOMETRY = ("backbone", "block", "input_size", "patch_size", "stride", "grid", "channels")
     #: Never mixed either: a store holds features of one network, in one storage type.
-    FIXED = (*GEOMETRY, "dtype", "arrays", "weights")
+    FIXED = (*GEOMETRY, "dtype", "arrays", "weights", "compact")
     #: How the rows were computed: another value is refused unless a run allows a configuration change.
     RUN = ("stage1", "seed", "stage1_version")
 
@@ -86,6 +97,11 @@ class StoreLayout:
         bad = [a for a in self.arrays if not a.isidentifier() or a == "manifest"]
         if bad:
             raise ValueError(f"array names must be identifiers other than 'manifest': {bad}")
+        if self.compact is not None:
+            from .compact import check_compact
+
+            object.__setattr__(self, "compact", _jsonable(dict(self.compact)))
+            check_compact(self.compact, self.channels)
         if self.compressor not in (None, "zstd"):
             raise ValueError(f"compressor must be None or 'zstd', got {self.compressor!r}")
 
@@ -101,6 +117,23 @@ class StoreLayout:
     def image_shape(self) -> tuple[int, int, int]:
         """Shape of one image's entry in every array: ``(gh, gw, C)``."""
         return (*self.grid, self.channels)
+
+    def array_shape(self, name: str) -> tuple[int, int, int]:
+        """Shape of one image's entry in array ``name``: :attr:`image_shape`, or for ``clean_x<k>`` the fine grid
+        ``(k * (gh - 1) + 1, k * (gw - 1) + 1, C)`` spanning the first to the last patch centre."""
+        k = upsample_factor(name)
+        if k == 1:
+            return self.image_shape
+        gh, gw = self.grid
+        return (k * (gh - 1) + 1, k * (gw - 1) + 1, self.channels)
+
+    def fine_geometry(self, name: str) -> dict[str, Any]:
+        """Where the nodes of a ``clean_x<k>`` array lie, in image coordinates (``[0, 1]``, ``(x, y)``, the
+        convention of :mod:`pipeline.views`): node ``(i, j)`` is at ``first + (j, i) * step``."""
+        k = upsample_factor(name)
+        (h, w), p, s = self.input_size, self.patch_size, self.stride
+        return {"upsample": k, "grid": list(self.array_shape(name)[:2]), "first": [p / 2 / w, p / 2 / h],
+                "step": [s / k / w, s / k / h]}
 
     @property
     def image_nbytes(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..manifest import STATUS_FAILED, STATUS_OK, ImageRecord, unit_id, write_part
 from ..storage import storage_errors
+from .compact import encode
 from .errors import StoreError, StoreMismatchError
 from .info import _x
 
@@ -97,6 +98,8 @@ def write_unit(store: FeatureStore, records: Sequence[ImageRecord | Mapping[str,
         raise ValueError(f"image ids {out[:5].tolist()} are outside the store's {store.num_rows} rows: grow the "
                          f"listing on the driver (FeatureStore.create) before the run")
     data = _unit_arrays(store, recs, arrays or {})
+    if store.layout.compact and data:
+        data = encode(store, data)  # validated features in, the arrays a compact store keeps out
     if any(r.uri is None for r in recs):
         uris = store.listing()["uri"]
         for r in recs:
@@ -126,10 +129,10 @@ def _unit_arrays(store: FeatureStore, recs: list[ImageRecord], arrays: Mapping[s
         a = _to_numpy(arrays[name], layout.dtype)
         if a.ndim == 4 and len(a) == len(recs) and len(recs) != len(ok_idx):
             a = a[ok_idx]
-        if a.shape != (len(ok_idx), *layout.image_shape):
+        if a.shape != (len(ok_idx), *layout.array_shape(name)):
             raise StoreMismatchError(
                 f"array {name!r}: got shape {a.shape} for {len(ok_idx)} ok images of {len(recs)}; the store "
-                f"{store.url} holds {layout.image_shape} per image (backbone {layout.backbone}, grid "
+                f"{store.url} holds {layout.array_shape(name)} per image (backbone {layout.backbone}, grid "
                 f"{_x(layout.grid)}, {layout.channels} channels)")
         out[name] = a
     finite = np.ones(len(ok_idx), dtype=bool)
