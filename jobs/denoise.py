@@ -9,8 +9,9 @@ from pathlib import Path
 from pipeline.decode import DecodeConfig
 from pipeline.denoise import DEFAULT_MODEL, DenoiseConfig, run_denoise
 from pipeline.failures import EXIT_SOME_FAILED
-from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.stage1 import PRESETS
+
+from .flags import add_dashboard_argument
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
 
@@ -86,6 +87,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

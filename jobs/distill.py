@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from pipeline.distill import DistillConfig, run_distillation
-from pipeline.ray_runtime import add_dashboard_argument
+
+from .flags import add_dashboard_argument
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
 
@@ -63,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

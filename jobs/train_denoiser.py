@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
+
+from .flags import add_dashboard_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.eval.datasets import read_label, voc_pairs
 from tests.eval_data import SIZE, label_features, make_voc, positional_artifact, write_store
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline import __version__
-from pipeline.cli import JOBS
+from jobs.cli import JOBS
 
 from .conftest import ROOT
 

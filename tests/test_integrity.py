@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from pipeline.backbone import BackboneConfig, create_backbone
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.denoise import DenoiseConfig, check_denoise, prepare_store, run_denoise
 from pipeline.failures import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_TERMINATED, JobFailedError
 from pipeline.progress import Progress
@@ -172,7 +172,7 @@ def test_a_typo_in_weights_on_a_finished_store_changes_nothing(tmp_path, sample_
 # ------------------------------------------------------------------------------------------ 4: one line
 
 def test_interrupts_end_in_one_line_and_their_exit_status(caplog):
-    from pipeline.cli import _run_job
+    from jobs.cli import _run_job
 
     args = type("Args", (), {"verbose": 0})()
 

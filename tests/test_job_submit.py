@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import JOBS
+from jobs.cli import JOBS
 from pipeline.store import FeatureStore
 
 from .conftest import ROOT

@@ -143,7 +143,7 @@ def _store(url: str, uris: list[str], **arrays: torch.Tensor) -> None:
 def test_eval_job_on_stores(tmp_path, pattern, position_free):
     import json
 
-    from pipeline.cli import main
+    from jobs.cli import main
 
     uris = [f"/data/img{i}.jpg" for i in range(N)]
     content = position_free

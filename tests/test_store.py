@@ -229,7 +229,7 @@ def test_local_store_and_iter_pairs(tmp_path):
 
 
 def test_cli_info(store, capsys):
-    from pipeline.cli import main
+    from jobs.cli import main
 
     store.write_unit([*records([0, 1]), {"image_id": 2, "status": "failed", "error": "cannot decode: truncated"}],
                      unit_arrays([0, 1]))
