@@ -36,7 +36,7 @@ from .decode import DecodeConfig
 from .distill_data import flip_batch, held_out_pixels, pixel_batches, split_listing, training_dataset
 from .distill_model import (build_student_and_teacher, distance_from_sums, distance_sums, export_student,
                             select_trainable)
-from .listing import iter_uris
+from .listing import list_uris
 from .ray_runtime import init_ray
 from .storage import filesystem
 from .train_data import passes_needed
@@ -315,11 +315,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     init_ray(config.dashboard)
     spec = read_spec(config.denoiser)
     size = int(config.input_size or spec.input_size[0])
-    uris = []
-    for uri in iter_uris(config.images):
-        if config.limit is not None and len(uris) >= config.limit:
-            break
-        uris.append(uri)
+    uris = list_uris(config.images, config.limit)
     train_ids, val_ids = split_listing(uris, config.val_fraction, config.max_val_images)
     batch = per_worker_batch(config.batch_size, config.workers)
     spe = (len(train_ids) // config.workers) // batch

@@ -34,7 +34,7 @@ import torch
 from .backbone import Backbone, BackboneConfig, create_backbone
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from .failures import JobFailedError, one_line, root_cause
-from .listing import fetch_bytes, iter_uris
+from .listing import fetch_bytes, list_uris
 from .progress import Progress
 from .storage import StorageUnavailableError
 from .store import FeatureStore, StoreError, StoreLayout
@@ -218,16 +218,6 @@ def describe_backbone(config: BackboneConfig) -> Backbone:
             return create_backbone(meta)
     except Exception:  # noqa: BLE001 - some custom factories cannot build on meta; fall back to CPU
         return create_backbone(meta)
-
-
-def list_uris(images: str, limit: int | None = None) -> list[str]:
-    """The URIs of an image listing (folder, glob, prefix or list file), the first ``limit`` only if given."""
-    uris: list[str] = []
-    for uri in iter_uris(images):
-        if limit is not None and len(uris) >= limit:
-            break
-        uris.append(uri)
-    return uris
 
 
 def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, overwrite: bool = False,

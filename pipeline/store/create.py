@@ -12,11 +12,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from .. import __version__
-from ..manifest import LISTING_FILE, extend_listing, put_atomic
+from ..manifest import LISTING_FILE, extend_listing, parquet_bytes, put_atomic
 from ..storage import filesystem, storage_errors, zarr_location
 from .errors import StoreError, StoreMismatchError
 from .info import _human
@@ -105,7 +104,7 @@ def _initialise(cls: type[FeatureStore], url: str, fs: Any, root: str, layout: S
             attributes={"description": DESCRIPTIONS.get(name, name)})
     group.create_group("manifest", attributes={"description": "Parquet ledger, not Zarr: listing.parquet and "
                                                               "parts/part-*.parquet; see docs/store.md"})
-    put_atomic(fs, f"{root}/{LISTING_FILE}", _parquet_bytes(listing))
+    put_atomic(fs, f"{root}/{LISTING_FILE}", parquet_bytes(listing))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
              "created": now, "updated": now, "num_rows": n, "dims": list(DIMS), "history": [],
@@ -178,7 +177,7 @@ def _append(cls: type[FeatureStore], url: str, attrs: dict[str, Any], layout: St
         _log.info("%s: listing grows from %d to %d images; resizing arrays", url, old.num_rows, n)
         for arr in store._arrays.values():  # metadata only: existing chunk objects keep their keys
             arr.resize((n, *layout.image_shape))
-        put_atomic(store.fs, f"{store.root}/{LISTING_FILE}", _parquet_bytes(table))
+        put_atomic(store.fs, f"{store.root}/{LISTING_FILE}", parquet_bytes(table))
         new_attrs["num_rows"] = n
     if new_attrs:
         new_attrs["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -211,9 +210,3 @@ def _remove_objects(fs: Any, root: str, keep_lease: bool = True) -> None:
         fs.rm(objects)
     if not keep_lease and fs.exists(root):
         fs.rm(root, recursive=True)  # empty folders of a local store
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
