@@ -20,7 +20,7 @@ import torch
 
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from .listing import fetch_bytes
-from .train_utils import uri_fraction
+from .training import uri_fraction
 
 __all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "training_dataset"]
 
