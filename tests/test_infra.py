@@ -8,8 +8,8 @@ import tomllib
 import pytest
 import yaml
 
-from pipeline import __version__
 from jobs.cli import JOBS
+from pipeline import __version__
 
 from .conftest import ROOT
 
