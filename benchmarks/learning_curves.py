@@ -8,7 +8,7 @@ rule (``TrainConfig.patience`` checks without a ``min_delta`` improvement) would
 * ``chain``: stage-1 features of the test ViT with a real positional artifact (:mod:`pipeline.testing.artifact_vit`)
   on crops of the bundled photos, as ``benchmarks/chain.py`` makes them (pass ``--chain-store`` to reuse one);
 * ``synthetic-N``: ``N`` synthetic (raw, clean) pairs with a known additive artifact
-  (:mod:`pipeline.synthetic_pairs`) on the same grid and channels.
+  (:mod:`pipeline.testing.synthetic_pairs`) on the same grid and channels.
 
 Runs go as ``store:global batch:lr`` (lr ``auto`` = the default rule); the curves are drawn in ``--png``::
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.synthetic_pairs import write_synthetic_store  # noqa: E402
+from pipeline.testing.synthetic_pairs import write_synthetic_store  # noqa: E402
 from pipeline.train_denoiser import TrainConfig, run_training  # noqa: E402
 from pipeline.training import Plateau  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 from pipeline.field import FieldConfig, HashGridConfig
 from pipeline.noise_model import NoiseModel
 from pipeline.stage1 import PRESETS, Stage1Config, Stage1Error, fit_generator, fit_images
-from pipeline.synthetic import SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
+from pipeline.testing.synthetic import SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
 from pipeline.view_features import view_boxes
 from pipeline.views import ViewConfig, make_views
 

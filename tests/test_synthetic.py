@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.synthetic import FAMILIES, SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
+from pipeline.testing.synthetic import FAMILIES, SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
 from pipeline.views import ViewConfig, make_views
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pipeline.denoiser import Denoiser, DenoiserConfig, load_denoiser
 from pipeline.fault_injection import planned_fault
 from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError
-from pipeline.synthetic_pairs import synthetic_pairs, write_synthetic_store
+from pipeline.testing.synthetic_pairs import synthetic_pairs, write_synthetic_store
 from pipeline.train_denoiser import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
                                      split_ids)
 from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, step_budget
