@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.manifest import ImageRecord, extend_listing, make_listing, unit_id
+from pipeline.manifest import MANIFEST_SCHEMA, ImageRecord, extend_listing, make_listing, unit_id
 from pipeline.storage import AccessDeniedError, BucketNotFoundError, filesystem, storage_errors, storage_options
 from pipeline.store import (FeatureStore, StoreError, StoreLayout, StoreMismatchError, StoreNotFoundError)
 
@@ -70,7 +70,7 @@ def test_round_trip_every_array_and_manifest(mem_url, dtype):
     m = reader.manifest().to_pylist()
     assert [r["image_id"] for r in m] == [0, 1, 2, 4, 5]
     assert [r["status"] for r in m] == ["ok"] * 4 + ["failed"]
-    assert m[1] | {} == m[1] and m[1]["uri"] == URIS[1] and m[1]["row"] == 1
+    assert set(m[1]) == set(MANIFEST_SCHEMA.names) and m[1]["uri"] == URIS[1] and m[1]["row"] == 1
     assert (m[1]["width"], m[1]["height"], m[1]["seconds"]) == (641, 480, 1.5)
     assert dict(m[1]["losses"]) == {"mse": pytest.approx(0.1), "cos": 0.01}
     assert m[4]["error"] == "cannot decode" and m[4]["uri"] == URIS[5]
