@@ -6,16 +6,15 @@ import argparse
 import sys
 
 from pipeline.apply import ApplyConfig, run_apply
+from pipeline.failures import EXIT_SOME_FAILED
 
-from .denoise import (EXIT_SOME_FAILED, SAMPLES, add_amp_argument, add_store_arguments, add_worker_arguments,
-                      config_from_args)
+from .flags import add_amp_argument, add_images_argument, add_store_arguments, add_worker_arguments, image_job_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
     io.add_argument("--denoiser", required=True, help="denoiser file from `dvt train` (path or URL)")
-    io.add_argument("--images", default=SAMPLES,
-                    help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled samples)")
+    add_images_argument(io)
     io.add_argument("--output", default="outputs/applied.zarr", help="feature store URL (path, file://, s3://)")
     add_store_arguments(io, changed="denoiser")
     io.add_argument("--no-raw", dest="keep_raw", action="store_false",
@@ -33,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_apply(config_from_args(ApplyConfig, args))
+    summary = run_apply(image_job_config(ApplyConfig, args))
     return EXIT_SOME_FAILED if summary.failed else 0
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbone import DEFAULT_MODEL
 from pipeline.report import FeatureSet, features_from_images, load_models, load_store_rows, stage1_maps
 from pipeline.visualize import PanelConfig, PanelRow, render_panels
 
 _log = logging.getLogger("dvt.show")
-
-DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import sys
 
 from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
 
-from .flags import add_dashboard_argument
+from .flags import add_dashboard_argument, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = set(TrainConfig.__dataclass_fields__)
-    run_training(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    run_training(config_from_args(TrainConfig, args))
     return 0
 
 

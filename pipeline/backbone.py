@@ -30,9 +30,12 @@ from torch import nn
 from .views import grid_shape
 
 __all__ = ["FeatureBackbone", "BackboneConfig", "BackboneError", "Backbone", "create_backbone", "load_state_dict",
-           "EXAMPLE_MODELS", "RANDOM_WEIGHTS_SEED"]
+           "EXAMPLE_MODELS", "RANDOM_WEIGHTS_SEED", "DEFAULT_MODEL"]
 
 _log = logging.getLogger(__name__)
+
+#: The backbone the jobs use when none is named: DINOv2 ViT-S/14, small enough for a CPU.
+DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 #: Seed of the random initialisation (``weights="none"``): every process builds the same network, so a job's
 #: workers, a resumed job and a later ``dvt apply`` all see one backbone. Stores record it.

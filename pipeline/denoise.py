@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from .backbone import Backbone, BackboneConfig, create_backbone
+from .backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone
 from .batching import images_per_pass, stage1_bytes_per_image
 from .image_job import (ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris, open_job_store,
                         run_store_job)
@@ -40,7 +40,6 @@ __all__ = ["DenoiseConfig", "DenoiseSummary", "Stage1Worker", "fetch_bytes", "ch
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
