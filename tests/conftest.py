@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +28,48 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "pipeline" / "samples"
+
+
+class StreamLines:
+    """Reads a child process's text stream in a thread, so a test can wait for a line (an event, with a bound)
+    instead of polling for its effects, and still gets all of the text at the end."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        """The first line matching the regular expression ``pattern``; fails if the stream ends or ``timeout``
+        seconds pass without one."""
+        regex, seen = re.compile(pattern), 0
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if regex.search(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                assert not self._ended, f"the stream ended without {pattern!r}: {''.join(self.lines)[-3000:]}"
+                assert left > 0, f"no line {pattern!r} in {timeout:.0f} s: {''.join(self.lines)[-3000:]}"
+                self._changed.wait(left)
+
+    def text(self, timeout: float = 30) -> str:
+        """All of the stream, once it has ended (the process exited)."""
+        self._thread.join(timeout)
+        return "".join(self.lines)
 
 
 @pytest.fixture(scope="session")
