@@ -120,7 +120,7 @@ def test_retried_unit_rewrites_its_own_part_and_ok_beats_failed(store):
 
 
 def test_data_without_manifest_part_is_not_trusted(store):
-    store._write_rows(np.array([8, 9]), {n: a.astype("float16") for n, a in unit_arrays([8, 9]).items()})
+    store.write_rows(np.array([8, 9]), {n: a.astype("float16") for n, a in unit_arrays([8, 9]).items()})
     assert store.fs.find(f"{store.root}/clean/c/8")  # the chunks are there ...
     assert store.ids().size == 0 and {8, 9} <= set(store.todo().tolist())  # ... but nobody trusts them
     with pytest.raises(KeyError):

@@ -18,8 +18,8 @@ from .. import __version__
 from ..manifest import LISTING_FILE, extend_listing, parquet_bytes, put_atomic
 from ..storage import filesystem, storage_errors, zarr_location
 from .errors import StoreError, StoreMismatchError
-from .info import _human
-from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, _check_format, _read_attrs,
+from .info import human_bytes
+from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, check_format, read_attrs,
                      field_differences)
 from .lease import LEASE_FILE
 
@@ -38,7 +38,7 @@ def create_store(cls: type[FeatureStore], url: str, layout: StoreLayout, listing
     url = str(url).rstrip("/")
     fs, root = filesystem(url, **dict(storage_options or {}))
     root = root.rstrip("/")
-    attrs = _read_attrs(url, storage_options)
+    attrs = read_attrs(url, storage_options)
     with storage_errors(url):
         if attrs is not None and attrs.get("format") == FORMAT and not attrs.get("creating") and not overwrite:
             return _append(cls, url, attrs, layout, listing, allow_config_change, storage_options)
@@ -61,7 +61,7 @@ def check_store(url: str, layout: StoreLayout, *, overwrite: bool = False, allow
     """
     url = str(url).rstrip("/")
     fs, root = filesystem(url, **dict(storage_options or {}))
-    attrs = _read_attrs(url, storage_options)
+    attrs = read_attrs(url, storage_options)
     with storage_errors(url):
         if attrs is not None and attrs.get("format") == FORMAT and not attrs.get("creating"):
             if not overwrite:
@@ -111,7 +111,7 @@ def _initialise(cls: type[FeatureStore], url: str, fs: Any, root: str, layout: S
              **layout.to_attrs()}
     group.attrs.put(attrs)  # replaces the "creating" marker last: the store is usable from here on
     _log.info("created feature store %s: %d images, arrays %s, %s per image per array", url, n,
-              ",".join(layout.arrays), _human(layout.image_nbytes))
+              ",".join(layout.arrays), human_bytes(layout.image_nbytes))
     return cls(url, zarr.open_group(loc, mode="r+", storage_options=so), "r+", storage_options)
 
 
@@ -129,7 +129,7 @@ def check_append(url: str, attrs: Mapping[str, Any], layout: StoreLayout, allow_
     store written before the version was recorded counts as version 1; weights and seed it does not record
     cannot be checked, and this run's are recorded from now on. Messages name each differing field.
     """
-    _check_format(url, attrs)
+    check_format(url, attrs)
     theirs = layout.to_attrs()
     store = dict(attrs)
     if store.get("stage1_version") is None:
@@ -175,7 +175,7 @@ def _append(cls: type[FeatureStore], url: str, attrs: dict[str, Any], layout: St
     if table.num_rows != old.num_rows:
         n = table.num_rows
         _log.info("%s: listing grows from %d to %d images; resizing arrays", url, old.num_rows, n)
-        for arr in store._arrays.values():  # metadata only: existing chunk objects keep their keys
+        for arr in store.zarr_arrays.values():  # metadata only: existing chunk objects keep their keys
             arr.resize((n, *layout.image_shape))
         put_atomic(store.fs, f"{store.root}/{LISTING_FILE}", parquet_bytes(table))
         new_attrs["num_rows"] = n
