@@ -24,11 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", default="hub", help="'hub' (timm pretrained), 'none' (random), or a local file")
     model.add_argument("--input-size", type=int, default=None, help="square input size (default: the training size)")
     add_amp_argument(model)
-    run = parser.add_argument_group("resources")
-    run.add_argument("--images-per-batch", type=int, default=None,
-                     help="images per forward pass and store unit (default: 16 on CPUs; on GPUs units of 64, in "
-                          "passes sized to the GPU's free memory)")
-    add_worker_arguments(run)
+    add_worker_arguments(parser, images_per_batch="images per forward pass and store unit (default: 16 on CPUs; on "
+                                                  "GPUs units of 64, in passes sized to the GPU's free memory)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,11 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the preset)")
     fit.add_argument("--seed", type=int, default=0, help="seed for views and random draws")
     add_amp_argument(fit)
-    run = parser.add_argument_group("resources")
-    run.add_argument("--images-per-batch", type=int, default=None,
-                     help="images per store unit, fitted together (default: 4 on CPUs; on GPUs units of 16, fitted "
-                          "in passes sized to the GPU's free memory)")
-    add_worker_arguments(run)
+    add_worker_arguments(parser, images_per_batch="images per store unit, fitted together (default: 4 on CPUs; on "
+                                                  "GPUs units of 16, fitted in passes sized to the GPU's free memory)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,8 +49,11 @@ def add_store_arguments(group: argparse._ArgumentGroup, *, changed: str) -> None
                        help="refuse images whose long/short side ratio is above this (default: no limit)")
 
 
-def add_worker_arguments(group: argparse._ArgumentGroup) -> None:
-    """Resource flags of every image-to-store job: the actor pool, and Ray when the job starts its own."""
+def add_worker_arguments(parser: argparse.ArgumentParser, *, images_per_batch: str) -> None:
+    """The ``resources`` group of every image-to-store job: images per unit (``images_per_batch`` says the job's
+    default), the actor pool, and Ray when the job starts its own."""
+    group = parser.add_argument_group("resources")
+    group.add_argument("--images-per-batch", type=int, default=None, help=images_per_batch)
     group.add_argument("--workers", type=int, default=1, help="number of workers (actors)")
     group.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")

@@ -37,8 +37,8 @@ from .listing import list_uris
 from .ray_runtime import init_ray
 from .train_data import passes_needed
 from .training import (RUN_NAME, STATE_FILE, RunConfig, all_reduce, denoising_loss, fit, lr_lambda, per_worker_batch,
-                       previous_record, read_state, refuse_changes, report, restored_state, trainer_resources,
-                       write_record)
+                       previous_record, read_state, refuse_changes, report, restored_state, start_worker,
+                       trainer_resources, write_record)
 
 __all__ = ["DistillConfig", "DistillSummary", "train_loop_per_worker", "run_distillation", "STUDENT_FILE", "STATE_FILE"]
 
@@ -158,12 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     spe, total, size = int(loop_config["steps_per_epoch"]), int(loop_config["total_steps"]), int(loop_config["size"])
     per_worker = int(loop_config["batch"])
     every = int(loop_config["checkpoint_every"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(int(loop_config["threads"]))
-    torch.manual_seed(config.seed)  # identical random weights on every rank when weights="none"
+    rank, world, device = start_worker(loop_config, config.seed)  # the same random weights when weights="none"
     student, teacher, _ = build_student_and_teacher(config.denoiser, config.weights, size, device)
     trainable = select_trainable(student, config.train_blocks)
     if config.grad_checkpointing and not student.custom:

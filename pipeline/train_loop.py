@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser, DenoiserMismatchError, DenoiserSpec
 from .store import FeatureStore
-from .training import Plateau, all_reduce, denoising_loss, lr_lambda, report, restored_state
+from .training import Plateau, all_reduce, denoising_loss, lr_lambda, report, restored_state, start_worker
 
 __all__ = ["train_loop_per_worker", "HeldOut"]
 
@@ -91,12 +91,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     spec = DenoiserSpec.from_dict(loop_config["spec"])
     total, every, batch = int(loop_config["total_steps"]), int(loop_config["eval_every"]), int(loop_config["batch"])
     steps_per_epoch = float(loop_config["steps_per_epoch"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(int(loop_config["threads"]))
-    torch.manual_seed(config.seed)
+    rank, world, device = start_worker(loop_config, config.seed)
     model = Denoiser(spec.denoiser)
     state = _restore(spec, model)
     ddp = ray.train.torch.prepare_model(model)

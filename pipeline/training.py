@@ -29,7 +29,7 @@ from .storage import filesystem, is_local, local_path
 
 __all__ = ["RunConfig", "RUN_NAME", "STATE_FILE", "denoising_loss", "lr_lambda", "scaled_lr", "per_worker_batch",
            "Plateau", "uri_fraction", "ray_storage", "all_reduce", "previous_record", "refuse_changes", "write_record",
-           "trainer_resources", "fit", "read_state", "restored_state", "report"]
+           "trainer_resources", "fit", "read_state", "restored_state", "report", "start_worker"]
 
 _log = logging.getLogger(__name__)
 
@@ -232,6 +232,20 @@ def restored_state() -> dict[str, Any] | None:
 
     checkpoint = ray.train.get_checkpoint()
     return None if checkpoint is None else read_state(checkpoint)
+
+
+def start_worker(loop_config: Mapping[str, Any], seed: int) -> tuple[int, int, torch.device]:
+    """In a worker: ``(rank, world size, device)``, with torch's threads set on a CPU and its seed set (the same
+    initial weights on every rank)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(int(loop_config["threads"]))
+    torch.manual_seed(seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), device
 
 
 def report(metrics: dict[str, Any], state: Callable[[], dict[str, Any]], *, rank: int,
