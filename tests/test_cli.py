@@ -27,6 +27,7 @@ def test_info_prints_versions_and_device(capsys):
     assert any(d.startswith("cpu") for d in info["devices"])
 
 
+@pytest.mark.slow
 def test_every_job_runs_as_a_module_with_the_same_flags():
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
     for name, module in JOBS.items():

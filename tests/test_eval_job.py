@@ -30,6 +30,7 @@ def stores(voc_root, tmp_path_factory) -> tuple[str, torch.Tensor]:
     return url, clean
 
 
+@pytest.mark.slow
 def test_eval_stores_side_by_side(voc_root, stores, s3_bucket, tmp_path):
     url, clean = stores
     uris = [p for p, _ in voc_pairs(str(voc_root), "train") + voc_pairs(str(voc_root), "val")]

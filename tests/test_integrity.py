@@ -332,6 +332,7 @@ def test_a_lease_left_by_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
         assert lease_holder(url).owner == second.holder.owner
 
 
+@pytest.mark.slow
 def test_a_running_job_refuses_a_second_one_before_starting_ray(tmp_path, sample_images):
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "s.zarr"), limit=1, **TINY)
     with StoreLease(config.output, "denoise"):

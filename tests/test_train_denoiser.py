@@ -80,6 +80,7 @@ def test_synthetic_pairs_carry_each_images_mean_and_a_zero_mean_artifact():
     assert np.linalg.norm(clean.mean((1, 2)), axis=-1).min() > 1.0  # each image's own mean vector
 
 
+@pytest.mark.slow
 def test_the_denoiser_keeps_each_images_mean_on_held_out_images(tmp_path):
     # the model and loss of the Ray Train loop, trained in-process on a synthetic store: stage-1 stores carry each
     # image's mean in `clean`, and the denoiser's output on images it never saw must keep it
