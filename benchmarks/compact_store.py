@@ -9,7 +9,7 @@ written through :class:`pipeline.store.FeatureStore` to a local folder and read 
   featurised by the artifact ViT (``create_small``: 192 channels, 8 x 8 grid): mIoU from the decoded store
   against mIoU from the float16 one;
 * stage 2: a denoiser trained (``--steps`` AdamW steps, 80 by default) on ``(raw, clean)`` pairs read from each store
-  (:func:`pipeline.synthetic_pairs.synthetic_pairs`, 192 channels, 8 x 8 grid), scored on
+  (:func:`pipeline.testing.synthetic_pairs.synthetic_pairs`, 192 channels, 8 x 8 grid), scored on
   held-out images against the float16 targets (``MSE + 1 - cos``, as ``dvt train`` reports);
 * write and read cost in CPU milliseconds per image (this process's CPU time, zarr's I/O threads included:
   encode + write, PCA fit included; read + decode), local folder. CPU time rather than wall time, so a busy
@@ -46,8 +46,8 @@ from pipeline.denoiser import Denoiser, DenoiserConfig  # noqa: E402
 from pipeline.eval.knn import knn_segmentation  # noqa: E402
 from pipeline.store import FeatureStore, StoreLayout  # noqa: E402
 from pipeline.store.compact import write_basis  # noqa: E402
-from pipeline.synthetic_pairs import synthetic_pairs  # noqa: E402
-from pipeline.train_utils import denoising_loss, lr_lambda  # noqa: E402
+from pipeline.testing.synthetic_pairs import synthetic_pairs  # noqa: E402
+from pipeline.training import denoising_loss, lr_lambda  # noqa: E402
 from tests.eval_data import shapes_image  # noqa: E402
 
 _log = logging.getLogger("benchmarks.compact_store")

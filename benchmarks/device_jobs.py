@@ -328,7 +328,7 @@ def part_scaling_ray(run) -> None:
 
 def part_train(run) -> None:
     from pipeline.denoiser import read_spec
-    from pipeline.synthetic_pairs import write_synthetic_store
+    from pipeline.testing.synthetic_pairs import write_synthetic_store
 
     cfg, device = run.config, run.device
     shared_ray()

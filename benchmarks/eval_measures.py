@@ -1,6 +1,6 @@
 """Cost of each evaluation measure on a synthetic store of realistic geometry (seconds, CPU or GPU).
 
-Writes a store of synthetic (raw, clean) pairs (:func:`pipeline.synthetic_pairs.write_synthetic_store`:
+Writes a store of synthetic (raw, clean) pairs (:func:`pipeline.testing.synthetic_pairs.write_synthetic_store`:
 clean smooth fields + one fixed positional pattern in raw) with ``--grid`` x ``--grid`` tokens of
 ``--channels`` channels (default 37 x 37 x 768: ViT-B/14 at 518 px), reads it back, and times each measure
 on it as ``dvt eval`` runs it: MIC (per image, all channels), the extras, KNN segmentation, the frozen
@@ -32,7 +32,7 @@ from pipeline.eval.position_mic import PositionMICConfig, position_mic  # noqa: 
 from pipeline.eval.seg_probe import SegProbeConfig, probe_segmentation_frozen  # noqa: E402
 from pipeline.eval.training import Schedule  # noqa: E402
 from pipeline.metrics import artifact_metrics  # noqa: E402
-from pipeline.synthetic_pairs import write_synthetic_store  # noqa: E402
+from pipeline.testing.synthetic_pairs import write_synthetic_store  # noqa: E402
 
 
 def _blobs(n: int, size: int, classes: int, seed: int) -> list[np.ndarray]:

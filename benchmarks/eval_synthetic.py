@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import main as dvt  # noqa: E402
+from jobs.cli import main as dvt  # noqa: E402
 from pipeline.eval.datasets import read_label, voc_pairs  # noqa: E402
 from tests.eval_data import label_features, make_voc, positional_artifact, write_store  # noqa: E402
 

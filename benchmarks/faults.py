@@ -20,16 +20,12 @@ import argparse
 import io
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +33,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.testing.object_store import MotoServer, free_port  # noqa: E402
+
 PY = sys.executable
 TINY = ["--model", "vit_small_patch14_dinov2", "--input-size", "56", "--preset", "ci", "--views", "4",
         "--steps", "10", "--images-per-batch", "1", "--cpus-per-worker", "0.5", "--progress-every", "2"]
@@ -46,36 +46,11 @@ KEY = {"AWS_ACCESS_KEY_ID": "dvt-faults-key", "AWS_SECRET_ACCESS_KEY": "dvt-faul
 
 # ------------------------------------------------------------------------------------------------ processes
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1)
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-class Moto:
-    """A moto S3 server of this case's own (so freezing or killing it touches nothing else)."""
+class Moto(MotoServer):
+    """A moto S3 server of this case's own (so freezing or killing it touches nothing else), with a bucket."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        moto = shutil.which("moto_server", path=str(Path(PY).parent)) or "moto_server"
-        self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not _answers(self.endpoint):
-            if time.monotonic() > deadline:
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.1)
+        super().__init__()
         self.fs("mkdir", "bucket")
 
     def fs(self, method: str, *args):
@@ -86,12 +61,6 @@ class Moto:
                                use_listings_cache=False, config_kwargs={"connect_timeout": 2, "read_timeout": 5,
                                                                         "retries": {"max_attempts": 1}})
         return getattr(fs, method)(*args)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
 
 @dataclass
@@ -356,7 +325,7 @@ def case_hub_offline(c: Ctx) -> str:
 
 
 def case_unreachable(c: Ctx) -> str:
-    env = {**KEY, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{_free_port()}"}
+    env = {**KEY, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"}
     run = c.run("jobs.store", "info", "s3://bucket/x.zarr", env=env, timeout=300)
     return _summary(run)
 

@@ -8,7 +8,7 @@ rule (``TrainConfig.patience`` checks without a ``min_delta`` improvement) would
 * ``chain``: stage-1 features of the test ViT with a real positional artifact (:mod:`pipeline.testing.artifact_vit`)
   on crops of the bundled photos, as ``benchmarks/chain.py`` makes them (pass ``--chain-store`` to reuse one);
 * ``synthetic-N``: ``N`` synthetic (raw, clean) pairs with a known additive artifact
-  (:mod:`pipeline.synthetic_pairs`) on the same grid and channels.
+  (:mod:`pipeline.testing.synthetic_pairs`) on the same grid and channels.
 
 Runs go as ``store:global batch:lr`` (lr ``auto`` = the default rule); the curves are drawn in ``--png``::
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.synthetic_pairs import write_synthetic_store  # noqa: E402
+from pipeline.testing.synthetic_pairs import write_synthetic_store  # noqa: E402
 from pipeline.train_denoiser import TrainConfig, run_training  # noqa: E402
-from pipeline.train_utils import Plateau  # noqa: E402
+from pipeline.training import Plateau  # noqa: E402
 
 
 def chain_store(url: str, images: int, size: int) -> str:
@@ -51,7 +51,7 @@ def plateau_steps(history: list[dict], tolerance: float) -> int | None:
 
 
 def early_stop(history: list[dict], patience: int, min_delta: float) -> tuple[int, float]:
-    """Where :class:`pipeline.train_utils.Plateau` would have stopped this curve, and the best loss up to there."""
+    """Where :class:`pipeline.training.Plateau` would have stopped this curve, and the best loss up to there."""
     p = Plateau(patience, min_delta)
     for h in history:
         p.update(h["val_loss"], h["step"])

@@ -2,8 +2,8 @@
 
 Problems:
 
-* the synthetic families of :data:`pipeline.synthetic.FAMILIES` (a known clean map): uncentred error and
-  token cosine to the truth (:func:`pipeline.synthetic.clean_scores`);
+* the synthetic families of :data:`pipeline.testing.synthetic.FAMILIES` (a known clean map): uncentred error and
+  token cosine to the truth (:func:`pipeline.testing.synthetic.clean_scores`);
 * the artifact ViT fixture (:mod:`pipeline.testing.artifact_vit`, ``create`` at 224 px): positional energy of the
   clean maps (:func:`pipeline.metrics.positional_energy`; the twin without the artifact scores ~0.02) and token
   cosine to that reference twin.
@@ -38,8 +38,8 @@ from pipeline.denoiser import Denoiser, DenoiserConfig  # noqa: E402
 from pipeline.methods.average import AverageConfig, average_features  # noqa: E402
 from pipeline.metrics import positional_energy  # noqa: E402
 from pipeline.stage1 import Stage1Config, fit_images  # noqa: E402
-from pipeline.synthetic import FAMILIES, clean_scores, make_problem, photo_images  # noqa: E402
-from pipeline.train_utils import denoising_loss, lr_lambda  # noqa: E402
+from pipeline.testing.synthetic import FAMILIES, clean_scores, make_problem, photo_images  # noqa: E402
+from pipeline.training import denoising_loss, lr_lambda  # noqa: E402
 
 _log = logging.getLogger("benchmarks.methods")
 METHODS = ("raw", "dvt", "average", "bias", "denoiser")

@@ -1,10 +1,10 @@
 """Stage 1 benchmark: the synthetic families (known answer) for raw, ``paper`` at its full schedule and
 ``default``; and a real timm ViT (no answer: energies, time, and closeness to the paper preset).
 
-Each family of :data:`pipeline.synthetic.FAMILIES` is a problem with a known clean map (in stage 1's gauge:
+Each family of :data:`pipeline.testing.synthetic.FAMILIES` is a problem with a known clean map (in stage 1's gauge:
 the artifact has zero mean over the view grid). Every fit is scored the way users use a clean map, with the
 mean kept: uncentred error, mean token cosine to the truth, the ratio of mean-vector norms, and the centred
-error next to them (:func:`pipeline.synthetic.clean_scores`).
+error next to them (:func:`pipeline.testing.synthetic.clean_scores`).
 
 The ``paper`` preset at its full 20k steps costs ~15-30 CPU-minutes per image, so its fits can be run once
 (here or on a GPU) and saved with ``--save-reference``; later runs load them with ``--reference`` and time the
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.field import FieldConfig  # noqa: E402
 from pipeline.stage1 import Stage1Config, fit_images, fit_views  # noqa: E402
-from pipeline.synthetic import FAMILIES, clean_scores, make_problem  # noqa: E402
+from pipeline.testing.synthetic import FAMILIES, clean_scores, make_problem  # noqa: E402
 from pipeline.view_features import ViewBatch, extract_batch  # noqa: E402
 from pipeline.views import ViewConfig  # noqa: E402
 

@@ -18,14 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -36,41 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.storage import filesystem  # noqa: E402
 from pipeline.store import FeatureStore, StoreLayout  # noqa: E402
+from pipeline.testing.object_store import MotoServer, answers  # noqa: E402
 
 
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1)
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def start_server() -> subprocess.Popen | None:
+def start_server() -> MotoServer | None:
     """Use the S3 server in the environment, or start moto on a free loopback port."""
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "dvt-test-key")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dvt-test-secret")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
-    if endpoint and _answers(endpoint):
+    if endpoint and answers(endpoint):
         return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not _answers(endpoint):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"moto_server did not start on {endpoint}")
-        time.sleep(0.1)
-    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-    return proc
+    try:
+        server = MotoServer()
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    os.environ["AWS_ENDPOINT_URL_S3"] = server.endpoint
+    return server
 
 
 def timed(fn: Callable[[list[int]], object], ids: list[int]) -> float:
@@ -160,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=10)
+            server.stop()
     print(table(result))
     if args.json:
         print(json.dumps(result, indent=2))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.synthetic_pairs import write_synthetic_store  # noqa: E402
+from pipeline.testing.synthetic_pairs import write_synthetic_store  # noqa: E402
 from pipeline.train_denoiser import TrainConfig, run_training  # noqa: E402
 
 

@@ -21,15 +21,9 @@ secret=${AWS_SECRET_ACCESS_KEY:-dvt-test-secret}
 python=${PYTHON:-$here/.venv/bin/python}
 [ -x "$python" ] || python=python3
 
-# Any HTTP answer (an S3 error included) means the server is up.
-answers() { "$python" - "$endpoint" <<'PY' 2>/dev/null
-import sys, urllib.error, urllib.request
-try:
-    urllib.request.urlopen(sys.argv[1], timeout=1)
-except urllib.error.HTTPError:
-    pass
-PY
-}
+# Starting moto and asking whether a server answers live in one place, shared with the tests and benchmarks.
+helper=$here/pipeline/testing/object_store.py
+answers() { "$python" "$helper" answers "$endpoint"; }
 
 case "${1:-}" in
   start)
@@ -37,18 +31,19 @@ case "${1:-}" in
     mkdir -p "$dir"
     case "$backend" in
       moto)
-        moto=$(dirname "$python")/moto_server
-        [ -x "$moto" ] || moto=moto_server
-        nohup "$moto" -H 127.0.0.1 -p "$port" >"$dir/server.log" 2>&1 &
+        : >"$dir/server.log"
+        pid=$("$python" "$helper" start-moto "$port" "$dir/server.log") || exit 1
+        echo "$pid" >"$dir/server.pid"
+        echo "object store ($backend) at $endpoint"; exit 0
         ;;
       minio)
         command -v minio >/dev/null || { echo "DVT_S3_BACKEND=minio but no 'minio' on PATH; install MinIO or use moto." >&2; exit 1; }
         MINIO_ROOT_USER=$key MINIO_ROOT_PASSWORD=$secret nohup minio server "$dir/data" --address "127.0.0.1:$port" \
           >"$dir/server.log" 2>&1 &
+        echo $! >"$dir/server.pid"
         ;;
       *) echo "Unknown DVT_S3_BACKEND '$backend': use moto or minio." >&2; exit 1 ;;
     esac
-    echo $! >"$dir/server.pid"
     for _ in $(seq 1 100); do answers && { echo "object store ($backend) at $endpoint"; exit 0; }; sleep 0.2; done
     echo "object store did not start; see $dir/server.log" >&2; exit 1
     ;;

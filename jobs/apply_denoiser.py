@@ -6,16 +6,15 @@ import argparse
 import sys
 
 from pipeline.apply import ApplyConfig, run_apply
+from pipeline.failures import EXIT_SOME_FAILED
 
-from .denoise import (EXIT_SOME_FAILED, SAMPLES, add_amp_argument, add_store_arguments, add_worker_arguments,
-                      config_from_args)
+from .flags import add_amp_argument, add_images_argument, add_store_arguments, add_worker_arguments, image_job_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
     io.add_argument("--denoiser", required=True, help="denoiser file from `dvt train` (path or URL)")
-    io.add_argument("--images", default=SAMPLES,
-                    help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled samples)")
+    add_images_argument(io)
     io.add_argument("--output", default="outputs/applied.zarr", help="feature store URL (path, file://, s3://)")
     add_store_arguments(io, changed="denoiser")
     io.add_argument("--no-raw", dest="keep_raw", action="store_false",
@@ -25,19 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", default="hub", help="'hub' (timm pretrained), 'none' (random), or a local file")
     model.add_argument("--input-size", type=int, default=None, help="square input size (default: the training size)")
     add_amp_argument(model)
-    run = parser.add_argument_group("resources")
-    run.add_argument("--images-per-batch", type=int, default=None,
-                     help="images per forward pass and store unit (default: 16 on CPUs; on GPUs units of 64, in "
-                          "passes sized to the GPU's free memory)")
-    add_worker_arguments(run)
+    add_worker_arguments(parser, images_per_batch="images per forward pass and store unit (default: 16 on CPUs; on "
+                                                  "GPUs units of 64, in passes sized to the GPU's free memory)")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_apply(config_from_args(ApplyConfig, args))
+    summary = run_apply(image_job_config(ApplyConfig, args))
     return EXIT_SOME_FAILED if summary.failed else 0
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

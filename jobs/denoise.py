@@ -4,61 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from pipeline.decode import DecodeConfig
-from pipeline.denoise import DEFAULT_MODEL, DenoiseConfig, run_denoise
+from pipeline.denoise import DenoiseConfig, run_denoise
 from pipeline.failures import EXIT_SOME_FAILED
-from pipeline.methods.flags import add_method_arguments
-from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.stage1 import PRESETS
 
-SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
-
-
-
-def add_store_arguments(group: argparse._ArgumentGroup, *, changed: str) -> None:
-    """Flags of every image-to-store job (``denoise``, ``apply``): which listed images to do and how to store them."""
-    group.add_argument("--limit", type=int, default=None, help="only the first N images of the listing")
-    group.add_argument("--overwrite", action="store_true", help="delete the store and redo every image")
-    group.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
-                       help="skip images a previous run recorded as failed")
-    group.add_argument("--allow-config-change", action="store_true", help=f"add to a store made with another {changed}")
-    group.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
-    group.add_argument("--min-side", type=int, default=1,
-                       help="refuse images with a shorter side (default: every image is used, stretched to the input)")
-    group.add_argument("--max-aspect", type=float, default=None,
-                       help="refuse images whose long/short side ratio is above this (default: no limit)")
-
-
-def config_from_args(config_class: type, args: argparse.Namespace) -> object:
-    """A job config from its flags: the dataclass fields, plus the decode limits."""
-    fields = set(config_class.__dataclass_fields__)
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    return config_class(**values, decode=DecodeConfig(min_side=args.min_side, max_aspect=args.max_aspect))
-
-
-def add_worker_arguments(group: argparse._ArgumentGroup) -> None:
-    """Resource flags of every image-to-store job: the actor pool, and Ray when the job starts its own."""
-    group.add_argument("--workers", type=int, default=1, help="number of workers (actors)")
-    group.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
-    group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
-    group.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
-                       help="seconds between progress lines")
-    add_dashboard_argument(group)
-
-
-def add_amp_argument(group: argparse._ArgumentGroup) -> None:
-    """``--amp``: autocast on the model (a GPU's bf16 units), for the jobs that run a backbone."""
-    group.add_argument("--amp", choices=("bfloat16",), default=None,
-                       help="autocast dtype for the model (default: fp32); bfloat16 runs several times faster on "
-                            "GPUs at about 3 significant digits")
-
+from .flags import (DEFAULT_MODEL, add_amp_argument, add_images_argument, add_method_arguments, add_store_arguments,
+                    add_worker_arguments, image_job_config)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
-    io.add_argument("--images", default=SAMPLES,
-                    help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled samples)")
+    add_images_argument(io)
     io.add_argument("--output", default="outputs/denoised.zarr", help="feature store URL (path, file://, s3://)")
     add_store_arguments(io, changed="stage-1 configuration")
     io.add_argument("--no-artifact", dest="keep_artifact", action="store_false", help="do not store G")
@@ -75,19 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--seed", type=int, default=0, help="seed for views and random draws")
     add_amp_argument(fit)
     add_method_arguments(parser)
-    run = parser.add_argument_group("resources")
-    run.add_argument("--images-per-batch", type=int, default=None,
-                     help="images per store unit, fitted together (default: 4 on CPUs; on GPUs units of 16, fitted "
-                          "in passes sized to the GPU's free memory)")
-    add_worker_arguments(run)
+    add_worker_arguments(parser, images_per_batch="images per store unit, fitted together (default: 4 on CPUs; on "
+                                                  "GPUs units of 16, fitted in passes sized to the GPU's free memory)")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_denoise(config_from_args(DenoiseConfig, args))
+    summary = run_denoise(image_job_config(DenoiseConfig, args))
     return EXIT_SOME_FAILED if summary.failed else 0
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

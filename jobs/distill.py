@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipeline.distill import DistillConfig, run_distillation
-from pipeline.ray_runtime import add_dashboard_argument
 
-SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
+from .flags import add_dashboard_argument, add_images_argument, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
-    io.add_argument("--images", default=SAMPLES,
-                    help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: samples)")
+    add_images_argument(io)
     io.add_argument("--denoiser", required=True, help="stage-2 denoiser file (written by `dvt train`)")
     io.add_argument("--output", default="outputs/distill",
                     help="run folder (path or s3://): checkpoints under run/, student.safetensors on top")
@@ -56,13 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = set(DistillConfig.__dataclass_fields__)
-    config = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    run_distillation(config)
+    run_distillation(config_from_args(DistillConfig, args))
     return 0
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

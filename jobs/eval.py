@@ -20,6 +20,7 @@ import itertools
 import logging
 import sys
 
+from pipeline.backbone import DEFAULT_MODEL
 from pipeline.eval import EvalConfig, parse_source, run_evaluation, write_report
 from pipeline.eval.knn import KNNConfig
 from pipeline.eval.mic import MineConfig
@@ -27,8 +28,6 @@ from pipeline.eval.position_mic import PositionMICConfig
 from pipeline.eval.sources import FeatureSource, model_sources, stage1_source
 
 _log = logging.getLogger("dvt.eval")
-
-DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -146,6 +145,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

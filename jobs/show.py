@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbone import DEFAULT_MODEL
 from pipeline.report import FeatureSet, features_from_images, load_models, load_store_rows, stage1_maps
 from pipeline.visualize import PanelConfig, PanelRow, render_panels
 
 _log = logging.getLogger("dvt.show")
-
-DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,16 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _from_store(args: argparse.Namespace) -> tuple[FeatureSet, str]:
     rows = [int(r) for r in args.rows.split(",")] if args.rows else None
-    fs = load_store_rows(args.store, rows, limit=None if rows else args.limit)
+    features = load_store_rows(args.store, rows, limit=None if rows else args.limit)
     label = "stage-1"
     if args.stage2_store:
         from pipeline.eval.sources import store_features
         from pipeline.store import FeatureStore
 
-        fs.clean = store_features(FeatureStore.open(args.stage2_store), fs.uris, "clean")
-        fs.artifact = fs.clean_fine = None  # G, the residual and the fine grid belong to stage 1
+        features.clean = store_features(FeatureStore.open(args.stage2_store), features.uris, "clean")
+        features.artifact = features.clean_fine = None  # G, the residual and the fine grid belong to stage 1
         label = "stage-2"
-    return fs, label
+    return features, label
 
 
 def _from_images(args: argparse.Namespace) -> tuple[FeatureSet, str]:
@@ -68,12 +67,12 @@ def _from_images(args: argparse.Namespace) -> tuple[FeatureSet, str]:
     uris = list(itertools.islice(iter_uris(args.images), args.limit))
     backbone, denoised = load_models(args.model, args.weights, args.input_size, block=args.block,
                                      stride=args.stride, denoiser=args.denoiser)
-    fs = features_from_images(uris, args.input_size, backbone.features, denoised.features if denoised else None)
+    features = features_from_images(uris, args.input_size, backbone.features, denoised.features if denoised else None)
     if denoised is not None:
-        return fs, "stage-2"
-    maps = stage1_maps(backbone, torch.stack(fs.images), args.preset, seed=args.seed)
-    fs.raw, fs.clean, fs.artifact = maps["raw"], maps["clean"], maps["artifact"]
-    return fs, f"stage-1 ({args.preset})"
+        return features, "stage-2"
+    maps = stage1_maps(backbone, torch.stack(features.images), args.preset, seed=args.seed)
+    features.raw, features.clean, features.artifact = maps["raw"], maps["clean"], maps["artifact"]
+    return features, f"stage-1 ({args.preset})"
 
 
 def _slug(text: str) -> str:
@@ -84,11 +83,12 @@ def _slug(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if bool(args.store) == bool(args.images):
         raise ValueError("pass either --store (with --rows) or --images (with --model).")
-    fs, label = _from_store(args) if args.store else _from_images(args)
-    rows = [PanelRow(raw=fs.raw[i], clean=None if fs.clean is None else fs.clean[i],
-                     artifact=None if fs.artifact is None else fs.artifact[i],
-                     image=fs.images[i] if fs.images else None, title=fs.titles[i],
-                     clean_fine=None if fs.clean_fine is None else fs.clean_fine[i]) for i in range(len(fs))]
+    features, label = _from_store(args) if args.store else _from_images(args)
+    rows = [PanelRow(raw=features.raw[i], clean=None if features.clean is None else features.clean[i],
+                     artifact=None if features.artifact is None else features.artifact[i],
+                     image=features.images[i] if features.images else None, title=features.titles[i],
+                     clean_fine=None if features.clean_fine is None else features.clean_fine[i])
+            for i in range(len(features))]
     config = PanelConfig(clusters=args.clusters, cell=args.cell, denoised_label=label, seed=args.seed)
     out = Path(args.out)
     source = args.store or args.images
@@ -105,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.ray_runtime import add_dashboard_argument
 from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
+
+from .flags import add_dashboard_argument, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,12 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = set(TrainConfig.__dataclass_fields__)
-    run_training(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    run_training(config_from_args(TrainConfig, args))
     return 0
 
 
 if __name__ == "__main__":
-    from pipeline.cli import job_main
+    from jobs.cli import job_main
 
     sys.exit(job_main(__name__))

@@ -17,20 +17,17 @@ import dataclasses
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import torch
 
 from .backbone import Backbone
-from .batching import forward_bytes_per_image, images_per_pass, unit_size
-from .decode import DecodeConfig
+from .batching import forward_bytes_per_image, images_per_pass
 from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
-from .image_job import (ImageBatchWorker, JobSummary, describe_backbone, list_uris, open_job_store, run_image_job,
-                        worker_resources)
-from .job_checks import JobConfigError, check_job_flags, nothing_to_do, store_session
-from .ray_runtime import init_ray
+from .image_job import ImageJobConfig, JobSummary, JobWorker, describe_backbone, list_uris, open_job_store, run_store_job
+from .job_checks import JobConfigError, nothing_to_do
 from .store import FeatureStore, StoreLayout, check_store
 from .weights import check_weights, weights_identity
 
@@ -41,13 +38,12 @@ _log = logging.getLogger(__name__)
 _AMP = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class ApplyConfig:
-    """An apply run; the CLI flags of ``dvt apply`` map one to one onto these fields.
+@dataclass(kw_only=True)
+class ApplyConfig(ImageJobConfig):
+    """An apply run; the CLI flags of ``dvt apply`` map one to one onto these fields (with those of
+    :class:`pipeline.image_job.ImageJobConfig`, the settings every image-to-store job has).
 
     Attributes:
-        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs.
-        output: feature store URL (local path, ``file://``, ``s3://``).
         denoiser: denoiser file from ``dvt train`` (local path or URL).
         weights: backbone weights: ``"hub"``, ``"none"`` or a local file.
         model: the backbone the caller expects; a denoiser trained for another one is refused.
@@ -55,42 +51,22 @@ class ApplyConfig:
         images_per_batch: images per forward pass and per store unit; ``None`` chooses per device
             (:mod:`pipeline.batching`: 16 on CPUs; on GPUs units of 64 in passes that fit the memory).
         amp: autocast dtype (``"bfloat16"``) for the backbone and the denoiser; ``None``: fp32.
-        workers, gpus_per_worker, cpus_per_worker: actors and their resources (see ``dvt denoise``).
-        limit, overwrite, retry_failed, allow_config_change, dtype, progress_every_s, dashboard: as for ``dvt denoise``.
+        allow_config_change: add to a store made with another denoiser.
         keep_raw: also store the backbone's raw features (array ``raw``); off halves the store.
     """
 
-    images: str
-    output: str
     denoiser: str
     weights: str = "hub"
     model: str | None = None
     input_size: int | None = None
-    images_per_batch: int | None = None
-    amp: str | None = None
     keep_raw: bool = True
-    workers: int = 1
-    gpus_per_worker: float | None = None
-    cpus_per_worker: float | None = None
-    limit: int | None = None
-    overwrite: bool = False
-    retry_failed: bool = True
-    allow_config_change: bool = False
-    dtype: str = "float16"
-    progress_every_s: float = 30.0
-    dashboard: bool = False
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
-class ApplyWorker(ImageBatchWorker):
+class ApplyWorker(JobWorker):
     """A Ray Data actor: the backbone and denoiser loaded once, one forward pass and one store unit per batch."""
 
     stage = "denoiser"
-
-    def __init__(self, config: ApplyConfig, layout: dict[str, Any]):
-        self.config = config
-        super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
-                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
+    config: ApplyConfig
 
     def setup(self) -> None:
         self.model = DenoisedViT.from_file(self.config.denoiser, self.config.weights, input_size=self.config.input_size,
@@ -147,9 +123,7 @@ def check_apply(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, list[str
     """Everything a run can check before Ray starts or anything is written (as :func:`pipeline.denoise.check_denoise`):
     flags, the denoiser and the backbone it names, weights, the listing and the output location. Returns the
     resolved config, the layout, the listed URIs and whether a store is already there."""
-    check_job_flags(workers=config.workers, images_per_batch=config.images_per_batch, limit=config.limit,
-                    progress_every_s=config.progress_every_s, gpus_per_worker=config.gpus_per_worker,
-                    cpus_per_worker=config.cpus_per_worker)
+    config.check_flags()
     config, layout, spec = _apply_layout(config)
     check_weights(spec.backbone_config(config.weights, config.input_size))
     uris = list_uris(config.images, config.limit)
@@ -177,14 +151,4 @@ def run_apply(config: ApplyConfig) -> JobSummary:
     if nothing_to_do(config.limit):
         return JobSummary.nothing(config.output, "apply")
     config, layout, uris, existed = check_apply(config)
-    init_ray(config.dashboard)
-    with store_session(config.output, "apply", existed=existed and not config.overwrite) as lease:
-        store, covered, pending = open_job_store(config.output, layout, uris, overwrite=config.overwrite,
-                                                 allow_config_change=config.allow_config_change,
-                                                 retry_failed=config.retry_failed)
-        gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
-        config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
-        return run_image_job(job="apply", store=store, covered=covered, pending=pending, worker=ApplyWorker,
-                             worker_kwargs={"config": config, "layout": store.layout.geometry()},
-                             images_per_batch=config.images_per_batch or unit_size("apply", gpus > 0),
-                             workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s, started=started, lease=lease)
+    return run_store_job("apply", config, layout, uris, existed, ApplyWorker, started)

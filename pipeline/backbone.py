@@ -22,16 +22,20 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .views import grid_shape
 
-__all__ = ["BackboneConfig", "BackboneError", "Backbone", "create_backbone", "load_state_dict",
-           "EXAMPLE_MODELS", "RANDOM_WEIGHTS_SEED"]
+__all__ = ["FeatureBackbone", "BackboneConfig", "BackboneError", "Backbone", "create_backbone", "load_state_dict",
+           "EXAMPLE_MODELS", "RANDOM_WEIGHTS_SEED", "DEFAULT_MODEL"]
 
 _log = logging.getLogger(__name__)
+
+#: The backbone the jobs use when none is named: DINOv2 ViT-S/14, small enough for a CPU.
+DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 #: Seed of the random initialisation (``weights="none"``): every process builds the same network, so a job's
 #: workers, a resumed job and a later ``dvt apply`` all see one backbone. Stores record it.
@@ -51,6 +55,22 @@ EXAMPLE_MODELS = {
     "mae": "vit_base_patch16_224.mae",
     "augreg": "vit_base_patch16_224.augreg_in21k",
 }
+
+
+@runtime_checkable
+class FeatureBackbone(Protocol):
+    """What stage 1 and the reports need of a backbone: patch-token features on a known patch grid.
+
+    :class:`Backbone` is one; so is :class:`pipeline.testing.synthetic.SyntheticBackbone`, whose features have a
+    known clean part and artifact.
+    """
+
+    patch_size: int
+    stride: int
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images in [0, 1] -> ``(B, h, w, C)`` patch features."""
+        ...
 
 
 class BackboneError(ValueError):

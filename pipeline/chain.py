@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backbone import FeatureBackbone
 from .metrics import ConsistencyConfig, cross_view_consistency, grid_energy, positional_energy
 
 __all__ = ["ChainConfig", "ChainResult", "TARGETS", "write_photo_crops", "run_chain", "measure", "check_targets"]
@@ -153,7 +154,7 @@ def measure(maps: torch.Tensor, raw: torch.Tensor, reference: torch.Tensor | Non
     return out
 
 
-def _stage1_fn(backbone, preset: str, seed: int):
+def _stage1_fn(backbone: FeatureBackbone, preset: str, seed: int):
     """Stage 1 as a feature function: every crop is fitted on its own (what the per-image method gives it)."""
     from .stage1 import Stage1Config, fit_images
 

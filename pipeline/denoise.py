@@ -19,21 +19,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import torch
 
-from .backbone import Backbone, BackboneConfig, create_backbone
-from .batching import images_per_pass, stage1_bytes_per_image, unit_size
-from .decode import DecodeConfig
-from .image_job import ImageBatchWorker, JobSummary, fetch_bytes, list_uris, open_job_store, run_image_job
+from .backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone
+from .batching import images_per_pass, stage1_bytes_per_image
+from .image_job import (ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris, open_job_store,
+                        run_store_job)
 from .image_job import describe_backbone as _describe
-from .image_job import worker_resources
-from .job_checks import JobConfigError, check_job_flags, nothing_to_do, store_session
+from .job_checks import JobConfigError, nothing_to_do
 from .methods import check_method, method_record, to_apply_config
-from .ray_runtime import init_ray
 from .stage1 import STAGE1_VERSION, Stage1Config, fit_images
 from .store import FeatureStore, StoreLayout, check_store
 from .weights import check_weights, weights_identity
@@ -43,36 +41,25 @@ __all__ = ["DenoiseConfig", "DenoiseSummary", "Stage1Worker", "fetch_bytes", "ch
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-@dataclass
-class DenoiseConfig:
-    """Everything a denoise run needs; the CLI flags of ``dvt denoise`` map one to one onto these fields.
+@dataclass(kw_only=True)
+class DenoiseConfig(ImageJobConfig):
+    """Everything a denoise run needs; the CLI flags of ``dvt denoise`` map one to one onto these fields (with
+    those of :class:`pipeline.image_job.ImageJobConfig`, the settings every image-to-store job has).
 
     Attributes:
-        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs.
-        output: feature store URL (local path, ``file://``, ``s3://``, ``memory://`` for one process).
         model, weights, block, stride: the backbone (see :class:`pipeline.backbone.BackboneConfig`).
         input_size: square size images are resized to before the ViT (518 for patch 14 in the paper).
         preset: stage-1 preset (``default``, ``paper``, ``ci``); ``views`` and ``steps`` override it.
         images_per_batch: images per store unit, fitted together; ``None`` chooses per device
             (:mod:`pipeline.batching`: 4 on CPUs; on GPUs units of 16 fitted in passes that fit the memory).
-        workers: maximum number of stage-1 actors.
-        gpus_per_worker: GPUs per actor; ``None`` means 1 when the cluster has GPUs, else 0.
-        cpus_per_worker: CPUs per actor; ``None`` means 1 with a GPU, else an even share of the CPUs.
         seed: fixes every image's views and random draws (with its image id).
         amp: autocast dtype (``"bfloat16"``) for the backbone and the fit on top of the preset's; ``None``
             keeps the preset's (fp32 in every preset).
-        limit: only the first ``limit`` images of the listing.
-        overwrite: delete the store and start again; otherwise finished images are skipped.
-        retry_failed: also redo images a previous run recorded as failed.
         allow_config_change: add to a store made with another stage-1 configuration.
-        dtype: feature storage type, ``float16`` or ``float32``.
         keep_artifact: also store ``G`` on the full-image grid (array ``artifact``).
-        progress_every_s: seconds between progress lines.
-        dashboard: start Ray's dashboard when this run starts a local Ray (:func:`pipeline.ray_runtime.init_ray`).
         method: ``dvt`` (stage 1), ``average``, ``bias`` or ``denoiser`` (:mod:`pipeline.methods`).
         copies, max_shift: ``average``'s forward passes per image and largest shift in patches.
         artifact: ``bias``'s artifact file (from ``dvt artifact``).
@@ -82,8 +69,6 @@ class DenoiseConfig:
             only; :meth:`pipeline.store.StoreLayout.fine_geometry` says where its nodes lie).
     """
 
-    images: str
-    output: str
     model: str = DEFAULT_MODEL
     weights: str = "hub"
     block: int = -1
@@ -92,21 +77,8 @@ class DenoiseConfig:
     preset: str = "default"
     views: int | None = None
     steps: int | None = None
-    images_per_batch: int | None = None
-    workers: int = 1
-    gpus_per_worker: float | None = None
-    cpus_per_worker: float | None = None
     seed: int = 0
-    amp: str | None = None
-    limit: int | None = None
-    overwrite: bool = False
-    retry_failed: bool = True
-    allow_config_change: bool = False
-    dtype: str = "float16"
     keep_artifact: bool = True
-    progress_every_s: float = 30.0
-    dashboard: bool = False
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
     method: str = "dvt"
     copies: int = 8
     max_shift: float = 2.0
@@ -144,15 +116,11 @@ DenoiseSummary = JobSummary
 
 # ---------------------------------------------------------------------------------------------- pipeline steps
 
-class Stage1Worker(ImageBatchWorker):
+class Stage1Worker(JobWorker):
     """A Ray Data actor: one backbone per process, one stage-1 fit and one store unit per batch of images."""
 
     stage = "stage 1"
-
-    def __init__(self, config: DenoiseConfig, layout: dict[str, Any]):
-        self.config = config
-        super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
-                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
+    config: DenoiseConfig
 
     def setup(self) -> None:
         self.backbone: Backbone = create_backbone(self.config.backbone_config()).to(self.device)
@@ -192,18 +160,12 @@ def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> Sto
                                      compact={"kind": config.compress} if config.compress else None)
 
 
-def _check_flags(config: DenoiseConfig) -> None:
-    check_job_flags(workers=config.workers, images_per_batch=config.images_per_batch, limit=config.limit,
-                    progress_every_s=config.progress_every_s, gpus_per_worker=config.gpus_per_worker,
-                    cpus_per_worker=config.cpus_per_worker)
-
-
 def check_denoise(config: DenoiseConfig) -> tuple[StoreLayout, list[str], bool]:
     """Everything a run can check before Ray starts or anything is written: flags, stage-1 settings, backbone,
     geometry, weights, the image listing and the output location (a store there must have been made with the
     same settings). Returns the layout, the listed URIs and whether a store is already there.
     """
-    _check_flags(config)
+    config.check_flags()
     check_method(config)
     if config.views is not None and config.views < 1:
         raise JobConfigError(f"--views must be at least 1 (stage 1 fits random views besides the full one), "
@@ -239,10 +201,6 @@ def prepare_store(config: DenoiseConfig) -> tuple[FeatureStore, int, pa.Table]:
                           retry_failed=config.retry_failed)
 
 
-def _resources(config: DenoiseConfig) -> tuple[float, float]:
-    return worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
-
-
 def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     """Run stage 1 over ``config.images`` into ``config.output`` on the Ray cluster in use (or a local one).
 
@@ -250,7 +208,7 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     held while the job runs (another job on the same store is refused).
     """
     started = time.monotonic()
-    _check_flags(config)
+    config.check_flags()
     check_method(config)
     if config.method == "denoiser":
         from .apply import run_apply
@@ -259,17 +217,7 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     if nothing_to_do(config.limit):
         return JobSummary.nothing(config.output, "denoise")
     layout, uris, existed = check_denoise(config)
-    init_ray(config.dashboard)
-    with store_session(config.output, "denoise", existed=existed and not config.overwrite) as lease:
-        store, covered, pending = open_job_store(config.output, layout, uris, overwrite=config.overwrite,
-                                                 allow_config_change=config.allow_config_change,
-                                                 retry_failed=config.retry_failed)
-        gpus, cpus = _resources(config)
-        config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
-        from .methods.worker import MethodWorker
+    from .methods.worker import MethodWorker
 
-        worker = Stage1Worker if config.method == "dvt" else MethodWorker
-        return run_image_job(job="denoise", store=store, covered=covered, pending=pending, worker=worker,
-                             worker_kwargs={"config": config, "layout": store.layout.geometry()},
-                             images_per_batch=config.images_per_batch or unit_size("denoise", gpus > 0),
-                             workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s, started=started, lease=lease)
+    worker = Stage1Worker if config.method == "dvt" else MethodWorker
+    return run_store_job("denoise", config, layout, uris, existed, worker, started)

@@ -21,11 +21,8 @@ more ``epochs`` continues the same run with a longer schedule.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,12 +33,12 @@ from .decode import DecodeConfig
 from .distill_data import flip_batch, held_out_pixels, pixel_batches, split_listing, training_dataset
 from .distill_model import (build_student_and_teacher, distance_from_sums, distance_sums, export_student,
                             select_trainable)
-from .listing import iter_uris
+from .listing import list_uris
 from .ray_runtime import init_ray
-from .storage import filesystem
 from .train_data import passes_needed
-from .train_denoiser import RUN_NAME, _resources
-from .train_utils import all_reduce, denoising_loss, lr_lambda, per_worker_batch, ray_storage, scaled_lr
+from .training import (RUN_NAME, STATE_FILE, RunConfig, all_reduce, denoising_loss, fit, lr_lambda, per_worker_batch,
+                       previous_record, read_state, refuse_changes, report, restored_state, start_worker,
+                       trainer_resources, write_record)
 
 __all__ = ["DistillConfig", "DistillSummary", "train_loop_per_worker", "run_distillation", "STUDENT_FILE", "STATE_FILE"]
 
@@ -49,14 +46,14 @@ _log = logging.getLogger(__name__)
 
 STUDENT_FILE = "student.safetensors"
 CONFIG_FILE = "distill_config.json"
-STATE_FILE = "state.pt"
 #: Run settings that must not change when a run folder is resumed.
 _FIXED = ("denoiser", "weights", "input_size", "train_blocks")
 
 
-@dataclass
-class DistillConfig:
-    """A distillation run; ``dvt distill`` flags map one to one onto these fields.
+@dataclass(kw_only=True)
+class DistillConfig(RunConfig):
+    """A distillation run; ``dvt distill`` flags map one to one onto these fields (with those of
+    :class:`pipeline.training.RunConfig`, the settings every training run has).
 
     Attributes:
         images: folder, glob, ``s3://`` prefix or .txt/.csv/.parquet list of image URIs.
@@ -69,8 +66,8 @@ class DistillConfig:
         max_steps: stop (and end the schedule) after this many steps instead.
         batch_size: images per optimiser step over all workers, each taking ``batch_size / workers`` (the
             paper: 512); with ``lr`` unset the rate follows it alone, so ``workers`` does not change the run.
-        lr: peak learning rate; ``None`` means ``base_lr * sqrt(global batch / 256)`` (2.8e-4 at 512, the paper).
-        base_lr, weight_decay, warmup_fraction: AdamW and schedule (linear warm-up, cosine decay to 0).
+        base_lr: with ``lr`` unset the peak rate is ``base_lr * sqrt(global batch / 256)`` (2.8e-4 at 512, the
+            paper).
         flip: random horizontal flips (the same flip for teacher and student).
         train_blocks: ``all`` (default: every block up to the distilled one, embeddings and final norm),
             ``last:N`` or ``i,j,k`` (those blocks and the final norm).
@@ -79,14 +76,7 @@ class DistillConfig:
         val_fraction, max_val_images: the held-out rule (module docstring).
         checkpoint_every: steps between checkpoints (and held-out measurements); ``None``: once per epoch, and
             at least every 1000 steps.
-        workers, use_gpu, cpus_per_worker: Ray Train scaling (``None``: a GPU each when the cluster has GPUs;
-            1 CPU with a GPU, else a share that leaves room for decoding).
-        read_cpus: CPUs per decoding task.
-        max_failures: worker failures recovered from the latest checkpoint.
         limit: only the first ``limit`` images of the listing.
-        overwrite: delete ``output`` first instead of resuming from it.
-        seed: initialisation, flip and shuffle seed.
-        dashboard: start Ray's dashboard when this run starts a local Ray.
         decode: limits on accepted images.
     """
 
@@ -98,9 +88,7 @@ class DistillConfig:
     epochs: int = 5
     max_steps: int | None = None
     batch_size: int = 8
-    lr: float | None = None
     base_lr: float = 2e-4
-    weight_decay: float = 1e-5
     warmup_fraction: float = 0.15
     flip: bool = True
     train_blocks: str = "all"
@@ -109,22 +97,8 @@ class DistillConfig:
     val_fraction: float = 0.05
     max_val_images: int = 256
     checkpoint_every: int | None = None
-    workers: int = 1
-    use_gpu: bool | None = None
-    cpus_per_worker: float | None = None
-    read_cpus: float = 0.25
-    max_failures: int = 3
     limit: int | None = None
-    overwrite: bool = False
-    seed: int = 0
-    dashboard: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else scaled_lr(self.base_lr, self.batch_size)
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
 @dataclass
@@ -184,29 +158,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     spe, total, size = int(loop_config["steps_per_epoch"]), int(loop_config["total_steps"]), int(loop_config["size"])
     per_worker = int(loop_config["batch"])
     every = int(loop_config["checkpoint_every"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(int(loop_config["threads"]))
-    torch.manual_seed(config.seed)  # identical random weights on every rank when weights="none"
+    rank, world, device = start_worker(loop_config, config.seed)  # the same random weights when weights="none"
     student, teacher, _ = build_student_and_teacher(config.denoiser, config.weights, size, device)
     trainable = select_trainable(student, config.train_blocks)
     if config.grad_checkpointing and not student.custom:
         student.model.set_grad_checkpointing(True)
     autocast = config.bf16 and device.type == "cuda"
-    state: dict[str, Any] | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    state = restored_state()
+    if state is not None:
         if json.loads(state["trainable"]) != trainable:
             raise ValueError("the checkpoint trained other parameters than --train-blocks selects now")
         student.model.load_state_dict(state["model"])
     ddp = ray.train.torch.prepare_model(student)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.peak_lr(),
                             weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(config.warmup_fraction * total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, config.warmup_steps(total)))
     held_out = held_out_pixels(loop_config["val_uris"][rank::world], size, config.decode)
 
     def measure() -> dict[str, float]:
@@ -255,26 +221,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         interval_loss = loss_sum.item()  # waits for the device, so the time below is true
         elapsed = time.perf_counter() - began
-        g = all_reduce([interval_loss, seen, bad, wait, elapsed])
+        g = all_reduce({"loss": interval_loss, "seen": seen, "bad": bad, "wait": wait, "elapsed": elapsed})
         slowest = all_reduce([elapsed], op="max")[0]
-        skipped += int(g[2])
-        metrics = {"step": step, "epoch": step / spe, "train_loss": g[0] / max(1.0, g[1]),
-                   "lr": sched.get_last_lr()[0], "images_per_s": (g[1] + g[2]) / max(slowest, 1e-9),
-                   "images_per_s_per_worker": (g[1] + g[2]) / max(slowest, 1e-9) / world,
-                   "data_wait_fraction": g[3] / max(g[4], 1e-9), "skipped_images": skipped}
+        skipped += int(g["bad"])
+        images_per_s = (g["seen"] + g["bad"]) / max(slowest, 1e-9)
+        metrics = {"step": step, "epoch": step / spe, "train_loss": g["loss"] / max(1.0, g["seen"]),
+                   "lr": sched.get_last_lr()[0], "images_per_s": images_per_s,
+                   "images_per_s_per_worker": images_per_s / world,
+                   "data_wait_fraction": g["wait"] / max(g["elapsed"], 1e-9), "skipped_images": skipped}
         metrics.update({f"val_{k}": v for k, v in measure().items()})
         history.append(metrics)
         _log.info("rank %d step %d/%d: %s", rank, step, total, json.dumps(metrics))
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": student.model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "step": step, "skipped": skipped,
-                            "history": json.dumps(history), "before": json.dumps(before),
-                            "resumed_from": json.dumps(resumed), "trainable": json.dumps(trainable)},
-                           os.path.join(d, STATE_FILE))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report(metrics, lambda: {
+            "model": student.model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": step, "skipped": skipped, "history": json.dumps(history), "before": json.dumps(before),
+            "resumed_from": json.dumps(resumed), "trainable": json.dumps(trainable)},
+            rank=rank, faults=loop_config.get("faults"))
         loss_sum, wait, seen, bad = torch.zeros((), device=device), 0.0, 0, 0
         began = time.perf_counter()
     del batches  # ends this rank's read (leaving early is fine for Ray's streaming split)
@@ -284,30 +246,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _check_previous(config: DistillConfig) -> None:
     """Refuse to resume a run folder made with another teacher, backbone weights, size or trained blocks."""
-    fs, root = filesystem(config.output)
-    path = f"{root.rstrip('/')}/{CONFIG_FILE}"
-    if config.overwrite:
-        if fs.exists(root):
-            _log.warning("deleting the previous run at %s (--overwrite)", config.output)
-            fs.rm(root, recursive=True)
-        return
-    if not fs.exists(path):
-        return
-    old, new = json.loads(fs.cat_file(path))["config"], config.to_json()
-    diff = [k for k in _FIXED if old.get(k) != new.get(k)]
-    if diff:
-        raise ValueError(f"{config.output} holds a distillation run with other settings ("
-                         + "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
-                         + "): pass --overwrite to start again there, or use another --output")
-    _log.info("resuming the distillation run in %s from its latest checkpoint", config.output)
+    before = previous_record(config.output, CONFIG_FILE, config.overwrite)
+    if before is not None:
+        refuse_changes(config.output, "a distillation run", before["config"], config.to_json(), _FIXED)
 
 
 def run_distillation(config: DistillConfig) -> DistillSummary:
     """Distil ``config.denoiser`` into its backbone on ``config.images`` with Ray Train; export the student."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from .backbone import create_backbone
     from .denoiser import read_spec
 
@@ -315,11 +260,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     init_ray(config.dashboard)
     spec = read_spec(config.denoiser)
     size = int(config.input_size or spec.input_size[0])
-    uris = []
-    for uri in iter_uris(config.images):
-        if config.limit is not None and len(uris) >= config.limit:
-            break
-        uris.append(uri)
+    uris = list_uris(config.images, config.limit)
     train_ids, val_ids = split_listing(uris, config.val_fraction, config.max_val_images)
     batch = per_worker_batch(config.batch_size, config.workers)
     spe = (len(train_ids) // config.workers) // batch
@@ -329,37 +270,19 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     total = config.max_steps or config.epochs * spe
     every = min(config.checkpoint_every or min(spe, 1000), total)
     _check_previous(config)
-    fs, root = filesystem(config.output)
-    fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root.rstrip('/')}/{CONFIG_FILE}", json.dumps(
-        {"config": config.to_json(), "teacher": spec.to_dict(), "size": size}, indent=2, sort_keys=True).encode())
-    gpu, cpus, threads = _resources(config)
-    storage_path, storage_fs = ray_storage(config.output)
+    write_record(config.output, CONFIG_FILE, {"config": config.to_json(), "teacher": spec.to_dict(), "size": size})
+    gpu, cpus, threads = trainer_resources(config)
     _log.info("distill: %d training images (%d held out), %d worker(s) (%s, %.2g CPU each), %d steps/epoch, %d steps, "
               "peak lr %.3g, size %d, output %s", len(train_ids), len(val_ids), config.workers, "GPU" if gpu else "CPU",
               cpus, spe, total, config.peak_lr(), size, config.output)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size, "batch": batch,
-                           "checkpoint_every": every, "threads": threads, "val_uris": [uris[i] for i in val_ids]},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu,
-                                               resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": training_dataset(uris, train_ids, size, batch, config.read_cpus, config.decode,
-                                          passes=passes_needed(len(train_ids), total, config.batch_size),
-                                          seed=config.seed)},
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"distillation in {config.output} ended without a checkpoint")
+    dataset = training_dataset(uris, train_ids, size, batch, config.read_cpus, config.decode,
+                               passes=passes_needed(len(train_ids), total, config.batch_size), seed=config.seed)
+    result = fit(train_loop_per_worker,
+                 {"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size, "batch": batch,
+                  "checkpoint_every": every, "threads": threads, "val_uris": [uris[i] for i in val_ids]},
+                 config, config.output, dataset, gpu, cpus, "distillation")
     checkpoint = f"{config.output.rstrip('/')}/{RUN_NAME}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}"
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    state = read_state(result.checkpoint)
     student = create_backbone(spec.backbone_config("none", size))
     student.model.load_state_dict(state["model"])
     history, before = json.loads(state["history"]), json.loads(state["before"])

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
-from .denoise import fetch_bytes
-from .train_utils import uri_fraction
+from .listing import fetch_bytes
+from .training import uri_fraction
 
 __all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "training_dataset"]
 
@@ -42,7 +42,7 @@ def split_listing(uris: list[str], val_fraction: float, max_val_images: int) -> 
 
 def decode_batch(batch: dict[str, np.ndarray], size: int,
                  decode: DecodeConfig = DecodeConfig()) -> dict[str, np.ndarray]:
-    """Ray Data step after :func:`pipeline.denoise.fetch_bytes`: ``{"pixels": (N, 3, S, S) uint8, "ok": (N,) bool}``.
+    """Ray Data step after :func:`pipeline.listing.fetch_bytes`: ``{"pixels": (N, 3, S, S) uint8, "ok": (N,) bool}``.
 
     Unreadable or undecodable images become all-zero rows with ``ok`` False (and a warning naming the reason).
     """

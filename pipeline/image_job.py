@@ -7,8 +7,9 @@ listing to a feature store, with per-image failures, progress, a summary and res
         ->  ImageBatchWorker actors (decode, resize, model on the batch, write one store unit per batch)
         ->  status rows back to the driver (progress, summary)
 
-A job subclasses :class:`ImageBatchWorker` with its model (:meth:`ImageBatchWorker.setup`) and what it computes
-for a batch (:meth:`ImageBatchWorker.process`), and calls :func:`run_image_job`. Each batch of images is one
+A job's settings extend :class:`ImageJobConfig` (which images, how to store them, the workers' resources); its
+worker subclasses :class:`JobWorker` with its model (:meth:`ImageBatchWorker.setup`) and what it computes for a
+batch (:meth:`ImageBatchWorker.process`); :func:`run_store_job` runs it under the store's lease. Each batch of images is one
 work unit of the store: array chunks first, manifest part last, so a killed worker leaves nothing a reader
 trusts and Ray's actor restarts and task retries redo the unit (rewriting the same rows is harmless).
 Per-image problems (unreadable, undecodable, a model error on that image, non-finite features) become
@@ -32,17 +33,66 @@ import pyarrow.compute as pc
 import torch
 
 from .backbone import Backbone, BackboneConfig, create_backbone
+from .batching import unit_size
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from .failures import JobFailedError, one_line, root_cause
-from .listing import fetch_bytes, iter_uris
+from .job_checks import check_job_flags, store_session
+from .listing import fetch_bytes, list_uris
 from .progress import Progress
+from .ray_runtime import init_ray
 from .storage import StorageUnavailableError
 from .store import FeatureStore, StoreError, StoreLayout
 
-__all__ = ["JobSummary", "ImageBatchWorker", "fetch_bytes", "describe_backbone", "list_uris", "open_job_store",
-           "worker_resources", "run_image_job"]
+__all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "describe_backbone",
+           "list_uris", "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class ImageJobConfig:
+    """Settings every image-to-store job has (``dvt denoise``, ``dvt apply``); each job's config adds its model.
+
+    Attributes:
+        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs.
+        output: feature store URL (local path, ``file://``, ``s3://``, ``memory://`` for one process).
+        images_per_batch: images per store unit (and per model call); ``None`` chooses per device
+            (:mod:`pipeline.batching`).
+        amp: autocast dtype (``"bfloat16"``) for the model; ``None``: the job's default (fp32).
+        workers: maximum number of actors.
+        gpus_per_worker: GPUs per actor; ``None`` means 1 when the cluster has GPUs, else 0.
+        cpus_per_worker: CPUs per actor; ``None`` means 1 with a GPU, else an even share of the CPUs.
+        limit: only the first ``limit`` images of the listing.
+        overwrite: delete the store and start again; otherwise finished images are skipped.
+        retry_failed: also redo images a previous run recorded as failed.
+        allow_config_change: add to a store made with another configuration of the job's model.
+        dtype: feature storage type, ``float16`` or ``float32``.
+        progress_every_s: seconds between progress lines.
+        dashboard: start Ray's dashboard when this run starts a local Ray (:func:`pipeline.ray_runtime.init_ray`).
+        decode: limits on accepted images.
+    """
+
+    images: str
+    output: str
+    images_per_batch: int | None = None
+    amp: str | None = None
+    workers: int = 1
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    retry_failed: bool = True
+    allow_config_change: bool = False
+    dtype: str = "float16"
+    progress_every_s: float = 30.0
+    dashboard: bool = False
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def check_flags(self) -> None:
+        """Refuse out-of-range resource and selection settings, naming each flag."""
+        check_job_flags(workers=self.workers, images_per_batch=self.images_per_batch, limit=self.limit,
+                        progress_every_s=self.progress_every_s, gpus_per_worker=self.gpus_per_worker,
+                        cpus_per_worker=self.cpus_per_worker)
 
 
 @dataclass
@@ -208,6 +258,15 @@ class ImageBatchWorker:
         return staged.to(self.device, non_blocking=True)
 
 
+class JobWorker(ImageBatchWorker):
+    """An :class:`ImageBatchWorker` built from its job's config (``config.input_size`` is the model's input)."""
+
+    def __init__(self, config: Any, layout: dict[str, Any]):
+        self.config = config
+        super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
+                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 def describe_backbone(config: BackboneConfig) -> Backbone:
@@ -218,16 +277,6 @@ def describe_backbone(config: BackboneConfig) -> Backbone:
             return create_backbone(meta)
     except Exception:  # noqa: BLE001 - some custom factories cannot build on meta; fall back to CPU
         return create_backbone(meta)
-
-
-def list_uris(images: str, limit: int | None = None) -> list[str]:
-    """The URIs of an image listing (folder, glob, prefix or list file), the first ``limit`` only if given."""
-    uris: list[str] = []
-    for uri in iter_uris(images):
-        if limit is not None and len(uris) >= limit:
-            break
-        uris.append(uri)
-    return uris
 
 
 def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, overwrite: bool = False,
@@ -337,3 +386,21 @@ def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> No
                            f"{line.rstrip('.')}.{advice}")
     error.storage_unavailable = StorageUnavailableError.__name__ in line
     raise error
+
+
+def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: Sequence[str], existed: bool,
+                  worker: type[JobWorker], started: float) -> JobSummary:
+    """Run a checked job: start (or join) Ray, hold the store's lease, create or reopen the store, size the actors
+    and run ``worker`` over what is left to do (:func:`run_image_job`)."""
+    init_ray(config.dashboard)
+    with store_session(config.output, job, existed=existed and not config.overwrite) as lease:
+        store, covered, pending = open_job_store(config.output, layout, uris, overwrite=config.overwrite,
+                                                 allow_config_change=config.allow_config_change,
+                                                 retry_failed=config.retry_failed)
+        gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
+        config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
+        return run_image_job(job=job, store=store, covered=covered, pending=pending, worker=worker,
+                             worker_kwargs={"config": config, "layout": store.layout.geometry()},
+                             images_per_batch=config.images_per_batch or unit_size(job, gpus > 0),
+                             workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s,
+                             started=started, lease=lease)

@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import filesystem
+from .storage import filesystem, with_protocol
 
-__all__ = ["IMAGE_EXTENSIONS", "LISTING_SCHEMA", "ListingError", "iter_uris", "read_listing", "write_listing",
+__all__ = ["IMAGE_EXTENSIONS", "LISTING_SCHEMA", "ListingError", "iter_uris", "list_uris", "read_listing", "write_listing",
            "fetch_bytes"]
 
 _log = logging.getLogger(__name__)
@@ -84,11 +84,6 @@ def _folder_images(fs, found: list[str], source: str) -> list[str]:
     return images
 
 
-def _with_protocol(fs, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
-
-
 def _resolve(entry: str, base: str) -> str:
     if "://" in entry or entry.startswith("/"):
         return entry
@@ -136,7 +131,7 @@ def iter_uris(source: str) -> Iterator[str]:
         matches = sorted(p for p in fs.glob(source.split("://", 1)[-1]) if _is_image(p))
         if not matches:
             raise ListingError(f"No image files match {source}.")
-        yield from (_with_protocol(fs, p) for p in matches)
+        yield from (with_protocol(fs, p) for p in matches)
         return
     fs, path = filesystem(source)
     if not fs.exists(path):
@@ -146,10 +141,10 @@ def iter_uris(source: str) -> Iterator[str]:
         found = _folder_images(fs, sorted(fs.find(path)), source)
         if not found:
             raise ListingError(f"{source} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        yield from (_with_protocol(fs, p) for p in found)
+        yield from (with_protocol(fs, p) for p in found)
         return
     if _is_image(path):
-        yield _with_protocol(fs, path)
+        yield with_protocol(fs, path)
         return
     yield from _iter_list_file(source)
 
@@ -180,6 +175,16 @@ def write_listing(source: str, dest: str, limit: int | None = None) -> int:
         raise ListingError(f"{source} lists no images.")
     _log.info("listed %d images from %s into %s", count, source, dest)
     return count
+
+
+def list_uris(images: str, limit: int | None = None) -> list[str]:
+    """The URIs of an image listing (folder, glob, prefix or list file), the first ``limit`` only if given."""
+    uris: list[str] = []
+    for uri in iter_uris(images):
+        if limit is not None and len(uris) >= limit:
+            break
+        uris.append(uri)
+    return uris
 
 
 def read_listing(url: str) -> pa.Table:

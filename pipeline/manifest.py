@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = ["MANIFEST_SCHEMA", "LISTING_FILE", "PARTS_DIR", "ImageRecord", "make_listing", "extend_listing",
-           "unit_id", "records_table", "put_atomic", "write_part", "read_manifest", "latest_per_image", "compact_parts"]
+           "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "read_manifest", "latest_per_image", "compact_parts"]
 
 _log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def records_table(records: Sequence[ImageRecord], unit: str) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
 
-def _to_parquet(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as one zstd-compressed Parquet file in memory, for :func:`put_atomic`."""
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
@@ -185,7 +186,7 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 def write_part(fs: fsspec.AbstractFileSystem, root: str, records: Sequence[ImageRecord], unit: str) -> str:
     """Write the manifest part of one unit; returns its path. Call only after the unit's data is written."""
     path = f"{root}/{PARTS_DIR}/part-{unit}.parquet"
-    put_atomic(fs, path, _to_parquet(records_table(records, unit)))
+    put_atomic(fs, path, parquet_bytes(records_table(records, unit)))
     return path
 
 
@@ -256,7 +257,7 @@ def compact_parts(fs: fsspec.AbstractFileSystem, root: str) -> tuple[int, str | 
     table = read_manifest(fs, root, dedup=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     path = f"{root}/{PARTS_DIR}/compact-{stamp}.parquet"
-    put_atomic(fs, path, _to_parquet(table))
+    put_atomic(fs, path, parquet_bytes(table))
     fs.rm([p for p in paths if p != path])
     return len(paths), path
 

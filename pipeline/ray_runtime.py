@@ -19,7 +19,6 @@ arguments through the object store, ray-project/ray#57733); :func:`init_ray` dro
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
@@ -29,7 +28,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["init_ray", "shutdown_ray", "add_dashboard_argument", "LOCAL_GCS_RECONNECT_S"]
+__all__ = ["init_ray", "shutdown_ray", "LOCAL_GCS_RECONNECT_S"]
 
 _log = logging.getLogger(__name__)
 
@@ -139,10 +138,3 @@ def _filter_stderr(patterns: tuple[re.Pattern[bytes], ...]) -> None:
         thread.join(timeout=2)
 
     atexit.register(restore)
-
-
-def add_dashboard_argument(group: argparse._ArgumentGroup) -> None:
-    """The ``--dashboard`` flag of the jobs that start Ray."""
-    group.add_argument("--dashboard", action="store_true",
-                       help="start Ray's dashboard with a local Ray (a cluster has its own; off by default to "
-                            "leave the CPUs to the workers)")

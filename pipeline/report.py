@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backbone import FeatureBackbone
 from .decode import decode_image, resize_to_tensor
 from .metrics import FeatureFn
 from .storage import filesystem
@@ -107,7 +108,7 @@ def features_from_images(uris: Sequence[str], size: int, raw_fn: FeatureFn | Non
                       uris=list(uris))
 
 
-def stage1_maps(backbone: Any, pixels: torch.Tensor, preset: str = "ci", seed: int = 0,
+def stage1_maps(backbone: FeatureBackbone, pixels: torch.Tensor, preset: str = "ci", seed: int = 0,
                 batch: int = 4) -> dict[str, torch.Tensor]:
     """Fit stage 1 to ``pixels`` ``(N, 3, S, S)`` with a named preset: ``raw``, ``clean`` and ``artifact``."""
     from .stage1 import Stage1Config, fit_images

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field as _field, replace
 import numpy as np
 import torch
 
+from .backbone import FeatureBackbone
 from .field import FieldConfig
 from .noise_model import LossWeights, NoiseModel
 from .view_features import ViewBatch, extract_batch
@@ -190,7 +191,7 @@ def fit_generator(image_id: int, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]))
 
 
-def _validate(backbone, images: torch.Tensor, image_ids: Sequence[int], config: Stage1Config) -> tuple[int, int]:
+def _validate(backbone: FeatureBackbone, images: torch.Tensor, image_ids: Sequence[int], config: Stage1Config) -> tuple[int, int]:
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != images.shape[-2]:
         raise Stage1Error(f"fit_images expects square RGB images (B, 3, S, S), got {tuple(images.shape)}.")
     if len(image_ids) != images.shape[0]:
@@ -239,7 +240,7 @@ def _adam(model: torch.nn.Module, config: Stage1Config) -> torch.optim.Adam:
         return torch.optim.Adam(groups, **kwargs)
 
 
-def fit_images(backbone, images: torch.Tensor, config: Stage1Config | None = None, *, image_ids: Sequence[int],
+def fit_images(backbone: FeatureBackbone, images: torch.Tensor, config: Stage1Config | None = None, *, image_ids: Sequence[int],
                seed: int = 0, progress: Callable[[int, int, dict[str, float]], None] | None = None,
                g_init: torch.Tensor | None = None) -> list[Stage1Result]:
     """Fit stage 1 to ``images`` ``(B, 3, S, S)`` in ``[0, 1]`` together; one result per image.

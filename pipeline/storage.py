@@ -23,7 +23,7 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["s3_endpoint", "s3_limits", "storage_options", "filesystem", "strip_protocol", "is_remote", "is_local",
+__all__ = ["s3_endpoint", "s3_limits", "storage_options", "filesystem", "strip_protocol", "with_protocol", "is_remote", "is_local",
            "local_path", "zarr_location", "BucketNotFoundError", "AccessDeniedError", "StorageUnavailableError",
            "missing_bucket", "storage_errors", "is_unavailable", "unavailable"]
 
@@ -112,6 +112,12 @@ def filesystem(url: str, **overrides: Any) -> tuple[fsspec.AbstractFileSystem, s
 
 def strip_protocol(url: str) -> str:
     return fsspec.core.split_protocol(url)[1]
+
+
+def with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path ``fs`` returned (``bucket/key``), as a URL again (``s3://bucket/key``); local paths stay plain."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def is_remote(url: str) -> bool:

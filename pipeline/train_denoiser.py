@@ -10,7 +10,7 @@
         --> <output>/denoiser.safetensors (best held-out weights + spec, loadable without Ray)
 
 How much training (measured in ``benchmarks/learning_curves.py``, see its table in the README): ``batch_size`` is
-the **global** batch and the learning rate follows it alone (:func:`pipeline.train_utils.scaled_lr`), so
+the **global** batch and the learning rate follows it alone (:func:`pipeline.training.scaled_lr`), so
 ``--workers`` changes the speed, not the run. The step budget grows with the training set
 (:func:`step_budget`) and a run ends early when ``patience`` evaluations in a row did not improve the held-out
 loss by ``min_delta``; the export's spec records the rule, the budget, where it stopped and why.
@@ -30,22 +30,20 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from .denoiser import Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
 from .ray_runtime import init_ray
-from .storage import filesystem
 from .store import FeatureStore, StoreError, StoreLayout
 from .train_data import pair_stream, passes_needed
-from .train_loop import STATE_FILE, train_loop_per_worker
-from .train_utils import denoising_loss, lr_lambda, per_worker_batch, ray_storage, scaled_lr, uri_fraction
+from .train_loop import train_loop_per_worker
+from .training import (RUN_NAME, RunConfig, denoising_loss, fit, lr_lambda, per_worker_batch, previous_record,
+                       read_state, refuse_changes, trainer_resources, uri_fraction, write_record)
 
 __all__ = ["TrainConfig", "TrainSummary", "denoising_loss", "lr_lambda", "step_budget", "split_ids", "open_stores",
            "train_loop_per_worker", "run_training", "export_checkpoint", "DENOISER_FILE", "RUN_NAME"]
@@ -54,7 +52,6 @@ _log = logging.getLogger(__name__)
 
 DENOISER_FILE = "denoiser.safetensors"
 CONFIG_FILE = "train_config.json"
-RUN_NAME = "run"
 
 #: The step-budget rule (:func:`step_budget`), from the learning curves of ``benchmarks/learning_curves.py``: at a
 #: global batch of 16 the held-out loss was within 1% of its best by 420-600 steps on 39 chain images and by
@@ -76,19 +73,18 @@ def default_eval_every(total_steps: int) -> int:
     return int(min(1000, max(10, round(total_steps / 25)), total_steps))
 
 
-@dataclass
-class TrainConfig:
-    """A denoiser training run; ``dvt train`` flags map one to one onto these fields.
+@dataclass(kw_only=True)
+class TrainConfig(RunConfig):
+    """A denoiser training run; ``dvt train`` flags map one to one onto these fields (with those of
+    :class:`pipeline.training.RunConfig`, the settings every training run has).
 
     Attributes:
         stores: feature store URLs made by ``dvt denoise`` (all with the same backbone settings).
         output: run folder (local path or ``s3://``): checkpoints under ``run/``, the denoiser file on top.
         batch_size: feature maps per optimiser step over all workers (each takes ``batch_size / workers``).
-        lr: peak learning rate; ``None`` means ``base_lr * sqrt(batch_size / 256)``: 3e-3 at the default batch of
-            16 and 4.2e-3 at 32, the rates that gave the lowest held-out loss in the learning curves (1e-2 at 16 did
-            as well, 1e-3 and 3e-4 ended 20% and 65% higher).
-        base_lr, weight_decay, warmup_fraction: AdamW and schedule (linear warm-up, cosine decay to 0 at the
-            step budget).
+        base_lr: with ``lr`` unset the peak rate is ``base_lr * sqrt(batch_size / 256)``: 3e-3 at the default batch
+            of 16 and 4.2e-3 at 32, the rates that gave the lowest held-out loss in the learning curves (1e-2 at 16
+            did as well, 1e-3 and 3e-4 ended 20% and 65% higher). The schedule ends at the step budget.
         max_steps: the step budget; ``None`` means ``epochs`` passes if given, else :func:`step_budget`.
         epochs: the step budget in passes over the training images (when ``max_steps`` is not given).
         eval_every: steps between held-out evaluations and checkpoints; ``None``: :func:`default_eval_every`.
@@ -97,26 +93,11 @@ class TrainConfig:
         val_fraction: share of images (by a hash of the file name) held out for validation.
         num_blocks: Transformer blocks of the denoiser.
         pos_grid: grid of the positional embedding; ``None`` means the stores' grid.
-        workers: training workers (DDP ranks).
-        use_gpu: one GPU per worker; ``None`` means yes when the cluster has GPUs.
-        cpus_per_worker: CPUs per worker; ``None`` means 1 with a GPU, else a share that leaves room to read.
-        read_cpus: CPUs per store-reading task.
-        max_failures: worker failures Ray Train recovers from (from the latest checkpoint).
         expect_backbone: refuse stores made with another backbone (``None``: whatever they hold).
-        overwrite: delete ``output`` first instead of resuming from it.
-        seed: initialisation and data-order seed.
-        dashboard: start Ray's dashboard when this run starts a local Ray.
-        after_checkpoint: advanced, for tests: a picklable ``f(step=, rank=)`` each worker calls after a
-            checkpoint is reported (used to inject a worker crash).
     """
 
     stores: Sequence[str]
     output: str
-    batch_size: int = 16
-    lr: float | None = None
-    base_lr: float = 1.2e-2
-    weight_decay: float = 1e-5
-    warmup_fraction: float = 0.05
     max_steps: int | None = None
     epochs: float | None = None
     eval_every: int | None = None
@@ -125,19 +106,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     num_blocks: int = 1
     pos_grid: tuple[int, int] | None = None
-    workers: int = 1
-    use_gpu: bool | None = None
-    cpus_per_worker: float | None = None
-    read_cpus: float = 0.25
-    max_failures: int = 3
     expect_backbone: str | None = None
-    overwrite: bool = False
-    seed: int = 0
-    dashboard: bool = False
-    after_checkpoint: Callable[..., None] | None = field(default=None, compare=False, repr=False)
-
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else scaled_lr(self.base_lr, self.batch_size)
 
     def total_steps(self, num_train: int) -> int:
         if self.max_steps is not None:
@@ -145,10 +114,6 @@ class TrainConfig:
         if self.epochs is not None:
             return max(1, round(self.epochs * num_train / self.batch_size))
         return step_budget(num_train, self.batch_size)
-
-    def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "after_checkpoint"}
-        return json.loads(json.dumps(d, default=list))
 
 
 @dataclass
@@ -224,39 +189,13 @@ def open_stores(config: TrainConfig) -> tuple[StoreLayout, list[FeatureStore]]:
 
 def _check_previous(config: TrainConfig, spec: DenoiserSpec) -> None:
     """Refuse to resume a run folder made for other features or another architecture."""
-    fs, root = filesystem(config.output)
-    path = f"{root.rstrip('/')}/{CONFIG_FILE}"
-    if config.overwrite:
-        if fs.exists(root):
-            _log.warning("deleting the previous run at %s (--overwrite)", config.output)
-            fs.rm(root, recursive=True)
-        return
-    if not fs.exists(path):
-        return
-    before = json.loads(fs.cat_file(path))
-    old, new = before.get("spec", {}), spec.to_dict()
-    keys = ("backbone", "block", "channels", "patch_size", "stride", "denoiser")
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    if diff:
-        raise DenoiserMismatchError(
-            f"{config.output} holds a training run for other settings ("
-            + "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
-            + "): pass --overwrite to start again there, or use another --output")
-    _log.info("resuming the training run in %s from its latest checkpoint", config.output)
+    before = previous_record(config.output, CONFIG_FILE, config.overwrite)
+    if before is not None:
+        refuse_changes(config.output, "a training run", before.get("spec", {}), spec.to_dict(),
+                       ("backbone", "block", "channels", "patch_size", "stride", "denoiser"), DenoiserMismatchError)
 
 
 # ------------------------------------------------------------------------------------------------ driver
-
-def _resources(config: Any) -> tuple[bool, float, int]:
-    import ray
-
-    cluster = ray.cluster_resources()
-    gpu = config.use_gpu if config.use_gpu is not None else cluster.get("GPU", 0) > 0
-    cpus = config.cpus_per_worker
-    if cpus is None:
-        cpus = 1.0 if gpu else max(0.25, min(8.0, 0.75 * cluster.get("CPU", 1) / max(1, config.workers)))
-    return gpu, cpus, max(1, round(cpus))
-
 
 def _stopping(state: dict[str, Any], rule: dict[str, Any]) -> dict[str, Any]:
     """What the export records about when and why the run ended, and which weights it holds."""
@@ -276,7 +215,7 @@ def _stopping(state: dict[str, Any], rule: dict[str, Any]) -> dict[str, Any]:
 def export_checkpoint(checkpoint_dir: str, path: str, training: dict[str, Any] | None = None) -> DenoiserSpec:
     """Write the denoiser of a training checkpoint folder to a denoiser file (its best held-out weights when it has
     them); returns its spec, whose ``training`` holds the history and the ``stopping`` record."""
-    state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=True)
+    state = read_state(checkpoint_dir)
     spec = DenoiserSpec.from_dict(json.loads(state["spec"]))
     training = dict(training or {})
     rule = training.pop("stopping_rule", {})
@@ -290,10 +229,6 @@ def export_checkpoint(checkpoint_dir: str, path: str, training: dict[str, Any] |
 
 def run_training(config: TrainConfig) -> TrainSummary:
     """Train a denoiser on ``config.stores`` with Ray Train and export it to ``<output>/denoiser.safetensors``."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     began = time.monotonic()
     layout, stores = open_stores(config)
     splits = [split_ids(s, config.val_fraction) for s in stores]
@@ -325,41 +260,24 @@ def run_training(config: TrainConfig) -> TrainSummary:
     spec = DenoiserSpec.from_layout(layout, dcfg, **{k: v for k, v in training.items() if k != "stopping_rule"})
     _check_previous(config, spec)
     init_ray(config.dashboard)
-    fs, root = filesystem(config.output)
-    fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root.rstrip('/')}/{CONFIG_FILE}",
-                 json.dumps({"config": config.to_json(), "spec": spec.to_dict()}, indent=2, sort_keys=True).encode())
+    write_record(config.output, CONFIG_FILE, {"config": config.to_json(), "spec": spec.to_dict()})
     passes = passes_needed(num_train, total, config.batch_size)
     train = pair_stream([(s.url, tr) for s, (tr, _) in zip(stores, splits) if len(tr)], passes=passes,
                         seed=config.seed, rows_per_block=4 * batch, num_cpus=config.read_cpus)
     val = [(s.url, v.tolist()) for s, (_, v) in zip(stores, splits) if len(v)]
-    gpu, cpus, threads = _resources(config)
-    storage_path, storage_fs = ray_storage(config.output)
+    gpu, cpus, threads = trainer_resources(config)
     _log.info("train: %d images (%d held out) from %d store(s), global batch %d on %d worker(s) (%s, %.2g CPU each), "
               "budget %d steps (%.1f epochs, %d passes streamed), held-out check every %d steps, peak lr %.3g, "
               "output %s", num_train, num_val, len(stores), config.batch_size, config.workers, "GPU" if gpu else "CPU",
               cpus, total, total / steps_per_epoch, passes, every, config.peak_lr(), config.output)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "spec": spec.to_dict(), "total_steps": total, "eval_every": every,
-                           "batch": batch, "steps_per_epoch": steps_per_epoch, "threads": threads, "val": val},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu,
-                                               resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train},
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training in {config.output} ended without a checkpoint")
+    result = fit(train_loop_per_worker,
+                 {"config": config, "spec": spec.to_dict(), "total_steps": total, "eval_every": every, "batch": batch,
+                  "steps_per_epoch": steps_per_epoch, "threads": threads, "val": val},
+                 config, config.output, train, gpu, cpus, "training")
     path = f"{config.output.rstrip('/')}/{DENOISER_FILE}"
     with result.checkpoint.as_directory() as d:
         spec = export_checkpoint(d, path, training)
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        state = read_state(d)
     step = int(state["step"])
     summary = TrainSummary(output=config.output, denoiser=path, steps=step, epochs=step / steps_per_epoch,
                            num_train=num_train, num_val=num_val, history=spec.training["history"],

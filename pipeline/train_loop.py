@@ -3,7 +3,7 @@
 Each rank takes its share of the global batch from its shard of the run's single stream
 (:mod:`pipeline.train_data`), so the data pipeline starts once per run. Every ``eval_every`` steps (and at the
 last step) the ranks add up their training loss, data wait and held-out sums, every rank applies the same
-:class:`pipeline.train_utils.Plateau` to the same held-out loss, and rank 0 reports a checkpoint holding the
+:class:`pipeline.training.Plateau` to the same held-out loss, and rank 0 reports a checkpoint holding the
 weights, optimiser, schedule, step, history, the plateau state and the best weights so far. A run stops at its
 step budget or when the held-out loss has stopped improving, whichever comes first; what the export holds is the
 best weights on the held-out images (the last ones when nothing is held out).
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,13 +22,12 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser, DenoiserMismatchError, DenoiserSpec
 from .store import FeatureStore
-from .train_utils import Plateau, all_reduce, denoising_loss, lr_lambda
+from .training import Plateau, all_reduce, denoising_loss, lr_lambda, report, restored_state, start_worker
 
-__all__ = ["train_loop_per_worker", "STATE_FILE", "HeldOut"]
+__all__ = ["train_loop_per_worker", "HeldOut"]
 
 _log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 #: A rank keeps its held-out pairs in memory below this many bytes (else it reads them at every evaluation).
 HELD_OUT_CACHE_BYTES = 256 * 2 ** 20
 
@@ -76,13 +73,9 @@ class HeldOut:
 
 
 def _restore(spec: DenoiserSpec, model: Denoiser) -> dict[str, Any] | None:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    state = restored_state()
+    if state is None:
         return None
-    with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     if json.loads(state["spec"])["denoiser"] != spec.to_dict()["denoiser"]:
         raise DenoiserMismatchError("the checkpoint holds another denoiser architecture than this run's")
     model.load_state_dict(state["model"])
@@ -98,17 +91,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     spec = DenoiserSpec.from_dict(loop_config["spec"])
     total, every, batch = int(loop_config["total_steps"]), int(loop_config["eval_every"]), int(loop_config["batch"])
     steps_per_epoch = float(loop_config["steps_per_epoch"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(int(loop_config["threads"]))
-    torch.manual_seed(config.seed)
+    rank, world, device = start_worker(loop_config, config.seed)
     model = Denoiser(spec.denoiser)
     state = _restore(spec, model)
     ddp = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=config.peak_lr(), weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(config.warmup_fraction * total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, config.warmup_steps(total)))
     plateau = Plateau(config.patience, config.min_delta)
     step, history, resumed, best = 0, [], [], None
     if state is not None:
@@ -125,16 +113,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     held_out = HeldOut([(url, ids[rank::world]) for url, ids in loop_config["val"]], batch)
 
     def save_and_report(metrics: dict[str, float]) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "step": step, "total_steps": total, "history": json.dumps(history),
-                            "resumed_from": json.dumps(resumed), "plateau": json.dumps(plateau.to_dict()),
-                            "spec": json.dumps(spec.to_dict()), **({"best_model": best} if best else {})},
-                           os.path.join(d, STATE_FILE))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report(metrics, lambda: {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": step, "total_steps": total, "history": json.dumps(history), "resumed_from": json.dumps(resumed),
+            "plateau": json.dumps(plateau.to_dict()), "spec": json.dumps(spec.to_dict()),
+            **({"best_model": best} if best else {})}, rank=rank, faults=loop_config.get("faults"))
 
     if step >= total or plateau.stop:  # a finished run re-run as it was: report its state again, nothing to train
         save_and_report(history[-1] if history else {"step": step})
@@ -163,22 +146,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         elapsed = time.perf_counter() - began
         val = held_out.sums(ddp, device)
-        g = all_reduce([loss_sum, samples, wait, elapsed, first_wait or 0.0, *val])
+        g = all_reduce({"loss": loss_sum, "samples": samples, "wait": wait, "elapsed": elapsed,
+                        "first_wait": first_wait or 0.0, "val_mse": val[0], "val_cos": val[1], "val_images": val[2]})
         slowest = all_reduce([elapsed], op="max")[0]
-        metrics = {"step": step, "epoch": step / steps_per_epoch, "train_loss": g[0] / max(1.0, g[1]),
-                   "lr": sched.get_last_lr()[0], "samples_per_s": g[1] / max(slowest, 1e-9),
-                   "data_wait_fraction": g[2] / max(g[3], 1e-9), "data_wait_s": g[2] / world, "seconds": slowest,
-                   "first_batch_s": g[4] / world}
-        if g[7] > 0:
-            mse, cos = g[5] / g[7], g[6] / g[7]
+        metrics = {"step": step, "epoch": step / steps_per_epoch, "train_loss": g["loss"] / max(1.0, g["samples"]),
+                   "lr": sched.get_last_lr()[0], "samples_per_s": g["samples"] / max(slowest, 1e-9),
+                   "data_wait_fraction": g["wait"] / max(g["elapsed"], 1e-9), "data_wait_s": g["wait"] / world,
+                   "seconds": slowest, "first_batch_s": g["first_wait"] / world}
+        if g["val_images"] > 0:
+            mse, cos = g["val_mse"] / g["val_images"], g["val_cos"] / g["val_images"]
             metrics.update(val_mse=mse, val_cos=cos, val_loss=mse + 1 - cos)
             if plateau.update(metrics["val_loss"], step) and rank == 0:
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(metrics)
         _log.info("rank %d step %d/%d: %s", rank, step, total, json.dumps(metrics))
         save_and_report(metrics)
-        if config.after_checkpoint is not None:
-            config.after_checkpoint(step=step, rank=rank)
         loss_sum, samples, wait, first_wait = 0.0, 0, 0.0, 0.0
         began = time.perf_counter()
     if plateau.stop:

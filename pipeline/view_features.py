@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backbone import FeatureBackbone
 from .views import ViewConfig, patch_coords, render_views, sample_boxes, view_generator
 
 __all__ = ["ViewFeatures", "ViewBatch", "view_boxes", "extract_view_features", "extract_batch"]
@@ -39,7 +40,7 @@ def view_boxes(config: ViewConfig, image_id: int, seed: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def extract_view_features(backbone, image: torch.Tensor, config: ViewConfig, *, image_id: int, seed: int,
+def extract_view_features(backbone: FeatureBackbone, image: torch.Tensor, config: ViewConfig, *, image_id: int, seed: int,
                           chunk: int = 32, dtype: torch.dtype = torch.float32,
                           autocast_dtype: torch.dtype | None = None) -> ViewFeatures:
     """Run ``backbone.features`` over every view of ``image`` ``(3, S, S)``, ``chunk`` views per pass.
@@ -110,7 +111,7 @@ class ViewBatch:
                    first.full_coords, [i for b in batches for i in b.image_ids], sum(b.seconds for b in batches))
 
 
-def extract_batch(backbone, images: torch.Tensor, config: ViewConfig, *, image_ids: Sequence[int], seed: int,
+def extract_batch(backbone: FeatureBackbone, images: torch.Tensor, config: ViewConfig, *, image_ids: Sequence[int], seed: int,
                   chunk: int = 32, dtype: torch.dtype = torch.float32,
                   autocast_dtype: torch.dtype | None = None) -> ViewBatch:
     """:func:`extract_view_features` for each of ``images (B, 3, S, S)``, stacked token by token."""

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+
+from pipeline.testing.object_store import MotoServer, answers, free_port
 
 # Set before anything imports timm, huggingface_hub or ray.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -29,20 +30,46 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "pipeline" / "samples"
 
 
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1)
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
+class StreamLines:
+    """Reads a child process's text stream in a thread, so a test can wait for a line (an event, with a bound)
+    instead of polling for its effects, and still gets all of the text at the end."""
 
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        """The first line matching the regular expression ``pattern``; fails if the stream ends or ``timeout``
+        seconds pass without one."""
+        regex, seen = re.compile(pattern), 0
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if regex.search(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                assert not self._ended, f"the stream ended without {pattern!r}: {''.join(self.lines)[-3000:]}"
+                assert left > 0, f"no line {pattern!r} in {timeout:.0f} s: {''.join(self.lines)[-3000:]}"
+                self._changed.wait(left)
+
+    def text(self, timeout: float = 30) -> str:
+        """All of the stream, once it has ended (the process exited)."""
+        self._thread.join(timeout)
+        return "".join(self.lines)
 
 
 @pytest.fixture(scope="session")
@@ -50,27 +77,19 @@ def s3_endpoint():
     """Endpoint URL of an S3 server on 127.0.0.1: the one in AWS_ENDPOINT_URL_S3 if it answers, else a
     moto server started here (a separate process, so Ray workers and writer processes reach it too)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
-    if endpoint and endpoint.startswith(("http://127.0.0.1", "http://localhost")) and _answers(endpoint):
+    if endpoint and endpoint.startswith(("http://127.0.0.1", "http://localhost")) and answers(endpoint):
         yield endpoint
         return
-    port = _free_port()
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not _answers(endpoint):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"moto_server did not start on {endpoint}")
-        time.sleep(0.1)
-    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
     try:
-        yield endpoint
+        server = MotoServer()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    os.environ["AWS_ENDPOINT_URL_S3"] = server.endpoint
+    try:
+        yield server.endpoint
     finally:
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
 
 
 @pytest.fixture()
@@ -104,16 +123,16 @@ def ray_local(s3_endpoint):
     ray.shutdown()
 
 
-def _kill_processes_mentioning(text: str) -> None:
-    """SIGKILL every process whose command line contains ``text`` (Linux /proc)."""
-    needle = text.encode()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if needle in (proc / "cmdline").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
+def _kill_group(pgid: int, timeout: float = 30) -> None:
+    """SIGKILL the process group ``pgid`` (one this session started) and wait until it is gone."""
+    deadline = time.monotonic() + timeout
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises once no process of the group is left
+            time.sleep(0.1)
+    except ProcessLookupError:
+        return
 
 
 @pytest.fixture(scope="session")
@@ -122,28 +141,31 @@ def ray_head(s3_endpoint, tmp_path_factory):
 
     Yields the dashboard address and the environment to run `ray` commands with. The venv's bin comes first
     on PATH, as a cluster image would have it, so job entry points' `python` is the one with the package.
-    The head gets its own temp dir, and only its processes are stopped at the end (`ray stop` would stop
-    every Ray on the machine).
+    The head gets its own temp dir. `ray start` runs as the leader of a new process group, which every process
+    it starts joins; that group, and nothing else, is stopped at the end (`ray stop` would stop every Ray on the
+    machine).
     """
     bin_dir = str(Path(sys.executable).parent)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # Every listening port chosen here, so the head never collides with another Ray on the machine.
-    ports = {flag: str(_free_port()) for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
+    ports = {flag: str(free_port()) for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
                                                   "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
                                                   "--metrics-export-port", "--node-manager-port",
                                                   "--object-manager-port")}
     temp_dir = f"/tmp/dvt-ray-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([str(Path(bin_dir) / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-                    "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp_dir,
-                    "--disable-usage-stats", *(x for kv in ports.items() for x in kv)],
-                   env=env, check=True, capture_output=True, timeout=180)
+    start = subprocess.Popen([str(Path(bin_dir) / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+                              "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
+                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir",
+                              temp_dir, "--disable-usage-stats", *(x for kv in ports.items() for x in kv)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        out, _ = start.communicate(timeout=180)
+        assert start.returncode == 0, f"ray start failed: {out.decode(errors='replace')[-2000:]}"
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        _kill_processes_mentioning(temp_dir)
+        _kill_group(start.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -10,7 +10,7 @@ from pipeline.decode import decode_image, resize_to_tensor
 from pipeline.listing import fetch_bytes
 from pipeline.denoiser import DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
 from pipeline.store import FeatureStore, StoreMismatchError
-from pipeline.synthetic_pairs import write_synthetic_store
+from pipeline.testing.synthetic_pairs import write_synthetic_store
 
 TINY = "vit_small_patch14_dinov2"
 

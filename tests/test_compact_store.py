@@ -56,7 +56,7 @@ def test_int8_round_trip_stays_within_half_a_step_per_channel(tmp_path):
         np.linalg.norm(back["clean"].astype(np.float32), axis=-1) * np.linalg.norm(data["clean"].astype(np.float32), axis=-1))
     assert 1 - cos.mean() < 0.005  # the target: < 0.5% relative cosine lost
     assert store.attrs["format_version"] == 2 and store.attrs["compact"] == {"kind": "int8"}
-    assert store._arrays["raw_int8"].nbytes * 2 == LAYOUT.image_nbytes * 6  # half the bytes of float16
+    assert store.zarr_arrays["raw_int8"].nbytes * 2 == LAYOUT.image_nbytes * 6  # half the bytes of float16
     # every reader: pairs for training, the Ray Data read step
     raw, clean = next(store.iter_pairs(batch_size=6))
     np.testing.assert_array_equal(raw, back["raw"])
@@ -80,7 +80,7 @@ def test_pca_records_its_explained_variance_and_reconstructs_low_rank_features(t
     tokens = plain.get(ids)["raw"].astype(np.float64).reshape(-1, 32)
     values = np.linalg.eigvalsh(np.cov(tokens.T, bias=True))[::-1]
     assert low.attrs["compact"]["explained_variance"]["raw"] == pytest.approx(values[:2].sum() / values.sum(), rel=1e-6)
-    assert low._arrays["raw_pca"].shape == (12, 4, 4, 2)
+    assert low.zarr_arrays["raw_pca"].shape == (12, 4, 4, 2)
 
 
 def test_a_compact_store_read_as_if_uncompressed_fails_in_one_line(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.eval.datasets import read_label, voc_pairs
 from tests.eval_data import SIZE, label_features, make_voc, positional_artifact, write_store
 
@@ -30,6 +30,7 @@ def stores(voc_root, tmp_path_factory) -> tuple[str, torch.Tensor]:
     return url, clean
 
 
+@pytest.mark.slow
 def test_eval_stores_side_by_side(voc_root, stores, s3_bucket, tmp_path):
     url, clean = stores
     uris = [p for p, _ in voc_pairs(str(voc_root), "train") + voc_pairs(str(voc_root), "val")]

@@ -34,7 +34,7 @@ def voc_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def nyu_root(tmp_path_factory) -> Path:
     """Smooth colour images; depth (16-bit mm) is a smooth function of the colour."""
-    from pipeline.synthetic import smooth_images
+    from pipeline.testing.synthetic import smooth_images
 
     root = tmp_path_factory.mktemp("nyu")
     images = smooth_images(20, SIZE, seed=3, max_freq=1.0)

@@ -8,8 +8,8 @@ import tomllib
 import pytest
 import yaml
 
+from jobs.cli import JOBS
 from pipeline import __version__
-from pipeline.cli import JOBS
 
 from .conftest import ROOT
 

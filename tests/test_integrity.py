@@ -10,31 +10,28 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jobs.cli import main
 from pipeline.backbone import BackboneConfig, create_backbone
-from pipeline.cli import main
 from pipeline.denoise import DenoiseConfig, check_denoise, prepare_store, run_denoise
 from pipeline.failures import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_TERMINATED, JobFailedError
 from pipeline.progress import Progress
 from pipeline.storage import StorageUnavailableError
 from pipeline.store import (FeatureStore, LeaseLostError, StoreBusyError, StoreLayout, StoreLease, StoreMismatchError,
                             lease_holder)
+from pipeline.testing.object_store import MotoServer, free_port
 from pipeline.weights import weights_identity
 
-from .conftest import ROOT
+from .conftest import ROOT, StreamLines
 
 TINY = dict(model="vit_small_patch14_dinov2", weights="none", input_size=56, preset="ci", views=4, steps=10,
             images_per_batch=1, workers=1, cpus_per_worker=0.5, progress_every_s=1.0)
@@ -172,7 +169,7 @@ def test_a_typo_in_weights_on_a_finished_store_changes_nothing(tmp_path, sample_
 # ------------------------------------------------------------------------------------------ 4: one line
 
 def test_interrupts_end_in_one_line_and_their_exit_status(caplog):
-    from pipeline.cli import _run_job
+    from jobs.cli import _run_job
 
     args = type("Args", (), {"verbose": 0})()
 
@@ -207,30 +204,11 @@ def test_expected_ray_line_is_dropped_from_the_console():
 
 # ------------------------------------------------------------------------------------------ 2, 3: object storage
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def own_s3(monkeypatch):
     """A moto server of this test's own (so freezing it touches nothing else), with short S3 limits."""
-    port = _free_port()
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
+    server = MotoServer()
+    proc, endpoint = server.proc, server.endpoint
     from pipeline.storage import filesystem
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
@@ -242,9 +220,7 @@ def own_s3(monkeypatch):
     try:
         yield proc, endpoint, f"s3://{bucket}"
     finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
 
 
 def _unit(store: FeatureStore, ids: list[int]) -> None:
@@ -272,7 +248,7 @@ def test_a_frozen_object_store_fails_in_bounded_time_and_stays_consistent(own_s3
 
 def test_an_unreachable_endpoint_is_one_line_and_status_4():
     # default attempts: zarr's concurrent requests once left coroutines that printed tracebacks at exit
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{_free_port()}", "DVT_S3_CONNECT_TIMEOUT": "1",
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}", "DVT_S3_CONNECT_TIMEOUT": "1",
            "PYTHONPATH": str(ROOT)}
     env.pop("DVT_S3_ATTEMPTS", None)
     started = time.monotonic()
@@ -356,6 +332,7 @@ def test_a_lease_left_by_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
         assert lease_holder(url).owner == second.holder.owner
 
 
+@pytest.mark.slow
 def test_a_running_job_refuses_a_second_one_before_starting_ray(tmp_path, sample_images):
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "s.zarr"), limit=1, **TINY)
     with StoreLease(config.output, "denoise"):
@@ -390,21 +367,13 @@ def test_a_stalled_object_store_stops_the_job_with_status_4(own_s3, sample_image
     job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     try:
-        from pipeline.storage import filesystem
-
-        fs, root = filesystem(url)
-        deadline = time.monotonic() + 240
-        while True:
-            assert job.poll() is None, job.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no unit was committed in time"
-            fs.invalidate_cache()
-            if fs.exists(f"{root}/manifest/parts") and fs.find(f"{root}/manifest/parts"):
-                break
-            time.sleep(0.2)
+        err = StreamLines(job.stderr)
+        err.wait_for(r"denoise: [1-9]\d*/\d+ images", timeout=240)  # a unit is in the store
         os.kill(proc.pid, signal.SIGSTOP)
         frozen = time.monotonic()
-        _, stderr = job.communicate(timeout=120)
+        job.wait(timeout=120)
         waited = time.monotonic() - frozen
+        stderr = err.text()
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)

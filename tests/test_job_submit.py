@@ -1,10 +1,11 @@
 """Every job goes through `ray job submit --working-dir .` to a Ray head, exactly as the README shows.
 
-The tests run in order and feed each other: denoise (to S3) -> store info -> train -> apply -> eval -> show
--> distill; the last one checks that every job of `dvt` was submitted.
+Each test asks for what it needs through fixtures (a denoised store on S3, a trained denoiser, an applied store),
+which submit the jobs that make it once per module, so any test runs alone, in any order.
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -13,25 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import JOBS
+from jobs.cli import JOBS
 from pipeline.store import FeatureStore
 
-from .conftest import ROOT
+from .conftest import ROOT, SAMPLES
 
 pytestmark = pytest.mark.slow
 
-SUBMITTED: set[str] = set()
 TINY_VIT = ["--weights", "none", "--input-size", "56"]
+NUM_SAMPLES = len([p for p in SAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("submitted")
-
-
-@pytest.fixture(scope="module")
-def store_url(s3_bucket_module) -> str:
-    return f"{s3_bucket_module}/submitted.zarr"
 
 
 @pytest.fixture(scope="module")
@@ -59,51 +55,81 @@ def submit(ray_head, module: str, *args: str, runtime_env: dict | None = None) -
             break
         time.sleep(2)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "succeeded" in out.stdout + out.stderr
-    SUBMITTED.add(module)
+    assert re.search(r"Job '[^']+' succeeded", out.stdout + out.stderr), out.stdout[-2000:]
     return out
 
 
-def test_denoise_to_an_s3_store(ray_head, s3_endpoint, store_url):
-    submit(ray_head, "jobs.denoise", "--output", store_url, "--model", "vit_small_patch14_dinov2", *TINY_VIT,
+@pytest.fixture(scope="module")
+def denoised(ray_head, s3_endpoint, s3_bucket_module) -> str:
+    """A store on S3 made by a submitted `jobs.denoise` over the bundled samples."""
+    url = f"{s3_bucket_module}/submitted.zarr"
+    submit(ray_head, "jobs.denoise", "--output", url, "--model", "vit_small_patch14_dinov2", *TINY_VIT,
            "--preset", "ci", "--views", "4", "--steps", "10", "--cpus-per-worker", "0.5",
            runtime_env={"env_vars": {"AWS_ENDPOINT_URL_S3": s3_endpoint, "HF_HUB_OFFLINE": "1"}})
-    store = FeatureStore.open(store_url)
-    assert store.info().ok == len(list((ROOT / "pipeline" / "samples").glob("*.[pj][np]g")))
+    return url
+
+
+@pytest.fixture(scope="module")
+def trained(ray_head, denoised, work) -> Path:
+    """A denoiser file made by a submitted `jobs.train_denoiser` on the denoised store."""
+    submit(ray_head, "jobs.train_denoiser", "--stores", denoised, "--output", str(work / "train"), "--cpu",
+           "--workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", "--batch-size", "2",
+           "--val-fraction", "0.2")
+    return work / "train" / "denoiser.safetensors"
+
+
+@pytest.fixture(scope="module")
+def applied(ray_head, trained, work) -> Path:
+    """A store made by a submitted `jobs.apply_denoiser` with the trained denoiser."""
+    submit(ray_head, "jobs.apply_denoiser", "--denoiser", str(trained), "--output", str(work / "applied.zarr"),
+           *TINY_VIT, "--cpus-per-worker", "0.5")
+    return work / "applied.zarr"
+
+
+def test_denoise_to_an_s3_store(denoised):
+    store = FeatureStore.open(denoised)
+    assert store.info().ok == NUM_SAMPLES
     assert store.attrs["last_run"]["failed"] == 0
 
 
-def test_store_info(ray_head, store_url):
-    out = submit(ray_head, "jobs.store", "info", store_url)
-    assert "ok" in out.stdout
+def test_store_info(ray_head, denoised):
+    out = submit(ray_head, "jobs.store", "info", denoised)
+    counts = re.search(r"(\d+) listed, (\d+) ok, (\d+) failed, (\d+) pending", out.stdout)
+    assert counts, out.stdout[-2000:]
+    assert tuple(map(int, counts.groups())) == (NUM_SAMPLES, NUM_SAMPLES, 0, 0)
 
 
-def test_train_denoiser(ray_head, store_url, work):
-    submit(ray_head, "jobs.train_denoiser", "--stores", store_url, "--output", str(work / "train"), "--cpu",
-           "--workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", "--batch-size", "2",
-           "--val-fraction", "0.2")
-    assert (work / "train" / "denoiser.safetensors").is_file()
+def test_train_denoiser(trained):
+    assert trained.is_file()
 
 
-def test_apply_denoiser(ray_head, work):
-    submit(ray_head, "jobs.apply_denoiser", "--denoiser", str(work / "train" / "denoiser.safetensors"),
-           "--output", str(work / "applied.zarr"), *TINY_VIT, "--cpus-per-worker", "0.5")
-    assert FeatureStore.open(str(work / "applied.zarr")).info().failed == 0
+def test_apply_denoiser(applied):
+    info = FeatureStore.open(str(applied)).info()
+    assert (info.ok, info.failed) == (NUM_SAMPLES, 0)
 
 
-def test_eval_and_show(ray_head, store_url, work):
-    submit(ray_head, "jobs.eval", "--store", store_url, "--stage2-store", str(work / "applied.zarr"),
-           "--out", str(work / "eval"), "--no-information")
+def test_eval_and_show(ray_head, denoised, applied, work):
+    submit(ray_head, "jobs.eval", "--store", denoised, "--stage2-store", str(applied), "--out", str(work / "eval"),
+           "--no-information")
     report = json.loads((work / "eval" / "report.json").read_text())
-    assert report
-    submit(ray_head, "jobs.show", "--store", store_url, "--out", str(work / "show"))
+    assert list(report["sources"]) == ["raw", "stage-1", "stage-2"]
+    assert report["measures"], "the report measured nothing"
+    submit(ray_head, "jobs.show", "--store", denoised, "--out", str(work / "show"))
     assert list((work / "show").glob("*.png"))
 
 
-def test_distill_and_every_job_was_submitted(ray_head, work):
-    submit(ray_head, "jobs.distill", "--denoiser", str(work / "train" / "denoiser.safetensors"),
-           "--output", str(work / "distill"), *TINY_VIT, "--max-steps", "2", "--batch-size", "2",
-           "--workers", "1", "--cpus-per-worker", "0.5", "--max-val-images", "1", "--no-gpu")
+def test_distill(ray_head, trained, work):
+    submit(ray_head, "jobs.distill", "--denoiser", str(trained), "--output", str(work / "distill"), *TINY_VIT,
+           "--max-steps", "2", "--batch-size", "2", "--workers", "1", "--cpus-per-worker", "0.5",
+           "--max-val-images", "1", "--no-gpu")
     assert (work / "distill" / "student.safetensors").is_file()
-    submit(ray_head, "jobs.info")
-    assert SUBMITTED == set(JOBS.values()), f"never submitted: {set(JOBS.values()) - SUBMITTED}"
+
+
+def test_info(ray_head):
+    out = submit(ray_head, "jobs.info")
+    assert "torch" in out.stdout
+
+
+def test_every_job_has_a_submission_here():
+    submitted = set(re.findall(r'submit\(ray_head, "(jobs\.\w+)"', Path(__file__).read_text()))
+    assert submitted == set(JOBS.values()), f"never submitted: {set(JOBS.values()) - submitted}"

@@ -18,7 +18,7 @@ from pipeline.methods.worker import MethodWorker
 from pipeline.metrics import positional_energy
 from pipeline.stage1 import fit_images
 from pipeline.store import FeatureStore, StoreMismatchError
-from pipeline.synthetic import photo_images
+from pipeline.testing.synthetic import photo_images
 from pipeline.views import patch_coords
 
 SMALL = "pipeline.testing.artifact_vit:create_small"

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.metrics import (ConsistencyConfig, artifact_metrics, cross_view_consistency, fit_pca, grid_energy,
                               position_information, positional_energy, sample_at)
-from pipeline.synthetic import SyntheticBackbone, smooth_images
+from pipeline.testing.synthetic import SyntheticBackbone, smooth_images
 from pipeline.views import patch_coords
 
 N, GH, GW, C = 6, 12, 12, 16
@@ -143,7 +143,7 @@ def _store(url: str, uris: list[str], **arrays: torch.Tensor) -> None:
 def test_eval_job_on_stores(tmp_path, pattern, position_free):
     import json
 
-    from pipeline.cli import main
+    from jobs.cli import main
 
     uris = [f"/data/img{i}.jpg" for i in range(N)]
     content = position_free

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.storage import filesystem, storage_options
+from pipeline.testing.object_store import answers, free_port
 
-from .conftest import ROOT, _answers, _free_port
+from .conftest import ROOT
 
 
 def test_s3_fixture_writes_and_reads_an_object(s3_bucket):
@@ -27,12 +28,12 @@ def test_endpoint_and_credentials_come_from_the_environment(s3_endpoint):
 
 
 def test_infra_script_starts_and_stops_a_server(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DVT_S3_PORT": str(port), "DVT_S3_DIR": str(tmp_path)}
     script = ROOT / "infra" / "object_store.sh"
     subprocess.run(["bash", str(script), "start"], env=env, check=True, timeout=60)
     try:
-        assert _answers(f"http://127.0.0.1:{port}")
+        assert answers(f"http://127.0.0.1:{port}")
         exports = subprocess.run(["bash", str(script), "env"], env=env, check=True, capture_output=True,
                                  text=True).stdout
         assert f"AWS_ENDPOINT_URL_S3=http://127.0.0.1:{port}" in exports
@@ -45,7 +46,7 @@ def test_infra_script_starts_and_stops_a_server(tmp_path: Path):
 def test_minio_backend_without_minio_fails_clearly(tmp_path: Path):
     if subprocess.run(["bash", "-c", "command -v minio"], capture_output=True).returncode == 0:
         pytest.skip("MinIO is installed here")
-    env = {**os.environ, "DVT_S3_PORT": str(_free_port()), "DVT_S3_DIR": str(tmp_path), "DVT_S3_BACKEND": "minio"}
+    env = {**os.environ, "DVT_S3_PORT": str(free_port()), "DVT_S3_DIR": str(tmp_path), "DVT_S3_BACKEND": "minio"}
     out = subprocess.run(["bash", str(ROOT / "infra" / "object_store.sh"), "start"], env=env, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 1 and "no 'minio' on PATH" in out.stderr

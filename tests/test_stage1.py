@@ -9,7 +9,7 @@ import torch
 from pipeline.field import FieldConfig, HashGridConfig
 from pipeline.noise_model import NoiseModel
 from pipeline.stage1 import PRESETS, Stage1Config, Stage1Error, fit_generator, fit_images
-from pipeline.synthetic import SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
+from pipeline.testing.synthetic import SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
 from pipeline.view_features import view_boxes
 from pipeline.views import ViewConfig, make_views
 
@@ -60,8 +60,9 @@ def test_recovers_the_clean_map_with_its_mean(fitted, backbone, images):
 @pytest.mark.parametrize("config", [
     PRESETS["ci"],
     PRESETS["ci"].replace(steps=60, lr=3e-3, min_lr=3e-4, warmup=0.0, freeze_artifact_at=0.5),  # + Adam, h
-    Stage1Config(views=ViewConfig(num_views=8), steps=150, batch_tokens=512, lr=0.01, min_lr=0.001,
-                 field=FieldConfig(hash=HashGridConfig(levels=4, log2_table_size=10, max_resolution=32)))],
+    pytest.param(Stage1Config(views=ViewConfig(num_views=8), steps=150, batch_tokens=512, lr=0.01, min_lr=0.001,
+                              field=FieldConfig(hash=HashGridConfig(levels=4, log2_table_size=10, max_resolution=32))),
+                 marks=pytest.mark.slow)],
     ids=["closed-form", "closed-form+adam", "hash-field"])
 def test_every_path_keeps_the_image_mean_in_the_clean_map(config, images):
     # an artifact with a large mean: whatever the solver, the mean must end up in F, not G
@@ -112,6 +113,7 @@ def test_batched_and_single_fits_agree(fitted, single):
     torch.testing.assert_close(single.artifact, fitted[1].artifact, atol=1e-3 * scale, rtol=0)
 
 
+@pytest.mark.slow
 def test_batched_and_single_agree_with_minibatch_hash_field(backbone, images):
     cfg = Stage1Config(views=ViewConfig(num_views=4), steps=20, batch_tokens=256,
                        field=FieldConfig(hash=HashGridConfig(levels=4, log2_table_size=10, max_resolution=64)))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.synthetic import FAMILIES, SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
+from pipeline.backbone import FeatureBackbone
+from pipeline.testing.synthetic import FAMILIES, SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
 from pipeline.views import ViewConfig, make_views
 
 
 def test_parts_sum_to_features_and_artifact_is_position_only():
     bb = SyntheticBackbone(embed_dim=8, patch_size=16, outlier_prob=0.1)
+    assert isinstance(bb, FeatureBackbone) and not isinstance(object(), FeatureBackbone)
     imgs = smooth_images(2, 96, seed=1)
     p = bb.parts(imgs)
     feats = bb.features(imgs)

@@ -12,17 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.denoiser import Denoiser, DenoiserConfig, load_denoiser
+from pipeline.fault_injection import planned_fault
 from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError
-from pipeline.synthetic_pairs import synthetic_pairs, write_synthetic_store
+from pipeline.testing.synthetic_pairs import synthetic_pairs, write_synthetic_store
 from pipeline.train_denoiser import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
                                      split_ids)
 from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, step_budget
-from pipeline.train_utils import Plateau
-from pipeline.train_utils import denoising_loss as loss_fn
+from pipeline.training import Plateau
+from pipeline.training import denoising_loss as loss_fn
 
 
 def die_once(marker: str, at_step: int, at_rank: int, *, step: int, rank: int) -> None:
-    """``TrainConfig.after_checkpoint`` hook: the first time ``at_rank`` reports ``at_step``, its process dies."""
+    """An ``after_checkpoint`` fault: the first time ``at_rank`` reports ``at_step``, its process dies."""
     if step == at_step and rank == at_rank and not os.path.exists(marker):
         Path(marker).touch()
         os._exit(1)
@@ -79,6 +80,7 @@ def test_synthetic_pairs_carry_each_images_mean_and_a_zero_mean_artifact():
     assert np.linalg.norm(clean.mean((1, 2)), axis=-1).min() > 1.0  # each image's own mean vector
 
 
+@pytest.mark.slow
 def test_the_denoiser_keeps_each_images_mean_on_held_out_images(tmp_path):
     # the model and loss of the Ray Train loop, trained in-process on a synthetic store: stage-1 stores carry each
     # image's mean in `clean`, and the denoiser's output on images it never saw must keep it
@@ -145,9 +147,9 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume_on_rerun(ray_local
     output = f"{s3_bucket}/denoisers/synthetic"
     marker = str(tmp_path / "worker-died")
     config = TrainConfig(stores=[store.url], output=output, max_steps=16, eval_every=4, patience=0, batch_size=8,
-                         workers=2, cpus_per_worker=0.5, lr=3e-3, warmup_fraction=0.25, val_fraction=0.2, max_failures=2,
-                         after_checkpoint=functools.partial(die_once, marker, 8, 1))
-    summary = run_training(config)
+                         workers=2, cpus_per_worker=0.5, lr=3e-3, warmup_fraction=0.25, val_fraction=0.2, max_failures=2)
+    with planned_fault("after_checkpoint", functools.partial(die_once, marker, 8, 1)):
+        summary = run_training(config)
     assert os.path.exists(marker), "no worker died: the resume was not tested"
     # Ray Train restores the latest checkpoint its controller registered: step 8's, or step 4's if the worker
     # died before the controller polled the step-8 report. Either way the steps continue from there.
@@ -171,7 +173,6 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume_on_rerun(ray_local
     assert mse == pytest.approx(stopping["val_mse"], rel=1e-4)
     # re-running with a larger budget continues from the latest checkpoint, here on one worker: the same global
     # batch, so the same learning rate and steps
-    more = run_training(TrainConfig(**{**config.__dict__, "max_steps": 20, "workers": 1, "cpus_per_worker": 1.0,
-                                       "after_checkpoint": None}))
+    more = run_training(TrainConfig(**{**config.__dict__, "max_steps": 20, "workers": 1, "cpus_per_worker": 1.0}))
     assert more.resumed_from == [*summary.resumed_from, 16] and [h["step"] for h in more.history] == [4, 8, 12, 16, 20]
     assert load_denoiser(more.denoiser)[1].training["lr"] == spec.training["lr"]

@@ -12,7 +12,7 @@ from pipeline.denoise import DenoiseConfig, Stage1Worker, check_denoise, prepare
 from pipeline.listing import fetch_bytes
 from pipeline.stage1 import Stage1Config, fit_images
 from pipeline.store import FeatureStore, StoreMismatchError
-from pipeline.synthetic import make_problem
+from pipeline.testing.synthetic import make_problem
 
 
 def test_the_fine_readout_of_f_beats_upsampling_the_patch_grid(one_torch_thread):
@@ -38,7 +38,7 @@ def test_the_fine_readout_of_f_beats_upsampling_the_patch_grid(one_torch_thread)
 
 
 def test_a_store_keeps_the_fine_grid_with_its_geometry_and_show_draws_it(tmp_path, sample_images, one_torch_thread):
-    from pipeline.cli import main
+    from jobs.cli import main
 
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "hr.zarr"), limit=2,
                            model="pipeline.testing.artifact_vit:create_small", weights="none", input_size=128,
@@ -53,7 +53,7 @@ def test_a_store_keeps_the_fine_grid_with_its_geometry_and_show_draws_it(tmp_pat
     assert data["clean_x2"].shape == (2, 15, 15, 192) and data["clean"].shape == (2, 8, 8, 192)
     np.testing.assert_allclose(data["clean_x2"][:, ::2, ::2].astype(np.float32), data["clean"].astype(np.float32),
                                atol=1e-2)
-    attrs = dict(store._arrays["clean_x2"].attrs)
+    attrs = dict(store.zarr_arrays["clean_x2"].attrs)
     assert attrs["upsample"] == 2 and attrs["grid"] == [15, 15]
     assert attrs["first"] == [8 / 128, 8 / 128] and attrs["step"] == [8 / 128, 8 / 128]
     assert store.attrs["stage1"]["clean_upsample"] == 2

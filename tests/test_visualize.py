@@ -95,7 +95,7 @@ def test_render_panels_without_denoised_or_artifact(tmp_path):
 
 
 def test_show_job_from_store(tmp_path, sample_images):
-    from pipeline.cli import main
+    from jobs.cli import main
     from pipeline.store import FeatureStore, StoreLayout
 
     uris = [str(p) for p in sample_images[:3]]
@@ -119,7 +119,7 @@ def test_show_job_from_store(tmp_path, sample_images):
 
 @pytest.mark.slow
 def test_show_job_from_images(tmp_path, sample_images):
-    from pipeline.cli import main
+    from jobs.cli import main
 
     out = tmp_path / "show"
     assert main(["show", "--images", str(sample_images[0]), "--model", "tests.custom_backbone:create",
@@ -134,7 +134,7 @@ def test_eval_and_show_with_a_stage2_denoiser(tmp_path, sample_images):
 
     denoiser = pytest.importorskip("pipeline.denoiser")
     from pipeline.backbone import create_backbone
-    from pipeline.cli import main
+    from jobs.cli import main
     from pipeline.store import StoreLayout
 
     torch.manual_seed(0)

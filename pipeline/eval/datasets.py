@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..decode import decode_image, resize_to_tensor
-from ..storage import filesystem
+from ..storage import filesystem, with_protocol
 
 __all__ = ["SegmentationSet", "VOC2012", "ADE20K", "voc_pairs", "ade20k_pairs", "depth_pairs", "voc_boxes",
            "BoxAnnotation", "read_bytes", "read_rgb", "load_images", "read_label", "read_depth",
@@ -53,11 +53,6 @@ ADE20K = SegmentationSet("ade20k", 150, True, ("training", "validation"))
 
 def _join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts) if "://" in root else os.path.join(root, *parts)
-
-
-def _with_protocol(fs, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def read_bytes(url: str) -> bytes:
@@ -90,7 +85,7 @@ def ade20k_pairs(root: str, split: str = "training") -> list[tuple[str, str]]:
     pairs = []
     for image in found:
         stem = posixpath.basename(image)[: -len(".jpg")]
-        pairs.append((_with_protocol(fs, image), _join(root, "annotations", split, f"{stem}.png")))
+        pairs.append((with_protocol(fs, image), _join(root, "annotations", split, f"{stem}.png")))
     return pairs
 
 
@@ -121,7 +116,7 @@ def depth_pairs(root: str, split: str = "train") -> list[tuple[str, str]]:
         rgb = next((stem + f"_rgb{ext}" for ext in (".png", ".jpg", ".jpeg") if fs.exists(stem + f"_rgb{ext}")), None)
         if rgb is None:
             raise FileNotFoundError(f"{depth} has no matching {stem}_rgb.png or .jpg.")
-        pairs.append((_with_protocol(fs, rgb), _with_protocol(fs, depth)))
+        pairs.append((with_protocol(fs, rgb), with_protocol(fs, depth)))
     return pairs
 
 

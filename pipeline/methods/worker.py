@@ -9,7 +9,7 @@ import torch
 
 from ..backbone import create_backbone
 from ..batching import forward_bytes_per_image, images_per_pass
-from ..image_job import ImageBatchWorker
+from ..image_job import JobWorker
 from . import average_config
 from .average import average_features
 from .bias import ArtifactMap
@@ -20,14 +20,14 @@ if TYPE_CHECKING:
 __all__ = ["MethodWorker"]
 
 
-class MethodWorker(ImageBatchWorker):
+class MethodWorker(JobWorker):
     """One backbone per process; per batch, ``raw`` and the method's ``clean`` into one store unit."""
 
+    config: DenoiseConfig
+
     def __init__(self, config: DenoiseConfig, layout: dict[str, Any]):
-        self.config = config
+        super().__init__(config, layout)
         self.stage = config.method
-        super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
-                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
 
     def setup(self) -> None:
         self.backbone = create_backbone(self.config.backbone_config()).to(self.device)

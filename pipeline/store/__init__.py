@@ -27,7 +27,7 @@ from __future__ import annotations
 from ..manifest import ImageRecord
 from .create import check_store, remove_store
 from .errors import StoreError, StoreMismatchError, StoreNotFoundError
-from .feature_store import FeatureStore, _cached_store, _read_batch, _reopen
+from .feature_store import FeatureStore
 from .info import StoreInfo
 from .layout import DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, describe_weights, upsample_factor
 from .lease import LEASE_FILE, LeaseLostError, StoreBusyError, StoreLease, lease_holder

@@ -120,8 +120,8 @@ def dequantize(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dtype: str 
 def _basis(store: FeatureStore, name: str) -> tuple[np.ndarray, np.ndarray]:
     cache = store.__dict__.setdefault("_pca_basis", {})
     if name not in cache:
-        basis = np.asarray(store._arrays[f"{name}_pca_basis"][...], dtype=np.float32)
-        mean = np.asarray(store._arrays[f"{name}_pca_mean"][...], dtype=np.float32)
+        basis = np.asarray(store.zarr_arrays[f"{name}_pca_basis"][...], dtype=np.float32)
+        mean = np.asarray(store.zarr_arrays[f"{name}_pca_mean"][...], dtype=np.float32)
         if not (np.isfinite(basis).all() and np.isfinite(mean).all()):
             raise StoreError(f"{store.url}: the PCA basis of {name!r} was never written; make PCA stores with "
                              f"`dvt store convert` (pipeline.compact_store.convert_store)")
@@ -161,6 +161,6 @@ def write_basis(store: FeatureStore, bases: Mapping[str, tuple[np.ndarray, np.nd
     if missing:
         raise StoreError(f"{store.url}: no PCA basis for arrays {sorted(missing)}")
     for name, (basis, mean) in bases.items():
-        store._arrays[f"{name}_pca_basis"][...] = np.asarray(basis, dtype=np.float32)
-        store._arrays[f"{name}_pca_mean"][...] = np.asarray(mean, dtype=np.float32)
+        store.zarr_arrays[f"{name}_pca_basis"][...] = np.asarray(basis, dtype=np.float32)
+        store.zarr_arrays[f"{name}_pca_mean"][...] = np.asarray(mean, dtype=np.float32)
     store.__dict__.pop("_pca_basis", None)

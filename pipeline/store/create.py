@@ -12,18 +12,17 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from .. import __version__
-from ..manifest import LISTING_FILE, extend_listing, put_atomic
+from ..manifest import LISTING_FILE, extend_listing, parquet_bytes, put_atomic
 from ..storage import filesystem, storage_errors, zarr_location
 from .compact import description as describe_compact
 from .compact import dimension_names as compact_dims
 from .compact import storage_arrays
 from .errors import StoreError, StoreMismatchError
-from .info import _human
-from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, _check_format, _read_attrs,
+from .info import human_bytes
+from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, check_format, read_attrs,
                      field_differences, upsample_factor)
 from .lease import LEASE_FILE
 
@@ -42,7 +41,7 @@ def create_store(cls: type[FeatureStore], url: str, layout: StoreLayout, listing
     url = str(url).rstrip("/")
     fs, root = filesystem(url, **dict(storage_options or {}))
     root = root.rstrip("/")
-    attrs = _read_attrs(url, storage_options)
+    attrs = read_attrs(url, storage_options)
     with storage_errors(url):
         if attrs is not None and attrs.get("format") == FORMAT and not attrs.get("creating") and not overwrite:
             return _append(cls, url, attrs, layout, listing, allow_config_change, storage_options)
@@ -65,7 +64,7 @@ def check_store(url: str, layout: StoreLayout, *, overwrite: bool = False, allow
     """
     url = str(url).rstrip("/")
     fs, root = filesystem(url, **dict(storage_options or {}))
-    attrs = _read_attrs(url, storage_options)
+    attrs = read_attrs(url, storage_options)
     with storage_errors(url):
         if attrs is not None and attrs.get("format") == FORMAT and not attrs.get("creating"):
             if not overwrite:
@@ -112,14 +111,14 @@ def _initialise(cls: type[FeatureStore], url: str, fs: Any, root: str, layout: S
             dimension_names=compact_dims(name, len(shape)), compressors=compressors, attributes=attributes)
     group.create_group("manifest", attributes={"description": "Parquet ledger, not Zarr: listing.parquet and "
                                                               "parts/part-*.parquet; see docs/store.md"})
-    put_atomic(fs, f"{root}/{LISTING_FILE}", _parquet_bytes(listing))
+    put_atomic(fs, f"{root}/{LISTING_FILE}", parquet_bytes(listing))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION if layout.compact else 1, "package_version": __version__,
              "created": now, "updated": now, "num_rows": n, "dims": list(DIMS), "history": [],
              **layout.to_attrs()}
     group.attrs.put(attrs)  # replaces the "creating" marker last: the store is usable from here on
     _log.info("created feature store %s: %d images, arrays %s, %s per image per array", url, n,
-              ",".join(layout.arrays), _human(layout.image_nbytes))
+              ",".join(layout.arrays), human_bytes(layout.image_nbytes))
     return cls(url, zarr.open_group(loc, mode="r+", storage_options=so), "r+", storage_options)
 
 
@@ -137,7 +136,7 @@ def check_append(url: str, attrs: Mapping[str, Any], layout: StoreLayout, allow_
     store written before the version was recorded counts as version 1; weights and seed it does not record
     cannot be checked, and this run's are recorded from now on. Messages name each differing field.
     """
-    _check_format(url, attrs)
+    check_format(url, attrs)
     theirs = layout.to_attrs()
     store = dict(attrs)
     if store.get("stage1_version") is None:
@@ -185,8 +184,8 @@ def _append(cls: type[FeatureStore], url: str, attrs: dict[str, Any], layout: St
         _log.info("%s: listing grows from %d to %d images; resizing arrays", url, old.num_rows, n)
         for name, (row, _, per_image) in storage_arrays(layout).items():  # metadata only: chunks keep their keys
             if per_image:
-                store._arrays[name].resize((n, *row))
-        put_atomic(store.fs, f"{store.root}/{LISTING_FILE}", _parquet_bytes(table))
+                store.zarr_arrays[name].resize((n, *row))
+        put_atomic(store.fs, f"{store.root}/{LISTING_FILE}", parquet_bytes(table))
         new_attrs["num_rows"] = n
     if new_attrs:
         new_attrs["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -219,9 +218,3 @@ def _remove_objects(fs: Any, root: str, keep_lease: bool = True) -> None:
         fs.rm(objects)
     if not keep_lease and fs.exists(root):
         fs.rm(root, recursive=True)  # empty folders of a local store
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()

@@ -25,7 +25,7 @@ from .compact import decode, storage_arrays, stored_names
 from .create import create_store
 from .errors import StoreError, StoreMismatchError
 from .info import StoreInfo, store_info
-from .layout import StoreLayout, _check_format, _describe_diff, _geometry_diff, _jsonable, _raise_missing, _read_attrs
+from .layout import StoreLayout, check_format, describe_diff, geometry_diff, jsonable, raise_missing, read_attrs
 from .writer import UnitWriter, write_unit
 
 if TYPE_CHECKING:
@@ -40,13 +40,18 @@ class FeatureStore:
     """A feature store at a URL. Use :meth:`create` (driver) or :meth:`open` (workers and readers).
 
     ``image_id`` (from the listing) is the row of every array, so "rows" and "image ids" are the same numbers.
+
+    Attributes:
+        url, mode, fs, root: where it is and how it is open; storage_options: the fsspec options it was opened with.
+        attrs, layout, num_rows: its root attributes and what they say it holds.
+        zarr_arrays: name -> Zarr array (``(num_rows, y, x, channel)``), used by the store's own modules.
     """
 
     def __init__(self, url: str, group: zarr.Group, mode: str, storage_options: Mapping[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.mode = mode
-        self._options = dict(storage_options or {})
-        self.fs, self.root = filesystem(self.url, **self._options)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(self.url, **self.storage_options)
         self.root = self.root.rstrip("/")
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.layout = StoreLayout.from_attrs(self.attrs)
@@ -54,8 +59,8 @@ class FeatureStore:
         # Workers only write chunks they fill completely, never the fill value: skip zarr's per-chunk
         # "is it all NaN?" scan (slow on float16) by declaring empty chunks worth writing.
         specs = storage_arrays(self.layout)
-        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in specs}
-        for name, arr in self._arrays.items():
+        self.zarr_arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in specs}
+        for name, arr in self.zarr_arrays.items():
             row, _, per_image = specs[name]
             if arr.shape != ((self.num_rows, *row) if per_image else row):
                 raise StoreError(f"{self.url}: array {name!r} has shape {arr.shape}, the store's attributes say "
@@ -71,7 +76,7 @@ class FeatureStore:
 
     def __reduce__(self) -> tuple:
         """Pickles as its URL: a copy sent to a Ray task or actor reopens the store there."""
-        return _reopen, (self.url, self.mode, self._options)
+        return _reopen, (self.url, self.mode, self.storage_options)
 
     def close(self) -> None:
         """Stop the I/O threads (they also end with the process)."""
@@ -101,16 +106,16 @@ class FeatureStore:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         url = str(url)
-        attrs = _read_attrs(url, storage_options)
+        attrs = read_attrs(url, storage_options)
         if attrs is None:
-            _raise_missing(url, storage_options)
-        _check_format(url, attrs)
+            raise_missing(url, storage_options)
+        check_format(url, attrs)
         if expect is not None:
-            expected = expect.geometry() if isinstance(expect, StoreLayout) else _jsonable(dict(expect))
-            diff = _geometry_diff(attrs, expected)
+            expected = expect.geometry() if isinstance(expect, StoreLayout) else jsonable(dict(expect))
+            diff = geometry_diff(attrs, expected)
             if diff:
                 raise StoreMismatchError(f"{url} was written with other feature settings than expected: "
-                                         f"{_describe_diff(attrs, expected, diff)}. Use a store made with the same "
+                                         f"{describe_diff(attrs, expected, diff)}. Use a store made with the same "
                                          f"backbone settings, or another URL.")
         loc, so = zarr_location(url, **dict(storage_options or {}))
         with storage_errors(url):
@@ -157,7 +162,7 @@ class FeatureStore:
         self._manifest = self._status = None
         return self
 
-    def _row_status(self) -> np.ndarray:
+    def row_status(self) -> np.ndarray:
         """Per row: 0 pending, 1 ok, 2 failed (cached with the manifest)."""
         m = self.manifest()
         if self._status is None:
@@ -173,20 +178,20 @@ class FeatureStore:
         """Merge JSON-serialisable ``attrs`` into the group attributes (driver only, e.g. a run's summary)."""
         if self.mode != "r+":
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write")
-        loc, so = zarr_location(self.url, **self._options)
+        loc, so = zarr_location(self.url, **self.storage_options)
         with storage_errors(self.url):
-            zarr.open_group(loc, mode="r+", storage_options=so).attrs.update(_jsonable(attrs))
-        self.attrs.update(_jsonable(attrs))
+            zarr.open_group(loc, mode="r+", storage_options=so).attrs.update(jsonable(attrs))
+        self.attrs.update(jsonable(attrs))
 
     def ids(self, status: str = STATUS_OK) -> np.ndarray:
         """Sorted image ids whose manifest status is ``status`` (``"ok"`` or ``"failed"``)."""
         if status not in (STATUS_OK, STATUS_FAILED):
             raise ValueError(f"status must be 'ok' or 'failed', got {status!r}")
-        return np.flatnonzero(self._row_status() == (1 if status == STATUS_OK else 2))
+        return np.flatnonzero(self.row_status() == (1 if status == STATUS_OK else 2))
 
     def todo(self, retry_failed: bool = False) -> np.ndarray:
         """Ids a run still has to process: listed images without a manifest entry (and failed ones on request)."""
-        status = self._row_status()
+        status = self.row_status()
         return np.flatnonzero(status != 1 if retry_failed else status == 0)
 
     # ------------------------------------------------------------------------------------------ writing
@@ -209,7 +214,7 @@ class FeatureStore:
         """
         return write_unit(self, records, arrays)
 
-    def _write_rows(self, ids: np.ndarray, data: Mapping[str, np.ndarray]) -> None:
+    def write_rows(self, ids: np.ndarray, data: Mapping[str, np.ndarray]) -> None:
         """Write whole chunks, one ``setitem`` per chunk, all concurrently.
 
         A value shaped exactly like its chunk goes to the codec as is; a multi-chunk ``setitem`` would first
@@ -218,7 +223,7 @@ class FeatureStore:
         def put(job: tuple[str, int]) -> None:
             name, j = job
             row = int(ids[j])
-            self._arrays[name][row:row + 1] = data[name][j:j + 1]
+            self.zarr_arrays[name][row:row + 1] = data[name][j:j + 1]
 
         list(self._executor().map(put, [(name, j) for name in data for j in range(len(ids))]))
 
@@ -250,14 +255,14 @@ class FeatureStore:
             raise KeyError(f"{self.url} has no array {sorted(unknown)}; it holds {list(self.layout.arrays)}")
         if check:
             in_range = (ids >= 0) & (ids < self.num_rows)
-            not_ok = ids[~in_range].tolist() + ids[in_range][self._row_status()[ids[in_range]] != 1].tolist()
+            not_ok = ids[~in_range].tolist() + ids[in_range][self.row_status()[ids[in_range]] != 1].tolist()
             if not_ok:
                 raise KeyError(f"images {not_ok[:10]} are not finished (ok) in {self.url}")
         uniq, inverse = np.unique(ids, return_inverse=True)
         contiguous = len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq)
 
         def load(name: str) -> np.ndarray:
-            arr = self._arrays[name]
+            arr = self.zarr_arrays[name]
             return arr[int(uniq[0]):int(uniq[-1]) + 1] if contiguous else arr.oindex[uniq]
 
         stored = stored_names(self.layout, names)
@@ -319,7 +324,7 @@ class FeatureStore:
             m = m.filter(pc.is_in(m["image_id"], pa.array(np.asarray(ids, dtype=np.int64))))
         step = rows_per_block or max(batch_size, math.ceil(m.num_rows / 64))
         blocks = [m.slice(i, step) for i in range(0, m.num_rows, step)] or [m]
-        options = dict(self._options)
+        options = dict(self.storage_options)
         from ..storage import s3_endpoint
 
         if self.url.startswith(("s3://", "s3a://")) and s3_endpoint() and "endpoint_url" not in options:

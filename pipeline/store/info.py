@@ -42,9 +42,9 @@ class StoreInfo:
         lines = [
             f"DVT feature store {self.url} (format {a.get('format_version')}, written by dvt {a.get('package_version')})",
             f"  images:   {self.listed} listed, {self.ok} ok, {self.failed} failed, {self.pending} pending",
-            f"  features: {a.get('backbone')} block {a.get('block')}, input {_x(a.get('input_size'))}, "
-            f"patch {a.get('patch_size')} stride {a.get('stride')}, grid {_x(a.get('grid'))} x {a.get('channels')} "
-            f"channels, {a.get('dtype')}",
+            f"  features: {a.get('backbone')} block {a.get('block')}, input {shape_text(a.get('input_size'))}, "
+            f"patch {a.get('patch_size')} stride {a.get('stride')}, grid {shape_text(a.get('grid'))} x "
+            f"{a.get('channels')} channels, {a.get('dtype')}",
         ]
         if a.get("compact"):
             lines.append(f"  compact:  {json.dumps(a['compact'], sort_keys=True)} (reads decode it; docs/store.md)")
@@ -52,7 +52,7 @@ class StoreInfo:
             lines.append(f"  array {name:9s} shape {tuple(arr['shape'])} {arr['dtype']} chunks {tuple(arr['chunks'])}"
                          f" compressor {arr['compressor']}")
         size = "size not measured" if self.size_bytes is None else \
-            f"{_human(self.size_bytes)} in {self.objects} objects"
+            f"{human_bytes(self.size_bytes)} in {self.objects} objects"
         lines.append(f"  storage:  {size}, {self.manifest_parts} manifest parts")
         if self.failures:
             lines.append("  failures:")
@@ -73,7 +73,7 @@ class StoreInfo:
 def store_info(store: FeatureStore, size: bool = True) -> StoreInfo:
     """:meth:`FeatureStore.info`: counts, failure reasons, attributes, arrays and (``size``) bytes on storage."""
     m = store.refresh().manifest()
-    status = store._row_status()
+    status = store.row_status()
     ok, failed = int((status == 1).sum()), int((status == 2).sum())
     failed_rows = m.filter(pc.equal(m["status"], STATUS_FAILED))["error"].to_pylist()
     errors = [e.splitlines()[0][:120] if e else "unknown" for e in failed_rows]
@@ -81,9 +81,9 @@ def store_info(store: FeatureStore, size: bool = True) -> StoreInfo:
         store.fs.invalidate_cache(store.root)
         parts = len(store.fs.find(f"{store.root}/{PARTS_DIR}"))
         objects = store.fs.find(store.root, detail=True) if size else None
-    holder = lease_holder(store.url, store._options)
+    holder = lease_holder(store.url, store.storage_options)
     arrays = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
-                  "compressor": store.layout.compressor or "none"} for n, a in store._arrays.items()}
+                  "compressor": store.layout.compressor or "none"} for n, a in store.zarr_arrays.items()}
     return StoreInfo(
         url=store.url, attrs=store.attrs, arrays=arrays, listed=store.num_rows, ok=ok, failed=failed,
         pending=store.num_rows - ok - failed, failures=Counter(errors).most_common(10), manifest_parts=parts,
@@ -92,11 +92,13 @@ def store_info(store: FeatureStore, size: bool = True) -> StoreInfo:
         lease=None if holder is None else holder.describe() + (" (stale)" if holder.stale() else ""))
 
 
-def _x(v: Any) -> str:
+def shape_text(v: Any) -> str:
+    """A size or grid as ``HxW``."""
     return "x".join(str(i) for i in v) if isinstance(v, (list, tuple)) else str(v)
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count in binary units (``1.5 MiB``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -88,8 +88,8 @@ class StoreLayout:
         object.__setattr__(self, "grid", tuple(int(v) for v in self.grid))
         object.__setattr__(self, "arrays", tuple(self.arrays))
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
-        object.__setattr__(self, "stage1", _jsonable(self.stage1))
-        object.__setattr__(self, "weights", _jsonable(self.weights or {}))
+        object.__setattr__(self, "stage1", jsonable(self.stage1))
+        object.__setattr__(self, "weights", jsonable(self.weights or {}))
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
         if "clean" not in self.arrays or len(set(self.arrays)) != len(self.arrays):
@@ -100,7 +100,7 @@ class StoreLayout:
         if self.compact is not None:
             from .compact import check_compact
 
-            object.__setattr__(self, "compact", _jsonable(dict(self.compact)))
+            object.__setattr__(self, "compact", jsonable(dict(self.compact)))
             check_compact(self.compact, self.channels)
         if self.compressor not in (None, "zstd"):
             raise ValueError(f"compressor must be None or 'zstd', got {self.compressor!r}")
@@ -141,10 +141,10 @@ class StoreLayout:
         return math.prod(self.image_shape) * np.dtype(self.dtype).itemsize
 
     def geometry(self) -> dict[str, Any]:
-        return {k: _jsonable(getattr(self, k)) for k in self.GEOMETRY}
+        return {k: jsonable(getattr(self, k)) for k in self.GEOMETRY}
 
     def to_attrs(self) -> dict[str, Any]:
-        d = _jsonable(asdict(self))
+        d = jsonable(asdict(self))
         return d
 
     @classmethod
@@ -153,7 +153,7 @@ class StoreLayout:
         return cls(**{k: v for k, v in attrs.items() if k in names})
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON round trip: tuples become lists, numpy scalars plain numbers, so comparisons are stable."""
     return json.loads(json.dumps(value, sort_keys=True, default=_json_default))
 
@@ -166,7 +166,8 @@ def _json_default(v: Any) -> Any:
     return str(v)
 
 
-def _describe_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any], keys: Sequence[str]) -> str:
+def describe_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """The settings ``keys`` in which a store (``ours``) differs from what was expected, for an error message."""
     return "; ".join(f"{k}: store has {ours.get(k)!r}, expected {theirs.get(k)!r}" for k in keys)
 
 
@@ -206,7 +207,7 @@ def field_differences(store: Mapping[str, Any], run: Mapping[str, Any], keys: Se
     names: list[str] = []
     parts: list[str] = []
     for key in keys:
-        a, b = _jsonable(store.get(key)), _jsonable(run.get(key))
+        a, b = jsonable(store.get(key)), jsonable(run.get(key))
         if a == b:
             continue
         if key == "weights":
@@ -223,13 +224,14 @@ def field_differences(store: Mapping[str, Any], run: Mapping[str, Any], keys: Se
     return names, text
 
 
-def _geometry_diff(store: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    return [k for k in expected if _jsonable(store.get(k)) != _jsonable(expected[k])]
+def geometry_diff(store: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """The keys of ``expected`` whose values the store's attributes do not match."""
+    return [k for k in expected if jsonable(store.get(k)) != jsonable(expected[k])]
 
 
 # --------------------------------------------------------------------------------------------------- root attributes
 
-def _read_attrs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def read_attrs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Root group attributes, or None when there is no Zarr v3 group at ``url``.
 
     Read from ``zarr.json`` with one plain GET rather than through zarr, whose concurrent requests, when storage
@@ -249,7 +251,8 @@ def _read_attrs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str
     return dict(meta.get("attributes") or {})
 
 
-def _raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:
+def raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Raise the error that says why there is no store at ``url`` (no bucket, or nothing there)."""
     fs, root = filesystem(url, **dict(storage_options or {}))
     if url.startswith(("s3://", "s3a://")):
         with storage_errors(url):
@@ -259,7 +262,8 @@ def _raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:
                              f"FeatureStore.create (stage 1 does) or check the URL.")
 
 
-def _check_format(url: str, attrs: Mapping[str, Any]) -> None:
+def check_format(url: str, attrs: Mapping[str, Any]) -> None:
+    """Refuse a group that is not a feature store, or of a format version this package cannot read."""
     if attrs.get("format") != FORMAT:
         raise StoreNotFoundError(f"{url} is a Zarr group but not a DVT feature store (its attributes have no "
                                  f"'format': '{FORMAT}')")

@@ -16,7 +16,7 @@ from ..manifest import STATUS_FAILED, STATUS_OK, ImageRecord, unit_id, write_par
 from ..storage import storage_errors
 from .compact import encode
 from .errors import StoreError, StoreMismatchError
-from .info import _x
+from .info import shape_text
 
 if TYPE_CHECKING:
     from .feature_store import FeatureStore
@@ -45,7 +45,7 @@ class UnitWriter:
     def __init__(self, store: FeatureStore):
         self.store = store
         self.records: list[ImageRecord] = []
-        self._arrays: dict[str, list[np.ndarray]] = {name: [] for name in store.layout.arrays}
+        self.zarr_arrays: dict[str, list[np.ndarray]] = {name: [] for name in store.layout.arrays}
         self.unit_id: str | None = None
 
     def add(self, record: ImageRecord | Mapping[str, Any] | int, **arrays: Any) -> None:
@@ -53,11 +53,11 @@ class UnitWriter:
         rec = ImageRecord.coerce({"image_id": record} if isinstance(record, (int, np.integer)) else record)
         if rec.status != STATUS_OK:
             raise ValueError("use fail() for failed images")
-        if set(arrays) != set(self._arrays):
-            raise ValueError(f"image {rec.image_id}: got arrays {sorted(arrays)}, the store holds {sorted(self._arrays)}")
+        if set(arrays) != set(self.zarr_arrays):
+            raise ValueError(f"image {rec.image_id}: got arrays {sorted(arrays)}, the store holds {sorted(self.zarr_arrays)}")
         self.records.append(rec)
         for name, value in arrays.items():
-            self._arrays[name].append(_to_numpy(value, self.store.layout.dtype))
+            self.zarr_arrays[name].append(_to_numpy(value, self.store.layout.dtype))
 
     def fail(self, record: ImageRecord | Mapping[str, Any] | int, error: str) -> None:
         """One image that could not be processed; recorded with ``status="failed"`` and no array data."""
@@ -69,7 +69,7 @@ class UnitWriter:
     def commit(self) -> str | None:
         if not self.records:
             return None
-        arrays = {n: np.stack(v) for n, v in self._arrays.items() if v}
+        arrays = {n: np.stack(v) for n, v in self.zarr_arrays.items() if v}
         self.unit_id = self.store.write_unit(self.records, arrays)
         return self.unit_id
 
@@ -108,7 +108,7 @@ def write_unit(store: FeatureStore, records: Sequence[ImageRecord | Mapping[str,
     name = unit_id(ids.tolist())
     with storage_errors(store.url):
         if len(ok_ids):
-            store._write_rows(ok_ids, data)
+            store.write_rows(ok_ids, data)
         write_part(store.fs, store.root, recs, name)
     store.refresh()
     return name
@@ -133,7 +133,7 @@ def _unit_arrays(store: FeatureStore, recs: list[ImageRecord], arrays: Mapping[s
             raise StoreMismatchError(
                 f"array {name!r}: got shape {a.shape} for {len(ok_idx)} ok images of {len(recs)}; the store "
                 f"{store.url} holds {layout.array_shape(name)} per image (backbone {layout.backbone}, grid "
-                f"{_x(layout.grid)}, {layout.channels} channels)")
+                f"{shape_text(layout.grid)}, {layout.channels} channels)")
         out[name] = a
     finite = np.ones(len(ok_idx), dtype=bool)
     for name, a in out.items():

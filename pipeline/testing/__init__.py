@@ -1,1 +1,7 @@
-"""Backbones and data made for testing the method itself, importable by jobs as ``--model module:factory``."""
+"""What checks the method and the pipeline without real models or cloud storage, for users and tests alike.
+
+* :mod:`.artifact_vit`: a timm ViT with a real positional artifact, importable by jobs as ``--model module:factory``.
+* :mod:`.synthetic`: a synthetic backbone whose features have a known clean part and artifact, to score stage 1.
+* :mod:`.synthetic_pairs`: feature stores of (raw, clean) pairs with a learnable relation, to check stage 2.
+* :mod:`.object_store`: a local S3-compatible server (moto) on 127.0.0.1.
+"""

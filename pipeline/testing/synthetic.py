@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .views import grid_shape
+from ..views import grid_shape
 
 __all__ = ["SyntheticConfig", "SyntheticBackbone", "SyntheticFamily", "FAMILIES", "smooth_images", "photo_images",
            "make_problem", "recovery_error", "clean_scores"]
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 @dataclass(frozen=True)

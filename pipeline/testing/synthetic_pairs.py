@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .store import FeatureStore, StoreLayout
+from ..store import FeatureStore, StoreLayout
 
 __all__ = ["synthetic_pairs", "write_synthetic_store"]
 
