@@ -144,7 +144,12 @@ def test_distill_two_workers_falls_resumes_and_exports(ray_local, s3_bucket, den
     uris = list(iter_uris(str(images)))
     train, _ = split_listing(uris, 0.2, 3)
     broken_in_train = any(uris[i].endswith("broken.png") for i in train)
-    assert second.skipped_images == (2 if broken_in_train else 0)  # counted on each pass
+    # Counted each time a step meets it: about once a pass, but two workers split one stream dynamically, so which
+    # rows the 6 steps consume (and whether a third pass has begun) depends on timing.
+    if broken_in_train:
+        assert 1 <= second.skipped_images <= 3
+    else:
+        assert second.skipped_images == 0
 
     fs, _ = filesystem(output)
     local = tmp_path / "student.safetensors"

@@ -118,6 +118,18 @@ def test_eval_and_show(ray_head, denoised, applied, work):
     assert list((work / "show").glob("*.png"))
 
 
+def test_artifact(ray_head, s3_endpoint, denoised, work):
+    from pipeline.methods.bias import ArtifactMap
+
+    out = work / "artifact.npz"
+    submit(ray_head, "jobs.artifact", "--store", denoised, "--output", str(out),
+           runtime_env={"env_vars": {"AWS_ENDPOINT_URL_S3": s3_endpoint}})
+    artifact, _ = ArtifactMap.load(str(out))
+    store = FeatureStore.open(denoised)
+    assert artifact.map.shape == (*store.layout.grid, store.layout.channels)
+    assert artifact.meta["images"] == NUM_SAMPLES
+
+
 def test_distill(ray_head, trained, work):
     submit(ray_head, "jobs.distill", "--denoiser", str(trained), "--output", str(work / "distill"), *TINY_VIT,
            "--max-steps", "2", "--batch-size", "2", "--workers", "1", "--cpus-per-worker", "0.5",
