@@ -381,7 +381,8 @@ def test_a_stalled_object_store_stops_the_job_with_status_4(own_s3, sample_image
         os.kill(proc.pid, signal.SIGCONT)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert job.returncode == EXIT_FAULT, stderr[-3000:]
-    assert "did not answer: timed out" in lines[-1] and "denoise stopped after" in lines[-1], lines[-3:]
+    # One line naming the storage fault; whether a worker or the driver met the stall first is a race.
+    assert "StorageUnavailableError" in lines[-1] and "did not answer" in lines[-1], lines[-3:]
     assert not any("Traceback" in line for line in lines), stderr[-3000:]
     assert waited < 90
     done = FeatureStore.open(url)
