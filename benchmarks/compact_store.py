@@ -42,12 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.backbone import create_backbone  # noqa: E402
 from pipeline.compact_store import fit_pca  # noqa: E402
-from pipeline.denoiser import Denoiser, DenoiserConfig  # noqa: E402
 from pipeline.eval.knn import knn_segmentation  # noqa: E402
 from pipeline.store import FeatureStore, StoreLayout  # noqa: E402
 from pipeline.store.compact import write_basis  # noqa: E402
 from pipeline.testing.synthetic_pairs import synthetic_pairs  # noqa: E402
-from pipeline.training import denoising_loss, lr_lambda  # noqa: E402
+from methods import train_denoiser  # noqa: E402  (the same stage-2 loop as the methods benchmark)
+from pipeline.training import denoising_loss  # noqa: E402
 from tests.eval_data import shapes_image  # noqa: E402
 
 _log = logging.getLogger("benchmarks.compact_store")
@@ -121,18 +121,7 @@ def train_and_score(store: FeatureStore, train_ids: np.ndarray, val: tuple[np.nd
     """Held-out ``MSE + 1 - cos`` of a denoiser trained on pairs read (decoded) from ``store``."""
     raw, clean = store.get(train_ids, ("raw", "clean"), torch=True).values()
     raw, clean = raw.float(), clean.float()
-    torch.manual_seed(0)
-    model = Denoiser(DenoiserConfig(channels=raw.shape[-1], pos_grid=tuple(raw.shape[1:3])))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 10)))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(len(raw), (batch,), generator=g)
-        loss, _ = denoising_loss(model(raw[idx]), clean[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    model = train_denoiser(raw, clean, steps, batch, lr=2e-3)
     with torch.no_grad():
         loss, _ = denoising_loss(model(torch.from_numpy(val[0]).float()), torch.from_numpy(val[1]).float())
     return float(loss)
