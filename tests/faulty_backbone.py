@@ -5,6 +5,7 @@ the file MARKER and exits at once; every later run (a restarted actor) works nor
 """
 
 import os
+import time
 from pathlib import Path
 
 from tests.custom_backbone import TinyConvViT
@@ -31,3 +32,20 @@ def broken(weights=None) -> TinyConvViT:
     if weights is not None:
         raise RuntimeError(f"CUDA out of memory while loading {weights} (simulated)")
     return TinyConvViT()
+
+
+class SlowViT(TinyConvViT):
+    """Every forward pass takes at least ``seconds``: a job's images finish one by one, seconds apart, so a test
+    can act between two of them without racing the clock."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def patch_features(self, x):
+        time.sleep(self.seconds)
+        return super().patch_features(x)
+
+
+def slow(weights=None) -> SlowViT:
+    return SlowViT(2.0)

@@ -361,8 +361,11 @@ def test_a_stalled_object_store_stops_the_job_with_status_4(own_s3, sample_image
     """The S3 server freezes (SIGSTOP) after the job's first unit: the job warns, then exits 4 in one line."""
     proc, endpoint, bucket = own_s3
     url = f"{bucket}/stall.zarr"
+    # a backbone that takes 2 s per forward pass, one worker: images finish seconds apart, so the stall lands
+    # while images remain
+    flags = [*FLAGS[2:], "--model", "tests.faulty_backbone:slow", "--input-size", "32"]
     args = [sys.executable, "-m", "jobs.denoise", "--images", str(sample_images[0].parent), "--output", url,
-            *FLAGS, "--weights", "none", "--limit", "4", "--steps", "150", "--progress-every", "1"]
+            *flags, "--weights", "none", "--limit", "4", "--workers", "1", "--progress-every", "1"]
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT), "DVT_S3_READ_TIMEOUT": "2"}
     job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)

@@ -2,7 +2,9 @@
 worker, resumes from its checkpoint, exports a denoiser file to S3 and resumes again when re-run."""
 
 import functools
+import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +20,24 @@ from pipeline.testing.synthetic_pairs import synthetic_pairs, write_synthetic_st
 from pipeline.train_denoiser import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
                                      split_ids)
 from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, step_budget
-from pipeline.training import Plateau
+from pipeline.storage import filesystem
+from pipeline.training import RUN_NAME, Plateau
 from pipeline.training import denoising_loss as loss_fn
 
 
-def die_once(marker: str, at_step: int, at_rank: int, *, step: int, rank: int) -> None:
-    """An ``after_checkpoint`` fault: the first time ``at_rank`` reports ``at_step``, its process dies."""
+def die_once(marker: str, at_step: int, at_rank: int, *, step: int, rank: int, output: str | None = None) -> None:
+    """An ``after_checkpoint`` fault: the first time ``at_rank`` reports ``at_step``, its process dies. With
+    ``output``, it first waits (up to a minute) until Ray Train's controller has registered a checkpoint of the
+    run, so the death tests a resume and not a fresh start on a machine too busy for the controller to poll."""
     if step == at_step and rank == at_rank and not os.path.exists(marker):
-        Path(marker).touch()
+        waited = time.monotonic()
+        if output is not None:
+            fs, root = filesystem(f"{output}/{RUN_NAME}/checkpoint_manager_snapshot.json")
+            while time.monotonic() < waited + 60:
+                if fs.exists(root) and json.loads(fs.cat_file(root)).get("latest_checkpoint_result"):
+                    break
+                time.sleep(0.2)
+        Path(marker).write_text(f"{time.monotonic() - waited:.1f}")  # seconds waited for the controller
         os._exit(1)
 
 
@@ -148,9 +160,10 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume_on_rerun(ray_local
     marker = str(tmp_path / "worker-died")
     config = TrainConfig(stores=[store.url], output=output, max_steps=16, eval_every=4, patience=0, batch_size=8,
                          workers=2, cpus_per_worker=0.5, lr=3e-3, warmup_fraction=0.25, val_fraction=0.2, max_failures=2)
-    with planned_fault("after_checkpoint", functools.partial(die_once, marker, 8, 1)):
+    with planned_fault("after_checkpoint", functools.partial(die_once, marker, 8, 1, output=output)):
         summary = run_training(config)
     assert os.path.exists(marker), "no worker died: the resume was not tested"
+    assert float(Path(marker).read_text()) < 60, "Ray Train registered no checkpoint within a minute"
     # Ray Train restores the latest checkpoint its controller registered: step 8's, or step 4's if the worker
     # died before the controller polled the step-8 report. Either way the steps continue from there.
     assert summary.resumed_from in ([4], [8]), f"the run did not resume from a checkpoint: {summary.resumed_from}"
