@@ -34,7 +34,6 @@ from pipeline.field import FieldConfig  # noqa: E402
 from pipeline.stage1 import Stage1Config, fit_images, fit_views  # noqa: E402
 from pipeline.testing.synthetic import FAMILIES, clean_scores, make_problem  # noqa: E402
 from pipeline.view_features import ViewBatch, extract_batch  # noqa: E402
-from pipeline.views import ViewConfig  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "pipeline" / "samples"
 _log = logging.getLogger("benchmarks.stage1")

@@ -23,10 +23,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from .backbone import Backbone
+from .backbone import Backbone, describe_backbone
 from .batching import forward_bytes_per_image, images_per_pass
 from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
-from .image_job import ImageJobConfig, JobSummary, JobWorker, describe_backbone, list_uris, open_job_store, run_store_job
+from .image_job import ImageJobConfig, JobSummary, JobWorker, list_uris, open_job_store, run_store_job
 from .job_checks import JobConfigError, nothing_to_do
 from .store import FeatureStore, StoreLayout, check_store
 from .weights import check_weights, weights_identity
@@ -115,7 +115,7 @@ def _apply_layout(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, Denois
               "architecture": dataclasses.asdict(spec.denoiser), "trained_on": spec.training.get("stores")}
     arrays = ("raw", "clean") if config.keep_raw else ("clean",)
     layout = StoreLayout.from_backbone(backbone, config.input_size, arrays=arrays, dtype=config.dtype,
-                                       stage1=record, weights=weights_identity(backbone_config))
+                                       method=record, weights=weights_identity(backbone_config))
     return config, layout, spec
 
 

@@ -20,7 +20,7 @@ import difflib
 import importlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -29,8 +29,8 @@ from torch import nn
 
 from .views import grid_shape
 
-__all__ = ["FeatureBackbone", "BackboneConfig", "BackboneError", "Backbone", "create_backbone", "load_state_dict",
-           "EXAMPLE_MODELS", "RANDOM_WEIGHTS_SEED", "DEFAULT_MODEL"]
+__all__ = ["FeatureBackbone", "BackboneConfig", "BackboneError", "Backbone", "create_backbone", "describe_backbone",
+           "load_state_dict", "EXAMPLE_MODELS", "RANDOM_WEIGHTS_SEED", "DEFAULT_MODEL"]
 
 _log = logging.getLogger(__name__)
 
@@ -315,3 +315,13 @@ def create_backbone(config: BackboneConfig | str | None = None, **overrides) -> 
               backbone.patch_size, backbone.stride, backbone.embed_dim, backbone.block, backbone.num_blocks,
               backbone.num_prefix_tokens)
     return backbone
+
+
+def describe_backbone(config: BackboneConfig) -> Backbone:
+    """The backbone's metadata without its weights (built on the meta device: no memory, no download)."""
+    meta = replace(config, weights="none")
+    try:
+        with torch.device("meta"):
+            return create_backbone(meta)
+    except Exception:  # noqa: BLE001 - some custom factories cannot build on meta; fall back to CPU
+        return create_backbone(meta)

@@ -25,11 +25,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from .backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone
+from .backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone, describe_backbone
 from .batching import images_per_pass, stage1_bytes_per_image
 from .image_job import (ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris, open_job_store,
                         run_store_job)
-from .image_job import describe_backbone as _describe
 from .job_checks import JobConfigError, nothing_to_do
 from .methods import check_method, method_record, to_apply_config
 from .stage1 import STAGE1_VERSION, Stage1Config, fit_images
@@ -141,14 +140,9 @@ class Stage1Worker(JobWorker):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def describe_backbone(config: DenoiseConfig) -> Backbone:
-    """The backbone's metadata without its weights (built on the meta device: no memory, no download)."""
-    return _describe(config.backbone_config())
-
-
 def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> StoreLayout:
     """What the run's store holds, and what decides its features: geometry, weights, stage-1 setup."""
-    backbone = backbone or describe_backbone(config)
+    backbone = backbone or describe_backbone(config.backbone_config())
     weights = weights_identity(config.backbone_config())
     if config.method == "dvt":
         record, version = dataclasses.asdict(config.stage1_config()), STAGE1_VERSION
@@ -156,7 +150,7 @@ def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> Sto
         geometry = StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays()).geometry()
         record, version = method_record(config, geometry, weights), None
     return StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays(), dtype=config.dtype,
-                                     stage1=record, weights=weights, seed=config.seed, stage1_version=version,
+                                     method=record, weights=weights, seed=config.seed, stage1_version=version,
                                      compact={"kind": config.compress} if config.compress else None)
 
 
@@ -178,7 +172,7 @@ def check_denoise(config: DenoiseConfig) -> tuple[StoreLayout, list[str], bool]:
         raise JobConfigError(f"stage-1 settings: {e}") from None
     if stage1.views.num_views < 1 or not stage1.views.include_full:
         raise JobConfigError(f"preset {config.preset!r} has no random views; pass --views 1 or more")
-    backbone = describe_backbone(config)
+    backbone = describe_backbone(config.backbone_config())
     try:
         backbone.grid(config.input_size)
     except ValueError as e:

@@ -32,7 +32,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .backbone import Backbone, BackboneConfig, create_backbone
 from .batching import unit_size
 from .decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from .failures import JobFailedError, one_line, root_cause
@@ -43,8 +42,8 @@ from .ray_runtime import init_ray
 from .storage import StorageUnavailableError
 from .store import FeatureStore, StoreError, StoreLayout
 
-__all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "describe_backbone",
-           "list_uris", "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
+__all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
+           "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
 
 _log = logging.getLogger(__name__)
 
@@ -268,16 +267,6 @@ class JobWorker(ImageBatchWorker):
 
 
 # ---------------------------------------------------------------------------------------------- driver
-
-def describe_backbone(config: BackboneConfig) -> Backbone:
-    """The backbone's metadata without its weights (built on the meta device: no memory, no download)."""
-    meta = dataclasses.replace(config, weights="none")
-    try:
-        with torch.device("meta"):
-            return create_backbone(meta)
-    except Exception:  # noqa: BLE001 - some custom factories cannot build on meta; fall back to CPU
-        return create_backbone(meta)
-
 
 def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, overwrite: bool = False,
                    allow_config_change: bool = False, retry_failed: bool = True) -> tuple[FeatureStore, int, pa.Table]:

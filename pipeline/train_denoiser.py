@@ -142,7 +142,7 @@ class TrainSummary:
         return self.history[-1] if self.history else {}
 
     def format(self) -> str:
-        f, s = self.final, self.stopping
+        s = self.stopping
         return (f"train finished: {self.steps} steps ({self.epochs:.1f} epochs) on {self.num_train} images "
                 f"({self.num_val} held out) in {self.seconds:.1f} s, stopped by {s.get('reason', '?')}; exported the "
                 f"weights of step {s.get('exported_step', '?')}: val mse {s.get('val_mse', float('nan')):.4g}, val cos "
