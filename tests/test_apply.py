@@ -47,7 +47,7 @@ def test_apply_samples_into_a_store_and_resume(ray_local, tmp_path, sample_image
     store = FeatureStore.open(url)
     layout = store.layout
     assert (layout.backbone, tuple(layout.grid), layout.channels, tuple(layout.input_size)) == (TINY, (4, 4), 384, (56, 56))
-    assert store.attrs["stage1"]["stage"] == 2 and len(store.attrs["stage1"]["sha1"]) == 40
+    assert store.attrs["method"]["stage"] == 2 and len(store.attrs["method"]["sha1"]) == 40
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in store.manifest().to_pylist()}
     assert rows["broken.jpg"]["status"] == "failed" and "not an image" in rows["broken.jpg"]["error"]
     # the stored features are what DenoisedViT gives for the same images

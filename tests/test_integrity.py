@@ -38,7 +38,7 @@ TINY = dict(model="vit_small_patch14_dinov2", weights="none", input_size=56, pre
 FLAGS = ["--model", "vit_small_patch14_dinov2", "--input-size", "56", "--preset", "ci", "--views", "4", "--steps",
          "10", "--images-per-batch", "1", "--cpus-per-worker", "0.5"]
 LAYOUT = StoreLayout(backbone="vit_small_patch14_dinov2", block=11, input_size=(56, 56), patch_size=14, stride=14,
-                     grid=(4, 4), channels=8, stage1={"steps": 10, "views": {"num_views": 4}},
+                     grid=(4, 4), channels=8, method={"steps": 10, "views": {"num_views": 4}},
                      weights={"source": "random", "seed": 0}, seed=0, stage1_version=1)
 URIS = ["a.jpg", "b.jpg"]
 
@@ -87,7 +87,7 @@ def test_a_resume_with_other_weights_seed_or_version_is_refused_naming_the_field
             FeatureStore.create(url, other, URIS, allow_config_change=allow)
     for change, text in [({"seed": 1}, "seed: store has 0, this run 1"),
                          ({"stage1_version": 2}, "stage1_version: store has 1, this run 2"),
-                         ({"stage1": {"steps": 20, "views": {"num_views": 4}}}, "steps: store has 10, this run 20")]:
+                         ({"method": {"steps": 20, "views": {"num_views": 4}}}, "steps: store has 10, this run 20")]:
         with pytest.raises(StoreMismatchError, match=f"other run settings: {text}\\. Pass .*--allow-config-change") as e:
             FeatureStore.create(url, dataclasses.replace(LAYOUT, **change), URIS)
         assert len(str(e.value)) < 400

@@ -92,7 +92,7 @@ def test_bias_from_a_store_is_stage_1s_mean_g_and_is_applied_at_one_pass(dvt_sto
     out, _, pending = prepare_store(bias)
     out = _run_worker(MethodWorker, bias, out, pending)
     data = out.get(out.ids())
-    assert store_method(out.attrs) == "bias" and out.attrs["stage1"]["images"] == 3
+    assert store_method(out.attrs) == "bias" and out.attrs["method"]["images"] == 3
     np.testing.assert_allclose(data["clean"].astype(np.float32),
                                data["raw"].astype(np.float32) - amap.map, atol=2e-2)
     raw = store.get(ids, ("raw",))["raw"].astype(np.float32)
@@ -122,7 +122,7 @@ def test_the_method_is_part_of_the_stores_identity(dvt_store, tmp_path):
     average = dataclasses.replace(config, output=str(tmp_path / "avg.zarr"), method="average", copies=4)
     made, _, pending = prepare_store(average)
     made = _run_worker(MethodWorker, average, made, pending)
-    assert store_method(made.attrs) == "average" and made.attrs["stage1"]["copies"] == 4
+    assert store_method(made.attrs) == "average" and made.attrs["method"]["copies"] == 4
     assert made.layout.arrays == ("raw", "clean") and len(made.ids()) == 3
     with pytest.raises(StoreMismatchError, match="copies"):
         check_denoise(dataclasses.replace(average, copies=6))
@@ -166,7 +166,7 @@ def test_the_denoiser_method_is_dvt_apply(tmp_path, sample_images, one_torch_thr
     resolved, layout, _, _ = check_apply(applied)
     direct = check_apply(ApplyConfig(images=config.images, output=config.output, denoiser=path, weights=weights,
                                      limit=2))[1]
-    assert layout == direct and layout.stage1 == direct.stage1 and store_method({"stage1": layout.stage1}) == "denoiser"
+    assert layout == direct and layout.method == direct.method and store_method({"method": layout.method}) == "denoiser"
     assert resolved.input_size == 32
 
 

@@ -21,7 +21,7 @@ from pipeline.store import (FeatureStore, StoreError, StoreLayout, StoreMismatch
 
 GRID, C = (4, 5), 8
 LAYOUT = StoreLayout(backbone="vit_small_patch14_dinov2", block=11, input_size=(56, 70), patch_size=14, stride=14,
-                     grid=GRID, channels=C, stage1={"steps": 400, "lr": 0.01})
+                     grid=GRID, channels=C, method={"steps": 400, "lr": 0.01})
 URIS = [f"s3://images/img{i:03d}.jpg" for i in range(12)]
 
 
@@ -146,6 +146,29 @@ def test_bad_writes_are_refused_with_clear_errors(store):
     assert store.ids().tolist() == [0] and "non-finite" in store.manifest()["error"][1].as_py()
 
 
+def test_store_modules_name_the_store_by_protocol_and_import_no_cycle(store):
+    """The store's helper modules see it through ``StoreHandle``: none imports ``feature_store`` (which imports
+    them), not even for type hints, and the class satisfies the protocol."""
+    import ast
+    from pathlib import Path
+
+    from pipeline.store.handle import StoreHandle
+
+    assert isinstance(store, StoreHandle)
+    folder = Path(__file__).parents[1] / "pipeline" / "store"
+    imports = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {n.module.split(".")[0] for n in ast.walk(tree)
+                              if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(d == target or (d not in seen and reaches(d, target, seen | {d})) for d in imports.get(start, ()))
+
+    assert [m for m in imports if m != "__init__" and reaches(m, m, {m})] == []
+    assert [m for m in imports if "feature_store" in imports[m] and m != "__init__"] == []
+
+
 def test_listing_is_deterministic_and_append_only(mem_url):
     listing = make_listing(["b.jpg", "a.jpg", "b.jpg", "c.jpg"])
     assert listing["uri"].to_pylist() == ["b.jpg", "a.jpg", "c.jpg"] and listing["image_id"].to_pylist() == [0, 1, 2]
@@ -175,15 +198,38 @@ def test_config_mismatch_is_refused_naming_both_sides(store):
     with pytest.raises(StoreMismatchError, match="overwrite=True"):
         FeatureStore.create(store.url, other, URIS)
 
-    new_stage1 = StoreLayout(**{**LAYOUT.__dict__, "stage1": {"steps": 800, "lr": 0.01}})
+    new_stage1 = StoreLayout(**{**LAYOUT.__dict__, "method": {"steps": 800, "lr": 0.01}})
     with pytest.raises(StoreMismatchError, match=r"other run settings: steps: store has 400, this run 800\. Pass "):
         FeatureStore.create(store.url, new_stage1, URIS)
     changed = FeatureStore.create(store.url, new_stage1, URIS, allow_config_change=True)
-    assert changed.attrs["stage1"]["steps"] == 800 and changed.attrs["history"][0]["stage1"]["steps"] == 400
+    assert changed.attrs["method"]["steps"] == 800 and changed.attrs["history"][0]["method"]["steps"] == 400
 
     store.write_unit(records([0]), unit_arrays([0]))
     fresh = FeatureStore.create(store.url, other, URIS, overwrite=True)
     assert fresh.layout.backbone == "vit_base_patch16_224.dino" and fresh.ids().size == 0
+
+
+def test_stores_that_call_the_method_record_stage1_still_read_and_append(tmp_path):
+    """Older stores keep the record under ``stage1``: it reads as ``method``, an unchanged run appends, and a run
+    that changes the record rewrites it under the new name, the old one in ``history``."""
+    import zarr
+
+    url = str(tmp_path / "old.zarr")
+    FeatureStore.create(url, LAYOUT, URIS[:4]).write_unit(records([0]), unit_arrays([0]))
+    group = zarr.open_group(url, mode="r+")
+    group.attrs.update({"stage1": group.attrs["method"]})
+    del group.attrs["method"]
+    old = FeatureStore.open(url)
+    assert old.layout.method == LAYOUT.method and old.attrs["method"] == {"steps": 400, "lr": 0.01}
+    assert FeatureStore.create(url, LAYOUT, URIS).num_rows == len(URIS)  # same settings: appends
+    assert "stage1" in zarr.open_group(url, mode="r").attrs
+    with pytest.raises(StoreMismatchError, match="steps: store has 400, this run 800"):
+        FeatureStore.create(url, StoreLayout(**{**LAYOUT.__dict__, "method": {"steps": 800, "lr": 0.01}}), URIS)
+    changed = FeatureStore.create(url, StoreLayout(**{**LAYOUT.__dict__, "method": {"steps": 800, "lr": 0.01}}), URIS,
+                                  allow_config_change=True)
+    attrs = dict(zarr.open_group(url, mode="r").attrs)
+    assert "stage1" not in attrs and attrs["method"]["steps"] == 800 and attrs["history"][0]["method"]["steps"] == 400
+    assert np.array_equal(changed.get([0])["clean"][0], feature(0, "clean").astype(np.float16))
 
 
 def test_urls_that_are_not_stores(mem_url, tmp_path):
@@ -289,7 +335,7 @@ def test_s3_round_trip_xarray_and_no_secrets(s3_bucket):
         warnings.simplefilter("error")  # zarr must not complain about the manifest folder
         ds = xr.open_zarr(url, consolidated=False, storage_options=storage_options(url))
     assert ds["clean"].dims == ("image", "y", "x", "channel") and ds["clean"].shape == (12, *GRID, C)
-    assert ds.attrs["backbone"] == LAYOUT.backbone and ds.attrs["stage1"]["steps"] == 400
+    assert ds.attrs["backbone"] == LAYOUT.backbone and ds.attrs["method"]["steps"] == 400
     np.testing.assert_array_equal(ds["raw"][7].values, feature(7, "raw").astype("float16"))
 
     info = reader.info()

@@ -143,7 +143,7 @@ def test_stores_of_another_backbone_or_empty_are_refused(tmp_path):
         open_stores(TrainConfig(stores=[a], output=str(tmp_path / "out"), expect_backbone="vit_base_patch14_dinov2"))
     empty = str(tmp_path / "empty.zarr")
     layout = FeatureStore.open(a).layout
-    FeatureStore.create(empty, StoreLayout(**{**layout.to_attrs(), "stage1": {}}), ["x.png", "y.png"])
+    FeatureStore.create(empty, StoreLayout(**{**layout.to_attrs(), "method": {}}), ["x.png", "y.png"])
     with pytest.raises(StoreError, match="no finished images"):
         open_stores(TrainConfig(stores=[a, empty], output=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="cannot give each of 16 workers one"):

@@ -56,7 +56,7 @@ def test_a_store_keeps_the_fine_grid_with_its_geometry_and_show_draws_it(tmp_pat
     attrs = dict(store.zarr_arrays["clean_x2"].attrs)
     assert attrs["upsample"] == 2 and attrs["grid"] == [15, 15]
     assert attrs["first"] == [8 / 128, 8 / 128] and attrs["step"] == [8 / 128, 8 / 128]
-    assert store.attrs["stage1"]["clean_upsample"] == 2
+    assert store.attrs["method"]["clean_upsample"] == 2
     with pytest.raises(StoreMismatchError, match="arrays"):
         check_denoise(dataclasses.replace(config, upsample=4))
     assert main(["show", "--store", config.output, "--out", str(tmp_path / "show"), "--cell", "64"]) == 0

@@ -5,7 +5,7 @@
 * ``bias``: subtract a dataset-level artifact map (:mod:`.bias`), one forward pass.
 * ``denoiser``: a trained stage-2 denoiser, exactly ``dvt apply`` (:mod:`pipeline.apply`), one forward pass.
 
-The method and its settings are the store's ``stage1`` record (part of its identity: a run with another method
+The method and its settings are the store's ``method`` record (part of its identity: a run with another method
 or settings is refused unless it allows a configuration change). ``dvt`` keeps the stage-1 configuration as
 the record, ``denoiser`` the record ``dvt apply`` writes (so ``dvt apply`` and ``dvt denoise --method
 denoiser`` can resume each other's stores), the others ``{"method": NAME, ...settings}``; :func:`store_method`
@@ -34,7 +34,7 @@ _OWN_FLAGS = {"artifact": "bias", "denoiser": "denoiser"}
 
 def store_method(attrs: Mapping[str, Any]) -> str:
     """The method that wrote a store, from its attributes."""
-    record = attrs.get("stage1") or {}
+    record = attrs.get("method") or {}
     if record.get("stage") == 2:
         return "denoiser"
     return str(record.get("method", "dvt"))
@@ -72,7 +72,7 @@ def check_method(config: DenoiseConfig) -> None:
 
 def method_record(config: DenoiseConfig, geometry: Mapping[str, Any] | None = None,
                   weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The store's ``stage1`` record for ``average`` and ``bias`` runs; ``bias`` also checks its file against
+    """The store's ``method`` record for ``average`` and ``bias`` runs; ``bias`` also checks its file against
     the run's ``geometry`` and ``weights`` when given."""
     if config.method == "average":
         return {"method": "average", **dataclasses.asdict(average_config(config))}

@@ -117,8 +117,8 @@ def from_store(url: str, *, limit: int | None = None, batch: int = 64) -> Artifa
     if "artifact" not in store.layout.arrays:
         raise ArtifactFileError(f"{url} holds no artifact array (G): make the store with `dvt denoise --method dvt` "
                                 f"without --no-artifact")
-    method = store.attrs.get("stage1", {}).get("method", "dvt")
-    if method != "dvt" or store.attrs.get("stage1", {}).get("stage") == 2:
+    method = store.attrs.get("method", {}).get("method", "dvt")
+    if method != "dvt" or store.attrs.get("method", {}).get("stage") == 2:
         raise ArtifactFileError(f"{url} was not made by stage 1 (method {method!r}); use a `dvt denoise` store")
     ids = store.ids()[:limit] if limit else store.ids()
     if not len(ids):

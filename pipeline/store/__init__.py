@@ -29,7 +29,7 @@ from .create import check_store, remove_store
 from .errors import StoreError, StoreMismatchError, StoreNotFoundError
 from .feature_store import FeatureStore
 from .info import StoreInfo
-from .layout import DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, describe_weights, upsample_factor
+from .layout import DIMS, FORMAT, FORMAT_VERSION, StoreLayout, describe_weights, upsample_factor
 from .lease import LEASE_FILE, LeaseLostError, StoreBusyError, StoreLease, lease_holder
 from .writer import UnitWriter
 

@@ -19,32 +19,13 @@ or xarray read finds no ``raw`` / ``clean`` variable.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
 
 from .errors import StoreError
-
-if TYPE_CHECKING:
-    from .feature_store import FeatureStore
-    from .layout import StoreLayout
+from .handle import StoreHandle
+from .layout import KINDS, StoreLayout, check_compact
 
 __all__ = ["KINDS", "check_compact", "storage_arrays", "stored_names", "encode", "decode", "quantize", "dequantize"]
-
-KINDS = ("int8", "pca")
-
-
-def check_compact(compact: Mapping[str, Any] | None, channels: int) -> None:
-    """Refuse an unknown kind or a PCA rank outside ``[1, C)``, in one line."""
-    if compact is None:
-        return
-    kind = compact.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"compact kind must be one of {KINDS}, got {kind!r}")
-    if kind == "pca" and not 1 <= int(compact.get("k", 0)) < channels:
-        raise ValueError(f"--pca K must be between 1 and {channels - 1} (the features have {channels} channels), "
-                         f"got {compact.get('k')}")
-
 
 def description(name: str) -> str | None:
     """What a compact store's array holds (``None`` for a feature array's own name)."""
@@ -117,7 +98,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dtype: str 
     return (q.astype(np.float32) * scale[expand] + offset[expand]).astype(dtype)
 
 
-def _basis(store: FeatureStore, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _basis(store: StoreHandle, name: str) -> tuple[np.ndarray, np.ndarray]:
     cache = store.__dict__.setdefault("_pca_basis", {})
     if name not in cache:
         basis = np.asarray(store.zarr_arrays[f"{name}_pca_basis"][...], dtype=np.float32)
@@ -129,7 +110,7 @@ def _basis(store: FeatureStore, name: str) -> tuple[np.ndarray, np.ndarray]:
     return cache[name]
 
 
-def encode(store: FeatureStore, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def encode(store: StoreHandle, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feature arrays ``(n, gh, gw, C)`` of a unit -> the arrays the store keeps."""
     kind = store.layout.compact["kind"]
     out: dict[str, np.ndarray] = {}
@@ -142,7 +123,7 @@ def encode(store: FeatureStore, data: Mapping[str, np.ndarray]) -> dict[str, np.
     return out
 
 
-def decode(store: FeatureStore, stored: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+def decode(store: StoreHandle, stored: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
     """The stored arrays of a read -> feature arrays ``(n, gh, gw, C)`` in the store's dtype."""
     kind = store.layout.compact["kind"]
     dtype = store.layout.dtype
@@ -155,7 +136,7 @@ def decode(store: FeatureStore, stored: Mapping[str, np.ndarray], names: Sequenc
     return out
 
 
-def write_basis(store: FeatureStore, bases: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def write_basis(store: StoreHandle, bases: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Write a PCA store's ``(basis (C, K), mean (C,))`` per feature array (driver, before any unit)."""
     missing = set(store.layout.arrays) - set(bases)
     if missing:

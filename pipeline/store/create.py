@@ -1,7 +1,7 @@
 """Creating a store, or growing an existing one for another run: the driver side of :meth:`FeatureStore.create`.
 
-The functions take the store class as ``cls`` (as the classmethods they implement do), so this module needs
-:class:`FeatureStore` for type hints only.
+The functions take the store class as ``cls`` (as the classmethods they implement do), typed by
+:class:`~.handle.StoreClass`, so this module does not import the class.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import zarr
@@ -21,22 +21,20 @@ from .compact import description as describe_compact
 from .compact import dimension_names as compact_dims
 from .compact import storage_arrays
 from .errors import StoreError, StoreMismatchError
+from .handle import S, StoreClass
 from .info import human_bytes
 from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, check_format, read_attrs,
                      field_differences, upsample_factor)
 from .lease import LEASE_FILE
-
-if TYPE_CHECKING:
-    from .feature_store import FeatureStore
 
 __all__ = ["create_store", "check_store", "check_append", "remove_store"]
 
 _log = logging.getLogger(__package__)
 
 
-def create_store(cls: type[FeatureStore], url: str, layout: StoreLayout, listing: pa.Table | Sequence[str], *,
+def create_store(cls: StoreClass[S], url: str, layout: StoreLayout, listing: pa.Table | Sequence[str], *,
                  overwrite: bool = False, allow_config_change: bool = False,
-                 storage_options: Mapping[str, Any] | None = None) -> FeatureStore:
+                 storage_options: Mapping[str, Any] | None = None) -> S:
     """:meth:`FeatureStore.create` (see there): a new store, an overwritten one, or an append to one."""
     url = str(url).rstrip("/")
     fs, root = filesystem(url, **dict(storage_options or {}))
@@ -93,8 +91,8 @@ def _foreign(url: str) -> StoreError:
                       f"another URL or remove it yourself.")
 
 
-def _initialise(cls: type[FeatureStore], url: str, fs: Any, root: str, layout: StoreLayout, listing: pa.Table,
-                storage_options: Mapping[str, Any] | None) -> FeatureStore:
+def _initialise(cls: StoreClass[S], url: str, fs: Any, root: str, layout: StoreLayout, listing: pa.Table,
+                storage_options: Mapping[str, Any] | None) -> S:
     loc, so = zarr_location(url, **dict(storage_options or {}))
     # "a" creates the group in the emptied location; "w" would also delete the lease the job holds there
     group = zarr.open_group(loc, mode="a", storage_options=so, attributes={"format": FORMAT, "creating": True})
@@ -172,9 +170,9 @@ def check_append(url: str, attrs: Mapping[str, Any], layout: StoreLayout, allow_
     return new_attrs
 
 
-def _append(cls: type[FeatureStore], url: str, attrs: dict[str, Any], layout: StoreLayout,
+def _append(cls: StoreClass[S], url: str, attrs: dict[str, Any], layout: StoreLayout,
             listing: pa.Table | Sequence[str], allow_config_change: bool,
-            storage_options: Mapping[str, Any] | None) -> FeatureStore:
+            storage_options: Mapping[str, Any] | None) -> S:
     new_attrs = check_append(url, attrs, layout, allow_config_change)
     store = cls.open(url, "r+", storage_options=storage_options)
     old = store.listing()
@@ -192,6 +190,8 @@ def _append(cls: type[FeatureStore], url: str, attrs: dict[str, Any], layout: St
         loc, so = zarr_location(url, **dict(storage_options or {}))
         group = zarr.open_group(loc, mode="r+", storage_options=so)
         group.attrs.update(new_attrs)
+        if "method" in new_attrs and "stage1" in group.attrs:
+            del group.attrs["stage1"]  # the record's name before it was `method` (layout.upgrade_attrs)
         store = cls(url, group, "r+", storage_options)
     return store
 

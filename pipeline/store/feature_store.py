@@ -25,7 +25,8 @@ from .compact import decode, storage_arrays, stored_names
 from .create import create_store
 from .errors import StoreError, StoreMismatchError
 from .info import StoreInfo, store_info
-from .layout import StoreLayout, check_format, describe_diff, geometry_diff, jsonable, raise_missing, read_attrs
+from .layout import (StoreLayout, check_format, describe_diff, geometry_diff, jsonable, raise_missing, read_attrs,
+                     upgrade_attrs)
 from .writer import UnitWriter, write_unit
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class FeatureStore:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = filesystem(self.url, **self.storage_options)
         self.root = self.root.rstrip("/")
-        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.attrs: dict[str, Any] = upgrade_attrs(group.attrs)
         self.layout = StoreLayout.from_attrs(self.attrs)
         self.num_rows = int(self.attrs["num_rows"])
         # Workers only write chunks they fill completely, never the fill value: skip zarr's per-chunk
@@ -135,7 +136,7 @@ class FeatureStore:
             listing: a table with dense ``image_id`` and ``uri`` (:func:`pipeline.listing.read_listing`), or URIs
                 (ids in the order given).
             overwrite: delete an existing store (of any configuration) and start empty.
-            allow_config_change: append even though ``layout.stage1`` differs from the store's; the previous
+            allow_config_change: append even though ``layout.method`` differs from the store's; the previous
                 configuration is kept in the ``history`` attribute. Geometry changes are never appended.
         """
         return create_store(cls, url, layout, listing, overwrite=overwrite,

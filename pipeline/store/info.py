@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow.compute as pc
 
 from ..manifest import PARTS_DIR, STATUS_FAILED
 from ..storage import storage_errors
+from .handle import StoreHandle
 from .layout import describe_weights
 from .lease import lease_holder
-
-if TYPE_CHECKING:
-    from .feature_store import FeatureStore
 
 __all__ = ["StoreInfo", "store_info"]
 
@@ -58,7 +56,7 @@ class StoreInfo:
             lines.append("  failures:")
             lines += [f"    {n:6d} x {reason}" for reason, n in self.failures]
         lines.append(f"  weights:  {describe_weights(a.get('weights'))}")
-        record = a.get("stage1") or {}
+        record = a.get("method") or {}
         if "method" in record or record.get("stage") == 2:  # a method other than stage 1 (pipeline.methods)
             lines.append(f"  method:   {record.get('method', 'denoiser')}, seed {a.get('seed', 'not recorded')}, "
                          f"{json.dumps(record, sort_keys=True)}")
@@ -70,7 +68,7 @@ class StoreInfo:
         return "\n".join(lines)
 
 
-def store_info(store: FeatureStore, size: bool = True) -> StoreInfo:
+def store_info(store: StoreHandle, size: bool = True) -> StoreInfo:
     """:meth:`FeatureStore.info`: counts, failure reasons, attributes, arrays and (``size``) bytes on storage."""
     m = store.refresh().manifest()
     status = store.row_status()

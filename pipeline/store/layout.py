@@ -16,7 +16,7 @@ from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol
 from .errors import StoreError, StoreNotFoundError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights", "upsample_factor",
-           "field_differences"]
+           "field_differences", "KINDS", "check_compact", "upgrade_attrs"]
 
 FORMAT = "dvt-feature-store"
 FORMAT_VERSION = 2  # 2: compact stores (pipeline.store.compact); plain stores are still written as 1
@@ -36,6 +36,21 @@ def upsample_factor(name: str) -> int:
     return int(match.group(1)) if match else 1
 
 
+KINDS = ("int8", "pca")
+
+
+def check_compact(compact: Mapping[str, Any] | None, channels: int) -> None:
+    """Refuse an unknown kind or a PCA rank outside ``[1, C)``, in one line."""
+    if compact is None:
+        return
+    kind = compact.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"compact kind must be one of {KINDS}, got {kind!r}")
+    if kind == "pca" and not 1 <= int(compact.get("k", 0)) < channels:
+        raise ValueError(f"--pca K must be between 1 and {channels - 1} (the features have {channels} channels), "
+                         f"got {compact.get('k')}")
+
+
 @dataclass(frozen=True)
 class StoreLayout:
     """What a store holds and which run settings it must match.
@@ -52,8 +67,10 @@ class StoreLayout:
             optionally.
         compressor: ``None`` (chunk object = raw little-endian bytes) or ``"zstd"``.
         compact: ``None``, or how the feature arrays are kept smaller (:mod:`pipeline.store.compact`).
-        stage1: the stage-1 configuration, recorded as given (JSON-serialisable); for ``dvt apply`` stores, the
-            denoiser (file, SHA-1, architecture).
+        method: how the rows were computed, recorded as given (JSON-serialisable): the stage-1 configuration
+            (``dvt denoise``), another method's record (``{"method": "average", ...}``, ``docs/methods.md``), or
+            the stage-2 denoiser (``{"stage": 2, ...}``: file, SHA-1, architecture) in ``dvt apply`` stores.
+            Stores written before this name was chosen call it ``stage1``; :func:`upgrade_attrs` reads both.
         weights: the backbone's weights identity (:func:`pipeline.weights.weights_identity`); never mixed.
         seed: the seed of views and random draws (stage 1).
         stage1_version: :data:`pipeline.stage1.STAGE1_VERSION` of the algorithm that wrote the rows.
@@ -69,7 +86,7 @@ class StoreLayout:
     dtype: str = "float16"
     arrays: tuple[str, ...] = ("raw", "clean")
     compressor: str | None = None
-    stage1: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    method: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     weights: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     seed: int | None = field(default=None, compare=False)
     stage1_version: int | None = field(default=None, compare=False)
@@ -80,7 +97,7 @@ class StoreLayout:
     #: Never mixed either: a store holds features of one network, in one storage type.
     FIXED = (*GEOMETRY, "dtype", "arrays", "weights", "compact")
     #: How the rows were computed: another value is refused unless a run allows a configuration change.
-    RUN = ("stage1", "seed", "stage1_version")
+    RUN = ("method", "seed", "stage1_version")
 
     def __post_init__(self) -> None:
         size = self.input_size if isinstance(self.input_size, Sequence) else (self.input_size, self.input_size)
@@ -88,7 +105,7 @@ class StoreLayout:
         object.__setattr__(self, "grid", tuple(int(v) for v in self.grid))
         object.__setattr__(self, "arrays", tuple(self.arrays))
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
-        object.__setattr__(self, "stage1", jsonable(self.stage1))
+        object.__setattr__(self, "method", jsonable(self.method))
         object.__setattr__(self, "weights", jsonable(self.weights or {}))
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
@@ -98,8 +115,6 @@ class StoreLayout:
         if bad:
             raise ValueError(f"array names must be identifiers other than 'manifest': {bad}")
         if self.compact is not None:
-            from .compact import check_compact
-
             object.__setattr__(self, "compact", jsonable(dict(self.compact)))
             check_compact(self.compact, self.channels)
         if self.compressor not in (None, "zstd"):
@@ -150,7 +165,16 @@ class StoreLayout:
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreLayout:
         names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in attrs.items() if k in names})
+        return cls(**{k: v for k, v in upgrade_attrs(attrs).items() if k in names})
+
+
+def upgrade_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A store's attributes under today's names: ``method`` was called ``stage1`` before it also held the records
+    of other methods and of stage 2 (stores written then keep that key; it reads as ``method``)."""
+    out = dict(attrs)
+    if "method" not in out and "stage1" in out:
+        out["method"] = out.pop("stage1")
+    return out
 
 
 def jsonable(value: Any) -> Any:
@@ -218,7 +242,7 @@ def field_differences(store: Mapping[str, Any], run: Mapping[str, Any], keys: Se
         for path in sorted(set(flat_a) | set(flat_b)):
             if flat_a.get(path) != flat_b.get(path):
                 names.append(path)
-                parts.append(f"{path.removeprefix('stage1.')}: store has {_short(flat_a.get(path))}, "
+                parts.append(f"{path.removeprefix('method.')}: store has {_short(flat_a.get(path))}, "
                              f"this run {_short(flat_b.get(path))}")
     text = "; ".join(parts[:limit]) + (f"; and {len(parts) - limit} more" if len(parts) > limit else "")
     return names, text
@@ -248,7 +272,7 @@ def read_attrs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str,
             return None
     if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
         return None
-    return dict(meta.get("attributes") or {})
+    return upgrade_attrs(meta.get("attributes") or {})
 
 
 def raise_missing(url: str, storage_options: Mapping[str, Any] | None) -> None:

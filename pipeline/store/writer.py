@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -16,10 +16,8 @@ from ..manifest import STATUS_FAILED, STATUS_OK, ImageRecord, unit_id, write_par
 from ..storage import storage_errors
 from .compact import encode
 from .errors import StoreError, StoreMismatchError
+from .handle import StoreHandle
 from .info import shape_text
-
-if TYPE_CHECKING:
-    from .feature_store import FeatureStore
 
 __all__ = ["UnitWriter", "write_unit"]
 
@@ -42,7 +40,7 @@ class UnitWriter:
                     unit.fail(image.id, repr(e))
     """
 
-    def __init__(self, store: FeatureStore):
+    def __init__(self, store: StoreHandle):
         self.store = store
         self.records: list[ImageRecord] = []
         self.zarr_arrays: dict[str, list[np.ndarray]] = {name: [] for name in store.layout.arrays}
@@ -81,7 +79,7 @@ class UnitWriter:
             self.commit()
 
 
-def write_unit(store: FeatureStore, records: Sequence[ImageRecord | Mapping[str, Any]],
+def write_unit(store: StoreHandle, records: Sequence[ImageRecord | Mapping[str, Any]],
                arrays: Mapping[str, Any] | None = None) -> str:
     """:meth:`FeatureStore.write_unit` (see there): array data of the unit's ``ok`` images, then its part."""
     if store.mode != "r+":
@@ -114,7 +112,7 @@ def write_unit(store: FeatureStore, records: Sequence[ImageRecord | Mapping[str,
     return name
 
 
-def _unit_arrays(store: FeatureStore, recs: list[ImageRecord], arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _unit_arrays(store: StoreHandle, recs: list[ImageRecord], arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Validated ``(n_ok, gh, gw, C)`` arrays; images with non-finite values become failed records."""
     layout = store.layout
     ok_idx = [i for i, r in enumerate(recs) if r.status == STATUS_OK]

@@ -46,7 +46,7 @@ def write_synthetic_store(url: str, n: int, *, grid: tuple[int, int] = (4, 4), c
     """Create a store of ``n`` synthetic pairs at ``url`` (every image ``ok``), written in units of ``unit``."""
     layout = StoreLayout(backbone=backbone, block=0, input_size=(grid[0] * patch_size, grid[1] * patch_size),
                          patch_size=patch_size, stride=patch_size, grid=grid, channels=channels, dtype=dtype,
-                         stage1={"synthetic": True, "seed": seed})
+                         method={"synthetic": True, "seed": seed})
     uris = [f"synthetic://{seed}/{i:07d}.png" for i in range(n)]
     store = FeatureStore.create(url, layout, uris, overwrite=overwrite)
     for start in range(0, n, unit):
