@@ -25,12 +25,13 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from .apply import ApplyConfig, run_apply
 from .backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone, describe_backbone
 from .batching import images_per_pass, stage1_bytes_per_image
 from .image_job import (ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris, open_job_store,
                         run_store_job)
 from .job_checks import JobConfigError, nothing_to_do
-from .methods import check_method, method_record, to_apply_config
+from .methods import check_method, method_record
 from .stage1 import STAGE1_VERSION, Stage1Config, fit_images
 from .store import FeatureStore, StoreLayout, check_store
 from .weights import check_weights, weights_identity
@@ -107,6 +108,21 @@ class DenoiseConfig(ImageJobConfig):
             return ("raw", "clean")
         arrays = ("raw", "clean", "artifact") if self.keep_artifact else ("raw", "clean")
         return arrays + ((f"clean_x{self.upsample}",) if self.upsample > 1 else ())
+
+    def apply_config(self) -> ApplyConfig:
+        """``dvt denoise --method denoiser`` as the ``dvt apply`` run it is.
+
+        ``--model`` and ``--input-size`` left at ``dvt denoise``'s defaults mean what the denoiser was trained with.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(DenoiseConfig)}
+        return ApplyConfig(
+            images=self.images, output=self.output, denoiser=self.denoiser, weights=self.weights,
+            model=None if self.model == DEFAULT_MODEL else self.model,
+            input_size=None if self.input_size == defaults["input_size"] else self.input_size,
+            images_per_batch=self.images_per_batch, amp=self.amp, keep_raw=True, workers=self.workers,
+            gpus_per_worker=self.gpus_per_worker, cpus_per_worker=self.cpus_per_worker, limit=self.limit,
+            overwrite=self.overwrite, retry_failed=self.retry_failed, allow_config_change=self.allow_config_change,
+            dtype=self.dtype, progress_every_s=self.progress_every_s, dashboard=self.dashboard, decode=self.decode)
 
 
 #: What a denoise run did (the shared :class:`pipeline.image_job.JobSummary`).
@@ -205,9 +221,7 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     config.check_flags()
     check_method(config)
     if config.method == "denoiser":
-        from .apply import run_apply
-
-        return run_apply(to_apply_config(config))
+        return run_apply(config.apply_config())
     if nothing_to_do(config.limit):
         return JobSummary.nothing(config.output, "denoise")
     layout, uris, existed = check_denoise(config)

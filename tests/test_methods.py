@@ -149,7 +149,6 @@ def test_bad_method_flags_fail_in_one_line(tmp_path, flags, message):
 def test_the_denoiser_method_is_dvt_apply(tmp_path, sample_images, one_torch_thread):
     from pipeline.apply import ApplyConfig, check_apply
     from pipeline.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
-    from pipeline.methods import to_apply_config
 
     torch.manual_seed(0)
     backbone = create_backbone("tests.custom_backbone:create", weights="none")
@@ -161,7 +160,7 @@ def test_the_denoiser_method_is_dvt_apply(tmp_path, sample_images, one_torch_thr
     path = save_denoiser(str(tmp_path / "denoiser.safetensors"), denoiser, spec)
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "d.zarr"), method="denoiser",
                            denoiser=path, weights=weights, limit=2)
-    applied = to_apply_config(config)
+    applied = config.apply_config()
     assert applied.model is None and applied.input_size is None and applied.denoiser == path
     resolved, layout, _, _ = check_apply(applied)
     direct = check_apply(ApplyConfig(images=config.images, output=config.output, denoiser=path, weights=weights,

@@ -16,19 +16,29 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .average import AverageConfig
 from .bias import ArtifactFileError, ArtifactMap, check_artifact
 
-if TYPE_CHECKING:
-    from ..apply import ApplyConfig
-    from ..denoise import DenoiseConfig
-
-__all__ = ["METHODS", "AverageConfig", "ArtifactMap", "ArtifactFileError", "store_method", "method_record",
-           "check_method", "average_config", "to_apply_config"]
+__all__ = ["METHODS", "MethodSettings", "AverageConfig", "ArtifactMap", "ArtifactFileError", "store_method",
+           "method_record", "check_method", "average_config"]
 
 METHODS = ("dvt", "average", "bias", "denoiser")
+
+
+class MethodSettings(Protocol):
+    """The job settings the methods read: :class:`pipeline.denoise.DenoiseConfig` has them (the methods are
+    ``dvt denoise --method``), named here so this package needs nothing from the job that uses it."""
+
+    method: str
+    copies: int
+    max_shift: float
+    seed: int
+    artifact: str | None
+    denoiser: str | None
+    compress: str | None
+    upsample: int
 _OWN_FLAGS = {"artifact": "bias", "denoiser": "denoiser"}
 
 
@@ -40,11 +50,11 @@ def store_method(attrs: Mapping[str, Any]) -> str:
     return str(record.get("method", "dvt"))
 
 
-def average_config(config: DenoiseConfig) -> AverageConfig:
+def average_config(config: MethodSettings) -> AverageConfig:
     return AverageConfig(copies=config.copies, max_shift=config.max_shift, seed=config.seed)
 
 
-def check_method(config: DenoiseConfig) -> None:
+def check_method(config: MethodSettings) -> None:
     """Refuse an unknown method, a method without its input, or a flag of another method, in one line."""
     from ..job_checks import JobConfigError
 
@@ -70,7 +80,7 @@ def check_method(config: DenoiseConfig) -> None:
                              f"not --method {config.method}")
 
 
-def method_record(config: DenoiseConfig, geometry: Mapping[str, Any] | None = None,
+def method_record(config: MethodSettings, geometry: Mapping[str, Any] | None = None,
                   weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The store's ``method`` record for ``average`` and ``bias`` runs; ``bias`` also checks its file against
     the run's ``geometry`` and ``weights`` when given."""
@@ -83,22 +93,3 @@ def method_record(config: DenoiseConfig, geometry: Mapping[str, Any] | None = No
         return {"method": "bias", "artifact": config.artifact, "sha1": sha1, "images": amap.meta.get("images"),
                 "source": amap.meta.get("source")}
     raise ValueError(f"method {config.method!r} has no record of its own")
-
-
-def to_apply_config(config: DenoiseConfig) -> ApplyConfig:
-    """``dvt denoise --method denoiser`` as the ``dvt apply`` run it is.
-
-    ``--model`` and ``--input-size`` left at ``dvt denoise``'s defaults mean what the denoiser was trained with.
-    """
-    from ..apply import ApplyConfig
-    from ..denoise import DEFAULT_MODEL, DenoiseConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(DenoiseConfig)}
-    return ApplyConfig(
-        images=config.images, output=config.output, denoiser=config.denoiser, weights=config.weights,
-        model=None if config.model == DEFAULT_MODEL else config.model,
-        input_size=None if config.input_size == defaults["input_size"] else config.input_size,
-        images_per_batch=config.images_per_batch, amp=config.amp, keep_raw=True, workers=config.workers,
-        gpus_per_worker=config.gpus_per_worker, cpus_per_worker=config.cpus_per_worker, limit=config.limit,
-        overwrite=config.overwrite, retry_failed=config.retry_failed, allow_config_change=config.allow_config_change,
-        dtype=config.dtype, progress_every_s=config.progress_every_s, dashboard=config.dashboard, decode=config.decode)

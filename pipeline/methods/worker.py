@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from ..backbone import create_backbone
+from ..backbone import BackboneConfig, create_backbone
 from ..batching import forward_bytes_per_image, images_per_pass
 from ..image_job import JobWorker
-from . import average_config
+from . import MethodSettings, average_config
 from .average import average_features
 from .bias import ArtifactMap
 
-if TYPE_CHECKING:
-    from ..denoise import DenoiseConfig
-
 __all__ = ["MethodWorker"]
+
+
+class MethodJob(MethodSettings, Protocol):
+    """What the worker reads of its job's config (:class:`pipeline.denoise.DenoiseConfig` has it)."""
+
+    input_size: int
+    images_per_batch: int | None
+    amp: str | None
+
+    def backbone_config(self) -> BackboneConfig: ...
 
 
 class MethodWorker(JobWorker):
     """One backbone per process; per batch, ``raw`` and the method's ``clean`` into one store unit."""
 
-    config: DenoiseConfig
+    config: MethodJob
 
-    def __init__(self, config: DenoiseConfig, layout: dict[str, Any]):
+    def __init__(self, config: MethodJob, layout: dict[str, Any]):
         super().__init__(config, layout)
         self.stage = config.method
 
