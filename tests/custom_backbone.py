@@ -21,6 +21,24 @@ class TinyConvViT(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
+def write_custom_denoiser(folder: str) -> tuple[str, str]:
+    """Seeded weights of this backbone and an untrained 32 px denoiser for it, saved in ``folder``:
+    ``(weights file, denoiser file)``."""
+    import os
+
+    from pipeline.backbone import create_backbone
+    from pipeline.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
+
+    torch.manual_seed(0)
+    backbone = create_backbone(f"{__name__}:create", weights="none")
+    weights = os.path.join(folder, "custom.pth")
+    torch.save(backbone.model.state_dict(), weights)
+    denoiser = Denoiser(DenoiserConfig(channels=12, pos_grid=(4, 4))).eval()
+    spec = DenoiserSpec(denoiser=denoiser.config, backbone=f"{__name__}:create", block=backbone.block,
+                        input_size=(32, 32), patch_size=8, stride=8)
+    return weights, save_denoiser(os.path.join(folder, "denoiser.safetensors"), denoiser, spec)
+
+
 def create(weights=None) -> TinyConvViT:
     model = TinyConvViT()
     if weights is not None:

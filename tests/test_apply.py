@@ -8,8 +8,10 @@ from pipeline.apply import ApplyConfig, ApplyWorker, prepare_apply_store, run_ap
 from pipeline.backbone import create_backbone
 from pipeline.decode import decode_image, resize_to_tensor
 from pipeline.listing import fetch_bytes
-from pipeline.denoiser import DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
+from pipeline.denoiser import (DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, load_denoiser,
+                               save_denoiser)
 from pipeline.store import FeatureStore, StoreMismatchError
+from tests.custom_backbone import write_custom_denoiser
 from pipeline.testing.synthetic_pairs import write_synthetic_store
 
 TINY = "vit_small_patch14_dinov2"
@@ -111,14 +113,7 @@ def test_an_apply_store_records_its_denoiser_and_weights_and_refuses_others(tmp_
 
 def test_apply_runs_a_denoiser_trained_on_a_custom_backbone(tmp_path, sample_images, one_torch_thread):
     # the denoiser's spec records block 0 and the stride of a `module:factory` backbone; apply must accept them
-    torch.manual_seed(0)
-    backbone = create_backbone("tests.custom_backbone:create", weights="none")
-    weights = str(tmp_path / "custom.pth")
-    torch.save(backbone.model.state_dict(), weights)
-    denoiser = Denoiser(DenoiserConfig(channels=12, pos_grid=(4, 4))).eval()
-    spec = DenoiserSpec(denoiser=denoiser.config, backbone="tests.custom_backbone:create", block=backbone.block,
-                        input_size=(32, 32), patch_size=8, stride=8)
-    path = save_denoiser(str(tmp_path / "denoiser.safetensors"), denoiser, spec)
+    weights, path = write_custom_denoiser(str(tmp_path))
     config = ApplyConfig(images=str(sample_images[0].parent), output=str(tmp_path / "custom.zarr"), denoiser=path,
                          weights=weights, model="tests.custom_backbone:create", limit=2)
     store, covered, pending, config = prepare_apply_store(config)
@@ -128,7 +123,9 @@ def test_apply_runs_a_denoiser_trained_on_a_custom_backbone(tmp_path, sample_ima
     assert out["status"].tolist() == ["ok", "ok"], out["error"]
     uris = pending["uri"].to_pylist()
     pixels = torch.stack([resize_to_tensor(decode_image(open(u, "rb").read()).pixels, 32) for u in uris])
-    raw, clean = DenoisedViT(backbone, denoiser, spec).features(pixels, return_raw=True)
+    denoiser, spec = load_denoiser(path)
+    backbone = create_backbone("tests.custom_backbone:create", weights=weights)
+    raw, clean = DenoisedViT(backbone, denoiser.eval(), spec).features(pixels, return_raw=True)
     data = FeatureStore.open(config.output).get(pending["image_id"].to_numpy())
     np.testing.assert_allclose(data["clean"].astype(np.float32), clean.numpy(), atol=2e-2, rtol=1e-2)
     np.testing.assert_allclose(data["raw"].astype(np.float32), raw.numpy(), atol=2e-2, rtol=1e-2)

@@ -18,6 +18,7 @@ from pipeline.methods.worker import MethodWorker
 from pipeline.metrics import positional_energy
 from pipeline.stage1 import fit_images
 from pipeline.store import FeatureStore, StoreMismatchError
+from tests.custom_backbone import write_custom_denoiser
 from pipeline.testing.synthetic import photo_images
 from pipeline.views import patch_coords
 
@@ -148,16 +149,8 @@ def test_bad_method_flags_fail_in_one_line(tmp_path, flags, message):
 
 def test_the_denoiser_method_is_dvt_apply(tmp_path, sample_images, one_torch_thread):
     from pipeline.apply import ApplyConfig, check_apply
-    from pipeline.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
 
-    torch.manual_seed(0)
-    backbone = create_backbone("tests.custom_backbone:create", weights="none")
-    weights = str(tmp_path / "custom.pth")
-    torch.save(backbone.model.state_dict(), weights)
-    denoiser = Denoiser(DenoiserConfig(channels=12, pos_grid=(4, 4))).eval()
-    spec = DenoiserSpec(denoiser=denoiser.config, backbone="tests.custom_backbone:create", block=backbone.block,
-                        input_size=(32, 32), patch_size=8, stride=8)
-    path = save_denoiser(str(tmp_path / "denoiser.safetensors"), denoiser, spec)
+    weights, path = write_custom_denoiser(str(tmp_path))
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "d.zarr"), method="denoiser",
                            denoiser=path, weights=weights, limit=2)
     applied = config.apply_config()
