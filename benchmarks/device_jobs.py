@@ -186,6 +186,21 @@ def _job_common(model: str, size: int, preset: str, steps: int | None) -> list[s
             "--progress-every", "10", "--overwrite", *(["--steps", str(steps)] if steps is not None else [])]
 
 
+def _sampled_job(run, name: str, module: str, args: list[str], store: str) -> tuple[dict, dict, Any, Any]:
+    """Run one job on the device (its workers get a GPU there, else the configured CPU share) while sampling the
+    GPU: ``(job timings, store statistics, sampler, the stores' busy window)``."""
+    cfg = run.config
+    args = [*args, *(["--gpus-per-worker", "1"] if run.device.type == "cuda"
+                     else ["--cpus-per-worker", str(cfg.scaling_cpus_per_worker)])]
+    sampler = GpuSampler(run.device)
+    try:
+        job = run_job(name, module, args, timeout=run.left() - 3)
+    finally:
+        sampler.stop()
+    stats = _stats(str(STATE["work"] / store))
+    return job, stats, sampler, stats.pop("window", None)
+
+
 def part_denoise_job(run) -> None:
     cfg, device = run.config, run.device
     s = _fit_settings(cfg.job_model, cfg.input_size, cfg.preset, cfg.steps)
@@ -221,14 +236,7 @@ def part_denoise_job(run) -> None:
             *_job_common(cfg.job_model, cfg.input_size, cfg.preset, cfg.steps), "--workers", "1"]
     if cfg.job_unit:
         args += ["--images-per-batch", str(cfg.job_unit)]
-    args += ["--gpus-per-worker", "1"] if cuda else ["--cpus-per-worker", str(cfg.scaling_cpus_per_worker)]
-    sampler = GpuSampler(device)
-    try:
-        job = run_job("denoise_job", "jobs.denoise", args, timeout=run.left() - 3)
-    finally:
-        sampler.stop()
-    stats = _stats(str(STATE["work"] / "denoise.zarr"))
-    window = stats.pop("window", None)
+    job, stats, sampler, window = _sampled_job(run, "denoise_job", "jobs.denoise", args, "denoise.zarr")
     steady = stats.get("steady_images_per_s")
     run.part()["summary"] = {
         "model": cfg.job_model, "input_size": cfg.input_size, "preset": cfg.preset, "images": n,
@@ -279,14 +287,7 @@ def part_apply_job(run) -> None:
             "--workers", "1"]
     if cfg.job_unit:
         args += ["--images-per-batch", str(cfg.job_unit)]
-    args += ["--gpus-per-worker", "1"] if cuda else ["--cpus-per-worker", str(cfg.scaling_cpus_per_worker)]
-    sampler = GpuSampler(device)
-    try:
-        job = run_job("apply_job", "jobs.apply_denoiser", args, timeout=run.left() - 3)
-    finally:
-        sampler.stop()
-    stats = _stats(str(STATE["work"] / "apply.zarr"))
-    window = stats.pop("window", None)
+    job, stats, sampler, window = _sampled_job(run, "apply_job", "jobs.apply_denoiser", args, "apply.zarr")
     steady = stats.get("steady_images_per_s")
     run.part()["summary"] = {
         "model": cfg.job_model, "input_size": cfg.input_size, "images": n, "images_per_unit": unit,
