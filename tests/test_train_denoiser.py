@@ -34,8 +34,11 @@ def die_once(marker: str, at_step: int, at_rank: int, *, step: int, rank: int, o
         if output is not None:
             fs, root = filesystem(f"{output}/{RUN_NAME}/checkpoint_manager_snapshot.json")
             while time.monotonic() < waited + 60:
-                if fs.exists(root) and json.loads(fs.cat_file(root)).get("latest_checkpoint_result"):
-                    break
+                try:
+                    if json.loads(fs.cat_file(root)).get("latest_checkpoint_result"):
+                        break
+                except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+                    pass
                 time.sleep(0.2)
         Path(marker).write_text(f"{time.monotonic() - waited:.1f}")  # seconds waited for the controller
         os._exit(1)
