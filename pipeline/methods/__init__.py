@@ -39,6 +39,8 @@ class MethodSettings(Protocol):
     denoiser: str | None
     compress: str | None
     upsample: int
+
+
 _OWN_FLAGS = {"artifact": "bias", "denoiser": "denoiser"}
 
 

@@ -19,6 +19,7 @@ or xarray read finds no ``raw`` / ``clean`` variable.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from .errors import StoreError

@@ -3,7 +3,8 @@
 :class:`FeatureStore` (``feature_store.py``) imports the modules that implement its parts (``create``,
 ``info``, ``writer``, ``compact``). Those modules name the store through the protocols below instead of the
 class, so nothing imports ``feature_store`` back, not even for type hints. ``FeatureStore`` is the one
-implementation; ``tests/test_store.py`` checks that it satisfies :class:`StoreHandle` and that no module imports it back.
+implementation; ``tests/test_store.py`` checks that it satisfies :class:`StoreHandle` and that no module of the
+package imports it back.
 """
 
 from __future__ import annotations

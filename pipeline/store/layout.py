@@ -164,8 +164,10 @@ class StoreLayout:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreLayout:
+        """The layout in a store's attributes as its readers return them (:func:`read_attrs`,
+        ``FeatureStore.attrs``: older names already upgraded)."""
         names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in upgrade_attrs(attrs).items() if k in names})
+        return cls(**{k: v for k, v in attrs.items() if k in names})
 
 
 def upgrade_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
