@@ -48,6 +48,9 @@ def manifest_stats(url: str) -> dict[str, Any]:
     if short:  # a worker with one unit has no rate of its own: all workers' units after every one had started
         after = sum(n for t, n in every if t > started)
         rate = after / (last - started) if last > started and after else 0.0
+        if not rate:  # the last worker to start committed last: the window after the job's first unit
+            after = sum(n for t, n in every if t > first)
+            rate = after / (last - first) if last > first and after else 0.0
     last_run = store.attrs.get("last_run") or {}
     return {"ok": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] != "ok" for r in rows),
             "workers": len(units), "workers_with_one_unit": short,
