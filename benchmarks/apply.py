@@ -6,8 +6,8 @@ Three rows over the same ``--images`` PNG files (square crops of the bundled pho
 * plain forward: the backbone alone on decoded, batched pixels already in memory, as a timm user runs it
   (``torch.inference_mode``, ``--batch`` images per call), in a Ray task with the apply worker's CPUs and thread
   count (so that on a shared machine both are scheduled alike), before and after the job;
-* backbone + denoiser: :class:`pipeline.denoiser.DenoisedViT` the same way;
-* ``dvt apply``: :func:`pipeline.apply.run_apply` with one worker, from the listing to committed store units
+* backbone + denoiser: :class:`pipeline.stage2.denoiser.DenoisedViT` the same way;
+* ``dvt apply``: :func:`pipeline.stage2.apply.run_apply` with one worker, from the listing to committed store units
   (fetch, decode, resize, forward, float16 store writes), end to end: its summary's images over the job's
   seconds, the actor's start-up included, so the ratio is a lower bound on the steady state's.
 
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.apply import ApplyConfig, run_apply  # noqa: E402
-from pipeline.backbone import create_backbone  # noqa: E402
-from pipeline.chain import write_photo_crops  # noqa: E402
-from pipeline.denoiser import DenoisedViT, Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser  # noqa: E402
-from pipeline.report import load_image  # noqa: E402
+from pipeline.stage2.apply import ApplyConfig, run_apply  # noqa: E402
+from pipeline.vit.backbone import create_backbone  # noqa: E402
+from pipeline.analysis.chain import write_photo_crops  # noqa: E402
+from pipeline.stage2.denoiser import DenoisedViT, Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser  # noqa: E402
+from pipeline.analysis.feature_maps import load_image  # noqa: E402
 
 
 def random_denoiser(model: str, size: int, path: str) -> str:

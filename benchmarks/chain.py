@@ -1,5 +1,5 @@
 """The whole chain on a ViT that really has artifacts: ``dvt denoise`` -> ``dvt train`` -> ``dvt apply`` on
-held-out images -> ``dvt distill`` -> the student's features, measured at every stage (:mod:`pipeline.chain`).
+held-out images -> ``dvt distill`` -> the student's features, measured at every stage (:mod:`pipeline.analysis.chain`).
 
 The backbone is the test ViT of :mod:`pipeline.testing.artifact_vit` (timm's ViT-Ti/16, random weights, a grid-like
 positional artifact; its artifact-free twin is the reference). Training crops come from three bundled photos,
@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.chain import ChainConfig, run_chain  # noqa: E402
-from pipeline.train_denoiser import TrainConfig  # noqa: E402
+from pipeline.analysis.chain import ChainConfig, run_chain  # noqa: E402
+from pipeline.stage2.train import TrainConfig  # noqa: E402
 
 COLUMNS = ("positional_energy", "grid_energy", "cross_view_consistency", "cos_to_raw", "cos_to_reference")
 

@@ -40,14 +40,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.backbone import create_backbone  # noqa: E402
-from pipeline.compact_store import fit_pca  # noqa: E402
+from pipeline.vit.backbone import create_backbone  # noqa: E402
+from pipeline.store.convert import fit_pca  # noqa: E402
 from pipeline.eval.knn import knn_segmentation  # noqa: E402
 from pipeline.store import FeatureStore, StoreLayout  # noqa: E402
 from pipeline.store.compact import write_basis  # noqa: E402
 from pipeline.testing.synthetic_pairs import synthetic_pairs  # noqa: E402
 from methods import train_denoiser  # noqa: E402  (the same stage-2 loop as the methods benchmark)
-from pipeline.training import denoising_loss  # noqa: E402
+from pipeline.runtime.ray_train import denoising_loss  # noqa: E402
 from tests.eval_data import shapes_image  # noqa: E402
 
 _log = logging.getLogger("benchmarks.compact_store")

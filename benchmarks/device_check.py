@@ -19,7 +19,7 @@ Parts, in this order (each in its own slice of the budget; parts cut their sizes
    518 px, batch 32 and 64, fp32 and bf16 autocast, with peak GPU memory: the physical anchor.
 2. ``stage1``: seconds per image of ``fit_images`` (the ``default`` preset) for both models at 518 px, 1, 4
    and 16 images fitted together, fp32 and bf16, split into view extraction and fitting, peak memory against
-   :mod:`pipeline.batching`'s estimate, bf16's deviation from fp32, and where the fit waits for the GPU.
+   :mod:`pipeline.runtime.batching`'s estimate, bf16's deviation from fp32, and where the fit waits for the GPU.
 3. ``apply_kernel``: backbone + denoiser (what ``dvt apply``'s worker runs) against the backbone alone.
 4. ``scaling_processes``: the stage-1 kernel (ViT-S at 224, the ``ci`` preset to fit the time, one torch thread
    each) in 1, 2, 4, 8 processes side by side: the machine's own scaling, with no pipeline.
@@ -66,10 +66,10 @@ import device_jobs as jobs  # noqa: E402  (benchmarks/, beside this file)
 import device_support as support  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.backbone import create_backbone  # noqa: E402
-from pipeline.batching import images_per_pass, stage1_bytes_per_image  # noqa: E402
-from pipeline.denoiser import DenoisedViT, Denoiser, DenoiserConfig  # noqa: E402
-from pipeline.stage1 import Stage1Config, fit_images  # noqa: E402
+from pipeline.vit.backbone import create_backbone  # noqa: E402
+from pipeline.runtime.batching import images_per_pass, stage1_bytes_per_image  # noqa: E402
+from pipeline.stage2.denoiser import DenoisedViT, Denoiser, DenoiserConfig  # noqa: E402
+from pipeline.stage1.fit import Stage1Config, fit_images  # noqa: E402
 
 _log = logging.getLogger("device_check")
 GIB = 2 ** 30

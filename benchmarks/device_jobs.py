@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from device_support import STATE, GpuSampler, corpus_image, ensure_corpus, run_job, shared_ray
 
-from pipeline.backbone import create_backbone
-from pipeline.batching import images_per_pass, stage1_bytes_per_image, unit_size
-from pipeline.decode import decode_image, resize_to_tensor
-from pipeline.stage1 import Stage1Config, fit_images
+from pipeline.vit.backbone import create_backbone
+from pipeline.runtime.batching import images_per_pass, stage1_bytes_per_image, unit_size
+from pipeline.io.decode import decode_image, resize_to_tensor
+from pipeline.stage1.fit import Stage1Config, fit_images
 
 
 def manifest_stats(url: str) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def part_denoise_job(run) -> None:
 
 
 def part_apply_job(run) -> None:
-    from pipeline.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
+    from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
 
     cfg, device = run.config, run.device
     cuda = device.type == "cuda"
@@ -331,7 +331,7 @@ def part_scaling_ray(run) -> None:
 
 
 def part_train(run) -> None:
-    from pipeline.denoiser import read_spec
+    from pipeline.stage2.denoiser import read_spec
     from pipeline.testing.synthetic_pairs import write_synthetic_store
 
     cfg, device = run.config, run.device

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.decode import resize_to_tensor
+from pipeline.io.decode import resize_to_tensor
 
 _log = logging.getLogger("device_check")
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,8 +41,8 @@ def write_images(folder: Path, n: int, size: int) -> None:
 def write_denoiser(path: str, model: str, size: int) -> str:
     import torch
 
-    from pipeline.backbone import create_backbone
-    from pipeline.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
+    from pipeline.vit.backbone import create_backbone
+    from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
 
     bb = create_backbone(model, weights="none", img_size=size)
     grid = bb.grid(size)
@@ -54,7 +54,7 @@ def write_denoiser(path: str, model: str, size: int) -> str:
 
 
 def run_one(args, tmp: Path, model: str, size: int, workers: int) -> dict:
-    from pipeline.distill import DistillConfig, run_distillation
+    from pipeline.stage3.distill import DistillConfig, run_distillation
 
     images = tmp / f"images-{size}"
     if not images.exists():  # one epoch covers every step, for every worker count

@@ -30,8 +30,8 @@ from pipeline.eval.knn import KNNConfig, knn_segmentation  # noqa: E402
 from pipeline.eval.lost import lost_corloc  # noqa: E402
 from pipeline.eval.position_mic import PositionMICConfig, position_mic  # noqa: E402
 from pipeline.eval.seg_probe import SegProbeConfig, probe_segmentation_frozen  # noqa: E402
-from pipeline.eval.training import Schedule  # noqa: E402
-from pipeline.metrics import artifact_metrics  # noqa: E402
+from pipeline.eval.probe_training import Schedule  # noqa: E402
+from pipeline.analysis.metrics import artifact_metrics  # noqa: E402
 from pipeline.testing.synthetic_pairs import write_synthetic_store  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Stage-2 learning curves: held-out loss against optimiser steps, through ``dvt train``'s own Ray Train loop.
 
-Each curve is one :func:`pipeline.train_denoiser.run_training` run with early stopping off, a held-out check every
+Each curve is one :func:`pipeline.stage2.train.run_training` run with early stopping off, a held-out check every
 ``--eval-every`` steps and a fixed budget; the table gives, per curve, the best held-out loss, the first step
 whose loss is within 5% and within 1% of that best (where the plateau starts), and where the default early-stopping
 rule (``TrainConfig.patience`` checks without a ``min_delta`` improvement) would have ended it. Stores:
@@ -29,13 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.testing.synthetic_pairs import write_synthetic_store  # noqa: E402
-from pipeline.train_denoiser import TrainConfig, run_training  # noqa: E402
-from pipeline.training import Plateau  # noqa: E402
+from pipeline.stage2.train import TrainConfig, run_training  # noqa: E402
+from pipeline.runtime.ray_train import Plateau  # noqa: E402
 
 
 def chain_store(url: str, images: int, size: int) -> str:
-    from pipeline.chain import ChainConfig, write_photo_crops
-    from pipeline.denoise import DenoiseConfig, run_denoise
+    from pipeline.analysis.chain import ChainConfig, write_photo_crops
+    from pipeline.denoise.job import DenoiseConfig, run_denoise
 
     c = ChainConfig(workdir=os.path.dirname(url))
     folder = os.path.join(c.workdir, "images", "train")
@@ -51,7 +51,7 @@ def plateau_steps(history: list[dict], tolerance: float) -> int | None:
 
 
 def early_stop(history: list[dict], patience: int, min_delta: float) -> tuple[int, float]:
-    """Where :class:`pipeline.training.Plateau` would have stopped this curve, and the best loss up to there."""
+    """Where :class:`pipeline.runtime.ray_train.Plateau` would have stopped this curve, and the best loss up to there."""
     p = Plateau(patience, min_delta)
     for h in history:
         p.update(h["val_loss"], h["step"])

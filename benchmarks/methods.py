@@ -5,11 +5,11 @@ Problems:
 * the synthetic families of :data:`pipeline.testing.synthetic.FAMILIES` (a known clean map): uncentred error and
   token cosine to the truth (:func:`pipeline.testing.synthetic.clean_scores`);
 * the artifact ViT fixture (:mod:`pipeline.testing.artifact_vit`, ``create`` at 224 px): positional energy of the
-  clean maps (:func:`pipeline.metrics.positional_energy`; the twin without the artifact scores ~0.02) and token
+  clean maps (:func:`pipeline.analysis.metrics.positional_energy`; the twin without the artifact scores ~0.02) and token
   cosine to that reference twin.
 
 Methods, each on the same held-out test images: ``raw`` (the backbone), ``dvt`` (stage 1, ``default``
-preset), ``average`` (copies, :mod:`pipeline.methods.average`), ``bias`` (mean stage-1 ``G`` over the training
+preset), ``average`` (copies, :mod:`pipeline.denoise.average`), ``bias`` (mean stage-1 ``G`` over the training
 images, subtracted), ``denoiser`` (a stage-2 denoiser trained here on the training images' stage-1 pairs).
 ``s/image`` is the per-image cost on the test images; ``setup s`` what ``bias`` and ``denoiser`` first cost
 once per dataset (stage 1 on the training images, plus training).
@@ -33,13 +33,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.backbone import create_backbone  # noqa: E402
-from pipeline.denoiser import Denoiser, DenoiserConfig  # noqa: E402
-from pipeline.methods.average import AverageConfig, average_features  # noqa: E402
-from pipeline.metrics import positional_energy  # noqa: E402
-from pipeline.stage1 import Stage1Config, fit_images  # noqa: E402
+from pipeline.vit.backbone import create_backbone  # noqa: E402
+from pipeline.stage2.denoiser import Denoiser, DenoiserConfig  # noqa: E402
+from pipeline.denoise.average import AverageConfig, average_features  # noqa: E402
+from pipeline.analysis.metrics import positional_energy  # noqa: E402
+from pipeline.stage1.fit import Stage1Config, fit_images  # noqa: E402
 from pipeline.testing.synthetic import FAMILIES, clean_scores, make_problem, photo_images  # noqa: E402
-from pipeline.training import denoising_loss, lr_lambda  # noqa: E402
+from pipeline.runtime.ray_train import denoising_loss, lr_lambda  # noqa: E402
 
 _log = logging.getLogger("benchmarks.methods")
 METHODS = ("raw", "dvt", "average", "bias", "denoiser")

@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.field import FieldConfig  # noqa: E402
-from pipeline.stage1 import Stage1Config, fit_images, fit_views  # noqa: E402
+from pipeline.stage1.field import FieldConfig  # noqa: E402
+from pipeline.stage1.fit import Stage1Config, fit_images, fit_views  # noqa: E402
 from pipeline.testing.synthetic import FAMILIES, clean_scores, make_problem  # noqa: E402
-from pipeline.view_features import ViewBatch, extract_batch  # noqa: E402
+from pipeline.stage1.view_features import ViewBatch, extract_batch  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "pipeline" / "samples"
 _log = logging.getLogger("benchmarks.stage1")
@@ -201,7 +201,7 @@ def load_samples(size: int, n: int) -> torch.Tensor:
 
 
 def real_vit_rows(args, device) -> tuple[list[str], object]:
-    from pipeline.backbone import create_backbone
+    from pipeline.vit.backbone import create_backbone
 
     bb = create_backbone(args.vit, weights="none", img_size=args.vit_size).to(device)
     images = load_samples(args.vit_size, args.vit_images).to(device)

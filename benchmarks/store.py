@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.storage import filesystem  # noqa: E402
+from pipeline.io.storage import filesystem  # noqa: E402
 from pipeline.store import FeatureStore, StoreLayout  # noqa: E402
 from pipeline.testing.object_store import MotoServer, answers  # noqa: E402
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.apply import ApplyConfig, run_apply
-from pipeline.failures import EXIT_SOME_FAILED
+from pipeline.stage2.apply import ApplyConfig, run_apply
+from pipeline.runtime.failures import EXIT_SOME_FAILED
 
 from .flags import add_amp_argument, add_images_argument, add_store_arguments, add_worker_arguments, image_job_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.methods.bias import from_store
+from pipeline.denoise.bias import from_store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -70,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_job(run, args: argparse.Namespace) -> int:
     """Run a job. Every expected way to fail ends in one logged line that says what to do (a traceback too with
-    -v) and a documented exit status (:mod:`pipeline.failures`); only a bug shows a traceback."""
-    from pipeline.failures import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, exit_status, one_line,
+    -v) and a documented exit status (:mod:`pipeline.runtime.failures`); only a bug shows a traceback."""
+    from pipeline.runtime.failures import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, exit_status, one_line,
                                    terminate_on_sigterm)
 
-    from pipeline.ray_runtime import shutdown_ray
+    from pipeline.runtime.ray_session import shutdown_ray
 
     log = logging.getLogger("dvt")
     previous = terminate_on_sigterm()

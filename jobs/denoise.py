@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.denoise import DenoiseConfig, run_denoise
-from pipeline.failures import EXIT_SOME_FAILED
-from pipeline.stage1 import PRESETS
+from pipeline.denoise.job import DenoiseConfig, run_denoise
+from pipeline.runtime.failures import EXIT_SOME_FAILED
+from pipeline.stage1.fit import PRESETS
 
 from .flags import (DEFAULT_MODEL, add_amp_argument, add_images_argument, add_method_arguments, add_store_arguments,
                     add_worker_arguments, image_job_config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.distill import DistillConfig, run_distillation
+from pipeline.stage3.distill import DistillConfig, run_distillation
 
 from .flags import add_dashboard_argument, add_images_argument, config_from_args
 

@@ -20,7 +20,7 @@ import itertools
 import logging
 import sys
 
-from pipeline.backbone import DEFAULT_MODEL
+from pipeline.vit.backbone import DEFAULT_MODEL
 from pipeline.eval import EvalConfig, parse_source, run_evaluation, write_report
 from pipeline.eval.knn import KNNConfig
 from pipeline.eval.mic import MineConfig
@@ -120,7 +120,7 @@ def _sources(args: argparse.Namespace, images: list[str] | None) -> list[Feature
 def run(args: argparse.Namespace) -> int:
     images = None
     if args.images:
-        from pipeline.listing import iter_uris
+        from pipeline.io.listing import iter_uris
 
         images = list(itertools.islice(iter_uris(args.images), args.limit))
     config = EvalConfig(

@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.backbone import DEFAULT_MODEL
-from pipeline.decode import DecodeConfig
-from pipeline.methods import METHODS
-from pipeline.methods.average import AverageConfig
+from pipeline.vit.backbone import DEFAULT_MODEL
+from pipeline.io.decode import DecodeConfig
+from pipeline.denoise.methods import METHODS
+from pipeline.denoise.average import AverageConfig
 
 __all__ = ["SAMPLES", "DEFAULT_MODEL", "add_dashboard_argument", "add_images_argument", "add_store_arguments",
            "add_worker_arguments", "add_amp_argument", "add_method_arguments", "config_from_args", "image_job_config"]

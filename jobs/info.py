@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipeline.info import environment_info, format_info
+from pipeline.runtime.environment import environment_info, format_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

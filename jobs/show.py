@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbone import DEFAULT_MODEL
-from pipeline.report import FeatureSet, features_from_images, load_models, load_store_rows, stage1_maps
-from pipeline.visualize import PanelConfig, PanelRow, render_panels
+from pipeline.vit.backbone import DEFAULT_MODEL
+from pipeline.analysis.feature_maps import FeatureSet, features_from_images, load_models, load_store_rows, stage1_maps
+from pipeline.analysis.panels import PanelConfig, PanelRow, render_panels
 
 _log = logging.getLogger("dvt.show")
 
@@ -62,7 +62,7 @@ def _from_store(args: argparse.Namespace) -> tuple[FeatureSet, str]:
 
 
 def _from_images(args: argparse.Namespace) -> tuple[FeatureSet, str]:
-    from pipeline.listing import iter_uris
+    from pipeline.io.listing import iter_uris
 
     uris = list(itertools.islice(iter_uris(args.images), args.limit))
     backbone, denoised = load_models(args.model, args.weights, args.input_size, block=args.block,

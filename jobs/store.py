@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 merged = store.compact()
             _log.info("merged %d manifest parts of %s", merged, args.url)
         elif args.action == "convert":
-            from pipeline.compact_store import CompactConfig, convert_store
+            from pipeline.store.convert import CompactConfig, convert_store
 
             convert_store(args.src, args.dst, CompactConfig(kind=args.compress, k=args.pca_k, sample=args.sample),
                           overwrite=args.overwrite)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
+from pipeline.stage2.train import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
 
 from .flags import add_dashboard_argument, config_from_args
 

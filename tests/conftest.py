@@ -95,7 +95,7 @@ def s3_endpoint():
 @pytest.fixture()
 def s3_bucket(s3_endpoint):
     """A fresh, empty bucket; yields its ``s3://`` URL."""
-    from pipeline.storage import filesystem
+    from pipeline.io.storage import filesystem
 
     name = f"dvt-test-{uuid.uuid4().hex[:12]}"
     fs, _ = filesystem(f"s3://{name}", skip_instance_cache=True)

@@ -1,9 +1,9 @@
-"""A user's own backbone, built through ``--model tests.custom_backbone:create`` (see pipeline/backbone.py)."""
+"""A user's own backbone, built through ``--model tests.custom_backbone:create`` (see pipeline/vit/backbone.py)."""
 
 import torch
 from torch import nn
 
-from pipeline.backbone import load_state_dict
+from pipeline.vit.backbone import load_state_dict
 
 
 class TinyConvViT(nn.Module):
@@ -26,8 +26,8 @@ def write_custom_denoiser(folder: str) -> tuple[str, str]:
     ``(weights file, denoiser file)``."""
     import os
 
-    from pipeline.backbone import create_backbone
-    from pipeline.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
+    from pipeline.vit.backbone import create_backbone
+    from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
 
     torch.manual_seed(0)
     backbone = create_backbone(f"{__name__}:create", weights="none")

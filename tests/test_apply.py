@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.apply import ApplyConfig, ApplyWorker, prepare_apply_store, run_apply
-from pipeline.backbone import create_backbone
-from pipeline.decode import decode_image, resize_to_tensor
-from pipeline.listing import fetch_bytes
-from pipeline.denoiser import (DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, load_denoiser,
+from pipeline.stage2.apply import ApplyConfig, ApplyWorker, prepare_apply_store, run_apply
+from pipeline.vit.backbone import create_backbone
+from pipeline.io.decode import decode_image, resize_to_tensor
+from pipeline.io.listing import fetch_bytes
+from pipeline.stage2.denoiser import (DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, load_denoiser,
                                save_denoiser)
 from pipeline.store import FeatureStore, StoreMismatchError
 from tests.custom_backbone import write_custom_denoiser
@@ -92,7 +92,7 @@ def test_no_raw_keeps_only_the_denoised_features(tmp_path, sample_images, traine
 
 
 def test_an_apply_store_records_its_denoiser_and_weights_and_refuses_others(tmp_path, sample_images, trained):
-    from pipeline.apply import check_apply
+    from pipeline.stage2.apply import check_apply
 
     torch.manual_seed(1)
     other = Denoiser(DenoiserConfig(channels=384, pos_grid=(4, 4))).eval()

@@ -4,9 +4,9 @@ weights in every process, and usable wherever a `module:factory` backbone is."""
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import create_backbone
-from pipeline.metrics import grid_energy, positional_energy
-from pipeline.report import load_image
+from pipeline.vit.backbone import create_backbone
+from pipeline.analysis.metrics import grid_energy, positional_energy
+from pipeline.analysis.feature_maps import load_image
 
 SMALL = "pipeline.testing.artifact_vit:create_small"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.backbone import EXAMPLE_MODELS, BackboneError, create_backbone, load_state_dict
+from pipeline.vit.backbone import EXAMPLE_MODELS, BackboneError, create_backbone, load_state_dict
 
 SMALL = 64  # input size for family tests: 4x4 (patch 16) or 4x4 + margin (patch 14 -> 56)
 

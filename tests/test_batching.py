@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batching import (CPU_DEFAULT, GPU_CAP, forward_bytes_per_image, images_per_pass, stage1_bytes_per_image,
+from pipeline.runtime.batching import (CPU_DEFAULT, GPU_CAP, forward_bytes_per_image, images_per_pass, stage1_bytes_per_image,
                                unit_size)
-from pipeline.image_job import ImageBatchWorker
+from pipeline.runtime.image_job import ImageBatchWorker
 from pipeline.store import FeatureStore, StoreLayout
 
 GIB = 2 ** 30

@@ -4,7 +4,7 @@ the features."""
 
 import pytest
 
-from pipeline.chain import ChainConfig, run_chain
+from pipeline.analysis.chain import ChainConfig, run_chain
 
 
 @pytest.mark.slow

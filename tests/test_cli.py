@@ -42,7 +42,7 @@ def test_every_job_runs_as_a_module_with_the_same_flags():
 
 def test_a_flag_destination_that_names_no_config_field_fails_loudly():
     from jobs.flags import config_from_args
-    from pipeline.train_denoiser import TrainConfig
+    from pipeline.stage2.train import TrainConfig
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--stores", nargs="+")
@@ -58,10 +58,10 @@ def test_a_flag_destination_that_names_no_config_field_fails_loudly():
 def test_every_config_job_builds_its_config_from_its_own_flags():
     from jobs import apply_denoiser, denoise, distill, train_denoiser
     from jobs.flags import config_from_args, image_job_config
-    from pipeline.apply import ApplyConfig
-    from pipeline.denoise import DenoiseConfig
-    from pipeline.distill import DistillConfig
-    from pipeline.train_denoiser import TrainConfig
+    from pipeline.stage2.apply import ApplyConfig
+    from pipeline.denoise.job import DenoiseConfig
+    from pipeline.stage3.distill import DistillConfig
+    from pipeline.stage2.train import TrainConfig
 
     cases = [(denoise, DenoiseConfig, [], image_job_config), (apply_denoiser, ApplyConfig, ["--denoiser", "d"],
              image_job_config), (train_denoiser, TrainConfig, ["--stores", "s"], config_from_args),

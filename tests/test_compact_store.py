@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.compact_store import CompactConfig, convert_store
-from pipeline.denoise import DenoiseConfig, check_denoise
-from pipeline.job_checks import JobConfigError
+from pipeline.store.convert import CompactConfig, convert_store
+from pipeline.denoise.job import DenoiseConfig, check_denoise
+from pipeline.runtime.checks import JobConfigError
 from pipeline.store import FeatureStore, StoreError, StoreLayout
 from pipeline.store import layout as layout_module
 from pipeline.store.compact import dequantize, quantize
@@ -102,7 +102,7 @@ def test_a_compact_store_read_as_if_uncompressed_fails_in_one_line(tmp_path, mon
 def test_denoise_writes_int8_directly_and_refuses_pca(tmp_path):
     base = DenoiseConfig(images=str(tmp_path), output=str(tmp_path / "s.zarr"), model="tests.custom_backbone:create",
                          weights="none", input_size=32, preset="ci")
-    from pipeline.denoise import store_layout
+    from pipeline.denoise.job import store_layout
 
     assert store_layout(dataclasses.replace(base, compress="int8")).compact == {"kind": "int8"}
     with pytest.raises(JobConfigError, match="PCA needs a basis"):

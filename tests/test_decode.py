@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
+from pipeline.io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

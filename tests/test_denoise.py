@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.denoise import DenoiseConfig, run_denoise
+from pipeline.denoise.job import DenoiseConfig, run_denoise
 from pipeline.store import FeatureStore
 
 from .conftest import ROOT, StreamLines

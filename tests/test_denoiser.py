@@ -6,8 +6,8 @@ import struct
 import pytest
 import torch
 
-from pipeline.backbone import create_backbone
-from pipeline.denoiser import (DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec,
+from pipeline.vit.backbone import create_backbone
+from pipeline.stage2.denoiser import (DenoisedViT, Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec,
                                load_denoiser, read_spec, save_denoiser)
 
 TINY = "vit_small_patch14_dinov2"

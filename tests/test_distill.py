@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backbone import create_backbone
-from pipeline.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
-from pipeline.distill_data import decode_batch, flip_batch, split_listing
-from pipeline.distill_model import (build_student_and_teacher, distance_from_sums, distance_sums, export_student,
+from pipeline.vit.backbone import create_backbone
+from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
+from pipeline.stage3.pixels import decode_batch, flip_batch, split_listing
+from pipeline.stage3.student import (build_student_and_teacher, distance_from_sums, distance_sums, export_student,
                                     load_student, parse_train_blocks, read_note, select_trainable)
 
 MODEL, SIZE = "test_vit", 64  # timm's 6-block, 64-channel test ViT (with a classifier head): a 4 x 4 grid
@@ -121,9 +121,9 @@ def test_export_loads_in_timm_and_reproduces_the_student(denoiser_file, tmp_path
 def test_distill_two_workers_falls_resumes_and_exports(ray_local, s3_bucket, denoiser_file, tmp_path):
     import timm
 
-    from pipeline.distill import STATE_FILE, DistillConfig, run_distillation
-    from pipeline.listing import iter_uris
-    from pipeline.storage import filesystem
+    from pipeline.stage3.distill import STATE_FILE, DistillConfig, run_distillation
+    from pipeline.io.listing import iter_uris
+    from pipeline.io.storage import filesystem
 
     images = tmp_path / "images"
     images.mkdir()

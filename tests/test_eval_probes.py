@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backbone import create_backbone
+from pipeline.vit.backbone import create_backbone
 from pipeline.eval.augment import depth_train_sample, photometric_distortion, rescale_size, seg_train_sample
 from pipeline.eval.datasets import (ADE20K, VOC2012, ade20k_pairs, depth_pairs, read_depth, read_label, voc_boxes,
                                     voc_pairs)
@@ -18,7 +18,7 @@ from pipeline.eval.depth_probe import DepthProbeConfig, depth_metrics, probe_dep
 from pipeline.eval.probe_data import center_pad, padded_size
 from pipeline.eval.seg_probe import SegProbeConfig, probe_segmentation_frozen, probe_segmentation_online
 from pipeline.eval.sources import Encoder, compute_features
-from pipeline.eval.training import Schedule, summarize_runs
+from pipeline.eval.probe_training import Schedule, summarize_runs
 from tests.eval_data import SIZE, label_features, make_voc
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -201,7 +201,7 @@ def test_encoder_class_token_from_a_timm_vit():
 
 
 def test_encoder_can_normalise_as_the_reference_does(tiny):
-    from pipeline.backbone import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.vit.backbone import IMAGENET_MEAN, IMAGENET_STD
 
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     ref = Encoder(tiny.backbone, imagenet_norm=True)

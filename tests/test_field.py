@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.field import BatchedGrid, BatchedMLP, FieldConfig, HashGrid, HashGridConfig, create_field
+from pipeline.stage1.field import BatchedGrid, BatchedMLP, FieldConfig, HashGrid, HashGridConfig, create_field
 
 
 def gens(*seeds: int) -> list[torch.Generator]:

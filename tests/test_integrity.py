@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 
 from jobs.cli import main
-from pipeline.backbone import BackboneConfig, create_backbone
-from pipeline.denoise import DenoiseConfig, check_denoise, prepare_store, run_denoise
-from pipeline.failures import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_TERMINATED, JobFailedError
-from pipeline.progress import Progress
-from pipeline.storage import StorageUnavailableError
+from pipeline.vit.backbone import BackboneConfig, create_backbone
+from pipeline.denoise.job import DenoiseConfig, check_denoise, prepare_store, run_denoise
+from pipeline.runtime.failures import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_TERMINATED, JobFailedError
+from pipeline.runtime.progress import Progress
+from pipeline.io.storage import StorageUnavailableError
 from pipeline.store import (FeatureStore, LeaseLostError, StoreBusyError, StoreLayout, StoreLease, StoreMismatchError,
                             lease_holder)
 from pipeline.testing.object_store import MotoServer, free_port
-from pipeline.weights import weights_identity
+from pipeline.vit.weights import weights_identity
 
 from .conftest import ROOT, StreamLines
 
@@ -193,7 +193,7 @@ def test_interrupts_end_in_one_line_and_their_exit_status(caplog):
 
 def test_expected_ray_line_is_dropped_from_the_console():
     """The C++ line Ray prints on every run goes, any other line (and a partial one) passes, in order."""
-    code = ("import os, re; from pipeline.ray_runtime import _filter_stderr, EXPECTED_RAY_LINES as P\n"
+    code = ("import os, re; from pipeline.runtime.ray_session import _filter_stderr, EXPECTED_RAY_LINES as P\n"
             "_filter_stderr(P)\n"
             "os.write(2, b'before\\n[2026-01-01 00:00:00,000 E 1 1] core_worker.cc:2465: Actor with class name: '\n"
             "         b\"'MapWorker(X)' and ID: 'ab' has constructor arguments in the object store and max_restarts\"\n"
@@ -209,7 +209,7 @@ def own_s3(monkeypatch):
     """A moto server of this test's own (so freezing it touches nothing else), with short S3 limits."""
     server = MotoServer()
     proc, endpoint = server.proc, server.endpoint
-    from pipeline.storage import filesystem
+    from pipeline.io.storage import filesystem
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     bucket = f"b{uuid.uuid4().hex[:10]}"
@@ -316,7 +316,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_stale_lease_is_taken_
 
 
 def _write_lease(url: str, holder) -> None:
-    from pipeline.storage import filesystem
+    from pipeline.io.storage import filesystem
 
     fs, root = filesystem(url)
     fs.pipe_file(f"{root}/lease.json", json.dumps(dataclasses.asdict(holder)).encode())

@@ -32,7 +32,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3_bucket_module(s3_endpoint):
-    from pipeline.storage import filesystem
+    from pipeline.io.storage import filesystem
 
     name = f"dvt-submit-{uuid.uuid4().hex[:8]}"
     fs, _ = filesystem(f"s3://{name}", skip_instance_cache=True)
@@ -119,7 +119,7 @@ def test_eval_and_show(ray_head, denoised, applied, work):
 
 
 def test_artifact(ray_head, s3_endpoint, denoised, work):
-    from pipeline.methods.bias import ArtifactMap
+    from pipeline.denoise.bias import ArtifactMap
 
     out = work / "artifact.npz"
     submit(ray_head, "jobs.artifact", "--store", denoised, "--output", str(out),

@@ -2,8 +2,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.listing import ListingError, iter_uris, read_listing, write_listing
-from pipeline.storage import filesystem
+from pipeline.io.listing import ListingError, iter_uris, read_listing, write_listing
+from pipeline.io.storage import filesystem
 
 
 @pytest.fixture()
@@ -68,6 +68,6 @@ def test_folder_sniffs_files_without_extension_and_says_what_it_skips(tmp_path, 
     (tmp_path / "README").write_text("not an image")
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
-    with caplog.at_level(logging.INFO, logger="pipeline.listing"):
+    with caplog.at_level(logging.INFO, logger="pipeline.io.listing"):
         assert list(iter_uris(str(tmp_path))) == [str(tmp_path / "a.jpg"), str(tmp_path / "photo")]
     assert "skipped 2 files that are not images (1 x no extension, not an image, 1 x .txt)" in caplog.text

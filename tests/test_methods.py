@@ -7,20 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import create_backbone
-from pipeline.denoise import DenoiseConfig, Stage1Worker, check_denoise, prepare_store
-from pipeline.job_checks import JobConfigError
-from pipeline.listing import fetch_bytes
-from pipeline.methods import ArtifactFileError, ArtifactMap, store_method
-from pipeline.methods.average import AverageConfig, average_features, copy_boxes, warp_back
-from pipeline.methods.bias import from_store
-from pipeline.methods.worker import MethodWorker
-from pipeline.metrics import positional_energy
-from pipeline.stage1 import fit_images
+from pipeline.vit.backbone import create_backbone
+from pipeline.denoise.job import DenoiseConfig, Stage1Worker, check_denoise, prepare_store
+from pipeline.runtime.checks import JobConfigError
+from pipeline.io.listing import fetch_bytes
+from pipeline.denoise.methods import ArtifactFileError, ArtifactMap, store_method
+from pipeline.denoise.average import AverageConfig, average_features, copy_boxes, warp_back
+from pipeline.denoise.bias import from_store
+from pipeline.denoise.method_worker import MethodWorker
+from pipeline.analysis.metrics import positional_energy
+from pipeline.stage1.fit import fit_images
 from pipeline.store import FeatureStore, StoreMismatchError
 from tests.custom_backbone import write_custom_denoiser
 from pipeline.testing.synthetic import photo_images
-from pipeline.views import patch_coords
+from pipeline.vit.views import patch_coords
 
 SMALL = "pipeline.testing.artifact_vit:create_small"
 FIXTURE = dict(model=SMALL, weights="none", input_size=128, preset="ci", views=4)
@@ -78,7 +78,7 @@ def test_bias_from_a_store_is_stage_1s_mean_g_and_is_applied_at_one_pass(dvt_sto
     amap = from_store(store.url)
     # stage 1 on the same images here: the same mean G (to float16 storage precision)
     backbone = create_backbone(SMALL, weights="none")
-    from pipeline.decode import decode_image, resize_to_tensor
+    from pipeline.io.decode import decode_image, resize_to_tensor
 
     uris = store.listing()["uri"].to_pylist()
     pixels = torch.stack([resize_to_tensor(decode_image(open(uris[i], "rb").read()).pixels, 128) for i in ids])
@@ -148,7 +148,7 @@ def test_bad_method_flags_fail_in_one_line(tmp_path, flags, message):
 
 
 def test_the_denoiser_method_is_dvt_apply(tmp_path, sample_images, one_torch_thread):
-    from pipeline.apply import ApplyConfig, check_apply
+    from pipeline.stage2.apply import ApplyConfig, check_apply
 
     weights, path = write_custom_denoiser(str(tmp_path))
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "d.zarr"), method="denoiser",
@@ -164,7 +164,7 @@ def test_the_denoiser_method_is_dvt_apply(tmp_path, sample_images, one_torch_thr
 
 @pytest.mark.slow
 def test_average_through_the_ray_job_into_s3(ray_local, s3_bucket, sample_images):
-    from pipeline.denoise import run_denoise
+    from pipeline.denoise.job import run_denoise
 
     config = DenoiseConfig(images=str(sample_images[0].parent), output=f"{s3_bucket}/avg.zarr", limit=2,
                            method="average", copies=4, **FIXTURE)

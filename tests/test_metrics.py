@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from pipeline.metrics import (ConsistencyConfig, artifact_metrics, cross_view_consistency, fit_pca, grid_energy,
+from pipeline.analysis.metrics import (ConsistencyConfig, artifact_metrics, cross_view_consistency, fit_pca, grid_energy,
                               position_information, positional_energy, sample_at)
 from pipeline.testing.synthetic import SyntheticBackbone, smooth_images
-from pipeline.views import patch_coords
+from pipeline.vit.views import patch_coords
 
 N, GH, GW, C = 6, 12, 12, 16
 

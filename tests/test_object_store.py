@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import filesystem, storage_options
+from pipeline.io.storage import filesystem, storage_options
 from pipeline.testing.object_store import answers, free_port
 
 from .conftest import ROOT

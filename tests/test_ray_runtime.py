@@ -12,7 +12,7 @@ from .conftest import ROOT
 SCRIPT = """
 import json, sys
 import ray
-from pipeline.ray_runtime import init_ray
+from pipeline.runtime.ray_session import init_ray
 context = init_ray(dashboard=sys.argv[1] == "on")
 again = init_ray(dashboard=True)
 print(json.dumps({"dashboard": context.dashboard_url or "", "again": again is None,

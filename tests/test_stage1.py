@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.field import FieldConfig, HashGridConfig
-from pipeline.noise_model import NoiseModel
-from pipeline.stage1 import PRESETS, Stage1Config, Stage1Error, fit_generator, fit_images
+from pipeline.stage1.field import FieldConfig, HashGridConfig
+from pipeline.stage1.noise_model import NoiseModel
+from pipeline.stage1.fit import PRESETS, Stage1Config, Stage1Error, fit_generator, fit_images
 from pipeline.testing.synthetic import SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
-from pipeline.view_features import view_boxes
-from pipeline.views import ViewConfig, make_views
+from pipeline.stage1.view_features import view_boxes
+from pipeline.vit.views import ViewConfig, make_views
 
 SIZE, PATCH, DIM = 160, 16, 16  # a 10 x 10 patch grid
 

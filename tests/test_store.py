@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.manifest import MANIFEST_SCHEMA, ImageRecord, extend_listing, make_listing, unit_id
-from pipeline.storage import AccessDeniedError, BucketNotFoundError, filesystem, storage_errors, storage_options
+from pipeline.store.manifest import MANIFEST_SCHEMA, ImageRecord, extend_listing, make_listing, unit_id
+from pipeline.io.storage import AccessDeniedError, BucketNotFoundError, filesystem, storage_errors, storage_options
 from pipeline.store import (FeatureStore, StoreError, StoreLayout, StoreMismatchError, StoreNotFoundError)
 
 GRID, C = (4, 5), 8

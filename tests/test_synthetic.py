@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import FeatureBackbone
+from pipeline.vit.backbone import FeatureBackbone
 from pipeline.testing.synthetic import FAMILIES, SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
-from pipeline.views import ViewConfig, make_views
+from pipeline.vit.views import ViewConfig, make_views
 
 
 def test_parts_sum_to_features_and_artifact_is_position_only():

@@ -13,16 +13,16 @@ import torch
 
 import torch.nn.functional as F
 
-from pipeline.denoiser import Denoiser, DenoiserConfig, load_denoiser
-from pipeline.fault_injection import planned_fault
+from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, load_denoiser
+from pipeline.runtime.fault_injection import planned_fault
 from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError
 from pipeline.testing.synthetic_pairs import synthetic_pairs, write_synthetic_store
-from pipeline.train_denoiser import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
+from pipeline.stage2.train import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
                                      split_ids)
-from pipeline.train_denoiser import MAX_STEPS, MIN_STEPS, PASSES, step_budget
-from pipeline.storage import filesystem
-from pipeline.training import RUN_NAME, Plateau
-from pipeline.training import denoising_loss as loss_fn
+from pipeline.stage2.train import MAX_STEPS, MIN_STEPS, PASSES, step_budget
+from pipeline.io.storage import filesystem
+from pipeline.runtime.ray_train import RUN_NAME, Plateau
+from pipeline.runtime.ray_train import denoising_loss as loss_fn
 
 
 def die_once(marker: str, at_step: int, at_rank: int, *, step: int, rank: int, output: str | None = None) -> None:

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.denoise import DenoiseConfig, Stage1Worker, check_denoise, prepare_store
-from pipeline.listing import fetch_bytes
-from pipeline.stage1 import Stage1Config, fit_images
+from pipeline.denoise.job import DenoiseConfig, Stage1Worker, check_denoise, prepare_store
+from pipeline.io.listing import fetch_bytes
+from pipeline.stage1.fit import Stage1Config, fit_images
 from pipeline.store import FeatureStore, StoreMismatchError
 from pipeline.testing.synthetic import make_problem
 

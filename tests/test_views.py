@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.views import ViewConfig, grid_shape, make_views, patch_coords, render_views, sample_boxes, view_generator
+from pipeline.vit.views import ViewConfig, grid_shape, make_views, patch_coords, render_views, sample_boxes, view_generator
 
 
 def position_image(size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.visualize import PanelConfig, PanelRow, kmeans, kmeans_maps, norm_maps, pca_rgb, render_panels
+from pipeline.analysis.panels import PanelConfig, PanelRow, kmeans, kmeans_maps, norm_maps, pca_rgb, render_panels
 
 GH = GW = 8
 C = 12
@@ -129,11 +129,11 @@ def test_show_job_from_images(tmp_path, sample_images):
 
 
 def test_eval_and_show_with_a_stage2_denoiser(tmp_path, sample_images):
-    """A denoiser file gives the stage-2 source (skipped until pipeline.denoiser is part of the package)."""
+    """A denoiser file gives the stage-2 source (skipped until pipeline.stage2.denoiser is part of the package)."""
     import json
 
-    denoiser = pytest.importorskip("pipeline.denoiser")
-    from pipeline.backbone import create_backbone
+    denoiser = pytest.importorskip("pipeline.stage2.denoiser")
+    from pipeline.vit.backbone import create_backbone
     from jobs.cli import main
     from pipeline.store import StoreLayout
 

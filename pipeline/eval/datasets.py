@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..decode import decode_image, resize_to_tensor
-from ..storage import filesystem, with_protocol
+from ..io.decode import decode_image, resize_to_tensor
+from ..io.storage import filesystem, with_protocol
 
 __all__ = ["SegmentationSet", "VOC2012", "ADE20K", "voc_pairs", "ade20k_pairs", "depth_pairs", "voc_boxes",
            "BoxAnnotation", "read_bytes", "read_rgb", "load_images", "read_label", "read_depth",

@@ -36,7 +36,7 @@ from .augment import depth_train_sample, resize_label
 from .datasets import read_depth, read_rgb
 from .probe_data import SampleSet, batches, center_pad, sample_order
 from .sources import Encoder
-from .training import Schedule, train_head
+from .probe_training import Schedule, train_head
 
 __all__ = ["DepthProbeConfig", "BinsDepthHead", "depth_metrics", "probe_depth_online", "probe_depth_frozen"]
 

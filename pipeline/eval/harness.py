@@ -3,7 +3,7 @@
 Measures (each optional; see docs/evaluation.md for the protocols and the paper's numbers):
 
 * ``mic``: the paper's artifact measure (:mod:`.position_mic`), plus the label-free extras
-  (:mod:`pipeline.metrics`) on the same maps;
+  (:mod:`pipeline.analysis.metrics`) on the same maps;
 * ``knn_voc2012``: KNN segmentation (:mod:`.knn`);
 * ``probe_voc2012`` / ``probe_ade20k`` / ``probe_nyu``: linear probes, one run per seed, mean and spread
   (:mod:`.seg_probe`, :mod:`.depth_probe`); encoder sources run the reference protocol unless ``quick``,
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import ConsistencyConfig, artifact_metrics, cross_view_consistency
+from ..analysis.metrics import ConsistencyConfig, artifact_metrics, cross_view_consistency
 from .datasets import (ADE20K, VOC2012, SegmentationSet, ade20k_pairs, depth_pairs, load_images, read_depth,
                        read_label, voc_boxes, voc_pairs)
 from .depth_probe import DepthProbeConfig, probe_depth_frozen, probe_depth_online
@@ -30,7 +30,7 @@ from .lost import LOSTConfig, lost_corloc
 from .position_mic import PositionMICConfig, position_mic
 from .seg_probe import SegProbeConfig, probe_segmentation_frozen, probe_segmentation_online
 from .sources import FeatureSource
-from .training import summarize_runs
+from .probe_training import summarize_runs
 
 __all__ = ["EvalConfig", "run_evaluation", "MEASURES"]
 

@@ -30,7 +30,7 @@ from .datasets import VOC2012, SegmentationSet, read_label, read_rgb
 from .probe_data import SampleSet, batches, center_pad, sample_order
 from .seg_metrics import ConfusionMeter
 from .sources import Encoder
-from .training import Schedule, train_head
+from .probe_training import Schedule, train_head
 
 __all__ = ["SegProbeConfig", "BNLinearHead", "probe_segmentation_online", "probe_segmentation_frozen"]
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from ..storage import is_local, local_path
+from ..vit.backbone import IMAGENET_MEAN, IMAGENET_STD
+from ..io.storage import is_local, local_path
 from .datasets import load_images
 
 __all__ = ["Encoder", "FeatureSource", "parse_source", "store_features", "compute_features", "model_sources",
@@ -64,8 +64,8 @@ class Encoder:
     token (the reference depth head reads both).
 
     Args:
-        backbone: a :class:`pipeline.backbone.Backbone`.
-        denoiser: optional :class:`pipeline.denoiser.DenoisedViT` over the same backbone (stage 2); its
+        backbone: a :class:`pipeline.vit.backbone.Backbone`.
+        denoiser: optional :class:`pipeline.stage2.denoiser.DenoisedViT` over the same backbone (stage 2); its
             features replace the backbone's, the class token stays the backbone's.
         imagenet_norm: normalise pixels with ImageNet's mean and std whatever the model's own are (the
             reference evaluation does so for every model; it differs from timm's for CLIP-family weights).
@@ -202,8 +202,8 @@ def model_sources(model: str, weights: str, input_size: int, *, block: int = -1,
                   device: str = "cpu") -> list[FeatureSource]:
     """Encoder sources of a model: ``raw`` (the backbone), ``stage-2`` with a denoiser file, and ``student``
     with the weights a ``dvt distill`` run exported for the same architecture."""
-    from ..backbone import BackboneConfig, create_backbone
-    from ..report import load_models
+    from ..vit.backbone import BackboneConfig, create_backbone
+    from ..analysis.feature_maps import load_models
 
     backbone, denoised = load_models(model, weights, input_size, block=block, stride=stride, denoiser=denoiser)
     backbone = backbone.to(device)
@@ -221,7 +221,7 @@ def model_sources(model: str, weights: str, input_size: int, *, block: int = -1,
 
 def stage1_source(source: FeatureSource, uris: Sequence[str], preset: str, seed: int = 0) -> FeatureSource:
     """``stage-1``: a stage-1 fit (``preset``) of ``source``'s backbone on ``uris``, run here."""
-    from ..report import stage1_maps
+    from ..analysis.feature_maps import stage1_maps
 
     pixels = load_images(list(uris), source.input_size)
     maps = stage1_maps(source.encoder.backbone, pixels.to(source.encoder.device), preset, seed=seed)["clean"]

@@ -24,11 +24,11 @@ from ``pipeline.store``.
 
 from __future__ import annotations
 
-from ..manifest import ImageRecord
+from .manifest import ImageRecord
 from .create import check_store, remove_store
 from .errors import StoreError, StoreMismatchError, StoreNotFoundError
 from .feature_store import FeatureStore
-from .info import StoreInfo
+from .inventory import StoreInfo
 from .layout import DIMS, FORMAT, FORMAT_VERSION, StoreLayout, describe_weights, upsample_factor
 from .lease import LEASE_FILE, LeaseLostError, StoreBusyError, StoreLease, lease_holder
 from .writer import UnitWriter

@@ -106,7 +106,7 @@ def _basis(store: StoreHandle, name: str) -> tuple[np.ndarray, np.ndarray]:
         mean = np.asarray(store.zarr_arrays[f"{name}_pca_mean"][...], dtype=np.float32)
         if not (np.isfinite(basis).all() and np.isfinite(mean).all()):
             raise StoreError(f"{store.url}: the PCA basis of {name!r} was never written; make PCA stores with "
-                             f"`dvt store convert` (pipeline.compact_store.convert_store)")
+                             f"`dvt store convert` (pipeline.store.convert.convert_store)")
         cache[name] = (basis, mean)
     return cache[name]
 

@@ -15,14 +15,14 @@ import pyarrow as pa
 import zarr
 
 from .. import __version__
-from ..manifest import LISTING_FILE, extend_listing, parquet_bytes, put_atomic
-from ..storage import filesystem, storage_errors, zarr_location
+from .manifest import LISTING_FILE, extend_listing, parquet_bytes, put_atomic
+from ..io.storage import filesystem, storage_errors, zarr_location
 from .compact import description as describe_compact
 from .compact import dimension_names as compact_dims
 from .compact import storage_arrays
 from .errors import StoreError, StoreMismatchError
 from .handle import S, StoreClass
-from .info import human_bytes
+from .inventory import human_bytes
 from .layout import (DESCRIPTIONS, DIMS, FORMAT, FORMAT_VERSION, StoreLayout, check_format, read_attrs,
                      field_differences, upsample_factor)
 from .lease import LEASE_FILE
@@ -58,7 +58,7 @@ def check_store(url: str, layout: StoreLayout, *, overwrite: bool = False, allow
     """Everything :func:`create_store` would refuse, checked without writing anything; True if a store is there.
 
     Raises :class:`StoreMismatchError` for a store made with other settings, :class:`StoreError` for a location
-    holding other data, and the storage errors of :func:`pipeline.storage.storage_errors`.
+    holding other data, and the storage errors of :func:`pipeline.io.storage.storage_errors`.
     """
     url = str(url).rstrip("/")
     fs, root = filesystem(url, **dict(storage_options or {}))
@@ -73,7 +73,7 @@ def check_store(url: str, layout: StoreLayout, *, overwrite: bool = False, allow
         if url.startswith(("s3://", "s3a://")) and not _objects(fs, root):
             bucket = root.split("/", 1)[0]
             if not fs.exists(bucket):
-                from ..storage import missing_bucket
+                from ..io.storage import missing_bucket
 
                 raise missing_bucket(url)
     return False

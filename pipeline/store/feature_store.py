@@ -19,12 +19,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from ..manifest import LISTING_FILE, STATUS_FAILED, STATUS_OK, ImageRecord, compact_parts, read_manifest
-from ..storage import filesystem, storage_errors, zarr_location
+from .manifest import LISTING_FILE, STATUS_FAILED, STATUS_OK, ImageRecord, compact_parts, read_manifest
+from ..io.storage import filesystem, storage_errors, zarr_location
 from .compact import decode, storage_arrays, stored_names
 from .create import create_store
 from .errors import StoreError, StoreMismatchError
-from .info import StoreInfo, store_info
+from .inventory import StoreInfo, store_info
 from .layout import (StoreLayout, check_format, describe_diff, geometry_diff, jsonable, raise_missing, read_attrs,
                      upgrade_attrs)
 from .writer import UnitWriter, write_unit
@@ -133,7 +133,7 @@ class FeatureStore:
 
         Args:
             layout: what the store holds.
-            listing: a table with dense ``image_id`` and ``uri`` (:func:`pipeline.listing.read_listing`), or URIs
+            listing: a table with dense ``image_id`` and ``uri`` (:func:`pipeline.io.listing.read_listing`), or URIs
                 (ids in the order given).
             overwrite: delete an existing store (of any configuration) and start empty.
             allow_config_change: append even though ``layout.method`` differs from the store's; the previous
@@ -326,7 +326,7 @@ class FeatureStore:
         step = rows_per_block or max(batch_size, math.ceil(m.num_rows / 64))
         blocks = [m.slice(i, step) for i in range(0, m.num_rows, step)] or [m]
         options = dict(self.storage_options)
-        from ..storage import s3_endpoint
+        from ..io.storage import s3_endpoint
 
         if self.url.startswith(("s3://", "s3a://")) and s3_endpoint() and "endpoint_url" not in options:
             options["endpoint_url"] = s3_endpoint()  # the driver's endpoint, so remote workers talk to the same one

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
-from ..manifest import ImageRecord
+from .manifest import ImageRecord
 from .layout import StoreLayout
 
 __all__ = ["StoreHandle", "StoreClass"]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..storage import filesystem, missing_bucket, storage_errors, strip_protocol
+from ..io.storage import filesystem, missing_bucket, storage_errors, strip_protocol
 from .errors import StoreError, StoreNotFoundError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DIMS", "DESCRIPTIONS", "StoreLayout", "describe_weights", "upsample_factor",
@@ -71,9 +71,9 @@ class StoreLayout:
             (``dvt denoise``), another method's record (``{"method": "average", ...}``, ``docs/methods.md``), or
             the stage-2 denoiser (``{"stage": 2, ...}``: file, SHA-1, architecture) in ``dvt apply`` stores.
             Stores written before this name was chosen call it ``stage1``; :func:`upgrade_attrs` reads both.
-        weights: the backbone's weights identity (:func:`pipeline.weights.weights_identity`); never mixed.
+        weights: the backbone's weights identity (:func:`pipeline.vit.weights.weights_identity`); never mixed.
         seed: the seed of views and random draws (stage 1).
-        stage1_version: :data:`pipeline.stage1.STAGE1_VERSION` of the algorithm that wrote the rows.
+        stage1_version: :data:`pipeline.stage1.fit.STAGE1_VERSION` of the algorithm that wrote the rows.
     """
 
     backbone: str
@@ -122,7 +122,7 @@ class StoreLayout:
 
     @classmethod
     def from_backbone(cls, backbone: Any, input_size: int | tuple[int, int], **kwargs: Any) -> StoreLayout:
-        """Layout for a :class:`pipeline.backbone.Backbone` fed ``input_size`` pixels."""
+        """Layout for a :class:`pipeline.vit.backbone.Backbone` fed ``input_size`` pixels."""
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
         p, s = backbone.patch_size, backbone.stride
         return cls(backbone=backbone.name, block=backbone.block, input_size=(h, w), patch_size=p, stride=s,
@@ -144,7 +144,7 @@ class StoreLayout:
 
     def fine_geometry(self, name: str) -> dict[str, Any]:
         """Where the nodes of a ``clean_x<k>`` array lie, in image coordinates (``[0, 1]``, ``(x, y)``, the
-        convention of :mod:`pipeline.views`): node ``(i, j)`` is at ``first + (j, i) * step``."""
+        convention of :mod:`pipeline.vit.views`): node ``(i, j)`` is at ``first + (j, i) * step``."""
         k = upsample_factor(name)
         (h, w), p, s = self.input_size, self.patch_size, self.stride
         return {"upsample": k, "grid": list(self.array_shape(name)[:2]), "first": [p / 2 / w, p / 2 / h],

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ..storage import filesystem, storage_errors
+from ..io.storage import filesystem, storage_errors
 from .errors import StoreError
 
 __all__ = ["LEASE_FILE", "LeaseHolder", "StoreBusyError", "LeaseLostError", "StoreLease", "lease_holder"]

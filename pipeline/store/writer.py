@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import STATUS_FAILED, STATUS_OK, ImageRecord, unit_id, write_part
-from ..storage import storage_errors
+from .manifest import STATUS_FAILED, STATUS_OK, ImageRecord, unit_id, write_part
+from ..io.storage import storage_errors
 from .compact import encode
 from .errors import StoreError, StoreMismatchError
 from .handle import StoreHandle
-from .info import shape_text
+from .inventory import shape_text
 
 __all__ = ["UnitWriter", "write_unit"]
 

@@ -9,7 +9,7 @@ embedding's output. The attention blocks and the final norm then mix it with the
 trained ViT, so the artifact in the last block's features is not simply additive.
 
 At the default ``scale`` (0.38) the last-block features at 224 px have a positional energy
-(:func:`pipeline.metrics.positional_energy`) of 0.32 on the five bundled photos and 0.39 on 16 random crops of
+(:func:`pipeline.analysis.metrics.positional_energy`) of 0.32 on the five bundled photos and 0.39 on 16 random crops of
 them, against 0.00-0.03 without the pattern. The scale trades artifact strength against how much of the features
 it takes: removing a component that explains a share ``p`` of the variance leaves a token cosine to the raw
 features of about ``sqrt(1 - p)`` (0.78 at ``p = 0.39``), whatever the method.
@@ -32,7 +32,7 @@ import timm
 import torch
 from torch import nn
 
-from ..backbone import load_state_dict
+from ..vit.backbone import load_state_dict
 
 __all__ = ["ArtifactViTConfig", "ArtifactViT", "artifact_pattern", "create", "create_small", "create_reference",
            "create_small_reference"]
@@ -77,7 +77,7 @@ def artifact_pattern(grid: tuple[int, int], channels: int, *, random_part: float
 
 
 class ArtifactViT(nn.Module):
-    """The custom-backbone interface of :mod:`pipeline.backbone` around a timm ViT: last block, final norm."""
+    """The custom-backbone interface of :mod:`pipeline.vit.backbone` around a timm ViT: last block, final norm."""
 
     def __init__(self, config: ArtifactViTConfig = ArtifactViTConfig()):
         super().__init__()

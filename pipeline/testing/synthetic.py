@@ -17,7 +17,7 @@ On any view, :class:`SyntheticBackbone` returns, for each patch token:
   or tied to content (``outliers="content"``): low-information, flat patches of certain colours, so they
   recur at the same global places across views, like DINOv2's high-norm background tokens.
 
-The truth follows stage 1's gauge (:mod:`pipeline.noise_model`): the artifact has zero mean over the view
+The truth follows stage 1's gauge (:mod:`pipeline.stage1.noise_model`): the artifact has zero mean over the view
 grid, so its mean belongs to the clean map. :meth:`SyntheticBackbone.clean_map` is that clean map on the
 full-image grid and :meth:`SyntheticBackbone.artifact_map` the zero-mean artifact. :func:`clean_scores`
 compares a clean estimate with it directly (uncentred error, token cosine, mean-vector norms) as well as
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..views import grid_shape
+from ..vit.views import grid_shape
 
 __all__ = ["SyntheticConfig", "SyntheticBackbone", "SyntheticFamily", "FAMILIES", "smooth_images", "photo_images",
            "make_problem", "recovery_error", "clean_scores"]
@@ -78,7 +78,7 @@ class SyntheticConfig:
 
 
 class SyntheticBackbone(nn.Module):
-    """Drop-in for :class:`pipeline.backbone.Backbone` (``features``, ``patch_size``, ``stride``,
+    """Drop-in for :class:`pipeline.vit.backbone.Backbone` (``features``, ``patch_size``, ``stride``,
     ``embed_dim``, ``grid``) whose output is clean + artifact + noise + outliers, each known."""
 
     def __init__(self, config: SyntheticConfig | None = None, **overrides):

@@ -1,0 +1,13 @@
+"""What every job runs on: Ray start-up, the image-job runner, checks, failures, progress and Ray Train plumbing.
+
+* :mod:`.image_job`: the streaming Ray Data pipeline shared by ``dvt denoise`` and ``dvt apply``.
+* :mod:`.checks`: refusals before any work (:class:`JobConfigError`), the store session of a job.
+* :mod:`.failures`: exit statuses and the one-line reason a job stopped.
+* :mod:`.progress`: images/s, ETA and stall warnings on the driver.
+* :mod:`.ray_session`: starting and stopping Ray, locally or on a cluster.
+* :mod:`.batching`: images per pass and per unit, from the device's memory.
+* :mod:`.ray_train`: Ray Train plumbing shared by stages 2 and 3 (run records, checkpoints, the fit loop).
+* :mod:`.fault_injection`: planned faults for tests. :mod:`.environment`: ``dvt info``.
+
+Imports :mod:`pipeline.store` and :mod:`pipeline.io`; never a stage wing (stages import it).
+"""

@@ -1,0 +1,105 @@
+"""Stage 3 data: which images are held out, and images as ``(3, S, S)`` uint8 rows for the trainers.
+
+Held-out images: among the images whose ``sha1(file name)`` falls below ``val_fraction`` (the rule stage 2 uses, so
+with the same fraction the denoiser never trained on them either), the ``max_val_images`` with the smallest
+hash are held out and measured; every other image is trained on. The split depends on the file names only, never on
+where the images live, worker count or listing order.
+
+Undecodable images stay in the training stream as all-zero rows flagged ``ok = False``, so every epoch has the
+same number of steps (the schedule is exact and DDP ranks stay in step); the decoding task logs each with its
+reason, and the trainers give them no weight and count them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
+from ..io.listing import fetch_bytes
+from ..runtime.ray_train import uri_fraction
+
+__all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "training_dataset"]
+
+_log = logging.getLogger(__name__)
+
+
+def split_listing(uris: list[str], val_fraction: float, max_val_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_ids, held_out_ids)``: listing positions; held out = the ``max_val_images`` smallest ``sha1(file name)``
+    below ``val_fraction`` (at least one when ``val_fraction > 0`` and there are two images or more)."""
+    h = np.array([uri_fraction(u) for u in uris])
+    order = np.argsort(h, kind="stable")
+    n = int((h < val_fraction).sum()) if val_fraction > 0 else 0
+    if val_fraction > 0 and n == 0 and len(uris) >= 2:
+        n = 1
+    held = np.sort(order[:min(n, max_val_images)])
+    train = np.setdiff1d(np.arange(len(uris)), held)
+    return train, held
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int,
+                 decode: DecodeConfig = DecodeConfig()) -> dict[str, np.ndarray]:
+    """Ray Data step after :func:`pipeline.io.listing.fetch_bytes`: ``{"pixels": (N, 3, S, S) uint8, "ok": (N,) bool}``.
+
+    Unreadable or undecodable images become all-zero rows with ``ok`` False (and a warning naming the reason).
+    """
+    n = len(batch["uri"])
+    pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    for i, (uri, data, error) in enumerate(zip(batch["uri"], batch["bytes"], batch["error"])):
+        try:
+            if error:
+                raise ImageDecodeError(str(error))
+            image = decode_image(bytes(data), decode)
+        except ImageDecodeError as e:
+            _log.warning("skipping %s: %s", uri, e)
+            continue
+        pixels[i] = (resize_to_tensor(image.pixels, size) * 255).round_().to(torch.uint8).numpy()
+        ok[i] = True
+    return {"pixels": pixels, "ok": ok}
+
+
+def flip_batch(pixels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Flip each image horizontally with probability 1/2, drawn from ``seed`` (reproducible after a resume)."""
+    g = torch.Generator().manual_seed(seed)
+    flip = (torch.rand(len(pixels), generator=g) < 0.5).to(pixels.device)
+    return torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+
+
+def held_out_pixels(uris: Sequence[str], size: int, decode: DecodeConfig) -> torch.Tensor:
+    """This worker's held-out images as one uint8 tensor (undecodable ones left out)."""
+    if not uris:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    out = decode_batch(fetch_bytes({"uri": np.array(uris, dtype=object)}), size, decode)
+    return torch.from_numpy(out["pixels"][out["ok"]])
+
+
+def pixel_batches(pixels: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    for i in range(0, len(pixels), batch_size):
+        yield pixels[i:i + batch_size].to(device).float().div_(255)
+
+
+
+def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size: int, read_cpus: float = 0.25,
+                     decode: DecodeConfig = DecodeConfig(), *, passes: int = 1, seed: int = 0):
+    """The Ray Dataset of training images ``uris[ids]``: ``{"pixels", "ok"}`` rows, ``passes`` passes in one stream,
+    each a fresh permutation drawn from ``(seed, pass)`` (so the trainers start the pipeline once per run).
+
+    Bytes are fetched by light tasks and decoded by ``read_cpus`` tasks; only ``(3, size, size)`` uint8 pixels
+    travel to the trainers (a quarter of float32), in blocks of a few training batches.
+    """
+    import pyarrow as pa
+    import ray
+
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.concatenate([ids[np.random.default_rng([seed, p]).permutation(len(ids))] for p in range(passes)])
+    table = pa.table({"image_id": pa.array(order, pa.int64()), "uri": pa.array([uris[i] for i in order], pa.string())})
+    per_block = max(16, 4 * batch_size, -(-table.num_rows // 4096))
+    ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, table.num_rows, per_block)])
+    batch = max(1, min(16, batch_size))
+    return (ds.map_batches(fetch_bytes, batch_size=batch, num_cpus=0.1)
+            .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch,
+                         num_cpus=read_cpus))

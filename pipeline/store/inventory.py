@@ -1,0 +1,104 @@
+"""What ``dvt store info`` shows: :class:`StoreInfo`, built from a store, and its text formatting."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.compute as pc
+
+from .manifest import PARTS_DIR, STATUS_FAILED
+from ..io.storage import storage_errors
+from .handle import StoreHandle
+from .layout import describe_weights
+from .lease import lease_holder
+
+__all__ = ["StoreInfo", "store_info"]
+
+
+@dataclass
+class StoreInfo:
+    """Summary of a store for ``dvt store info``."""
+
+    url: str
+    attrs: dict[str, Any]
+    arrays: dict[str, dict[str, Any]]
+    listed: int
+    ok: int
+    failed: int
+    pending: int
+    failures: list[tuple[str, int]]
+    manifest_parts: int
+    size_bytes: int | None = None
+    objects: int | None = None
+    lease: str | None = None
+
+    def format(self) -> str:
+        a = self.attrs
+        lines = [
+            f"DVT feature store {self.url} (format {a.get('format_version')}, written by dvt {a.get('package_version')})",
+            f"  images:   {self.listed} listed, {self.ok} ok, {self.failed} failed, {self.pending} pending",
+            f"  features: {a.get('backbone')} block {a.get('block')}, input {shape_text(a.get('input_size'))}, "
+            f"patch {a.get('patch_size')} stride {a.get('stride')}, grid {shape_text(a.get('grid'))} x "
+            f"{a.get('channels')} channels, {a.get('dtype')}",
+        ]
+        if a.get("compact"):
+            lines.append(f"  compact:  {json.dumps(a['compact'], sort_keys=True)} (reads decode it; docs/store.md)")
+        for name, arr in self.arrays.items():
+            lines.append(f"  array {name:9s} shape {tuple(arr['shape'])} {arr['dtype']} chunks {tuple(arr['chunks'])}"
+                         f" compressor {arr['compressor']}")
+        size = "size not measured" if self.size_bytes is None else \
+            f"{human_bytes(self.size_bytes)} in {self.objects} objects"
+        lines.append(f"  storage:  {size}, {self.manifest_parts} manifest parts")
+        if self.failures:
+            lines.append("  failures:")
+            lines += [f"    {n:6d} x {reason}" for reason, n in self.failures]
+        lines.append(f"  weights:  {describe_weights(a.get('weights'))}")
+        record = a.get("method") or {}
+        if "method" in record or record.get("stage") == 2:  # a method other than stage 1 (pipeline.denoise.methods)
+            lines.append(f"  method:   {record.get('method', 'denoiser')}, seed {a.get('seed', 'not recorded')}, "
+                         f"{json.dumps(record, sort_keys=True)}")
+        else:
+            lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}, "
+                         f"{json.dumps(record, sort_keys=True)}")
+        if self.lease:
+            lines.append(f"  in use:   by {self.lease}")
+        return "\n".join(lines)
+
+
+def store_info(store: StoreHandle, size: bool = True) -> StoreInfo:
+    """:meth:`FeatureStore.info`: counts, failure reasons, attributes, arrays and (``size``) bytes on storage."""
+    m = store.refresh().manifest()
+    status = store.row_status()
+    ok, failed = int((status == 1).sum()), int((status == 2).sum())
+    failed_rows = m.filter(pc.equal(m["status"], STATUS_FAILED))["error"].to_pylist()
+    errors = [e.splitlines()[0][:120] if e else "unknown" for e in failed_rows]
+    with storage_errors(store.url):
+        store.fs.invalidate_cache(store.root)
+        parts = len(store.fs.find(f"{store.root}/{PARTS_DIR}"))
+        objects = store.fs.find(store.root, detail=True) if size else None
+    holder = lease_holder(store.url, store.storage_options)
+    arrays = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
+                  "compressor": store.layout.compressor or "none"} for n, a in store.zarr_arrays.items()}
+    return StoreInfo(
+        url=store.url, attrs=store.attrs, arrays=arrays, listed=store.num_rows, ok=ok, failed=failed,
+        pending=store.num_rows - ok - failed, failures=Counter(errors).most_common(10), manifest_parts=parts,
+        size_bytes=None if objects is None else int(sum(o.get("size") or 0 for o in objects.values())),
+        objects=None if objects is None else len(objects),
+        lease=None if holder is None else holder.describe() + (" (stale)" if holder.stale() else ""))
+
+
+def shape_text(v: Any) -> str:
+    """A size or grid as ``HxW``."""
+    return "x".join(str(i) for i in v) if isinstance(v, (list, tuple)) else str(v)
+
+
+def human_bytes(n: float) -> str:
+    """A byte count in binary units (``1.5 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)

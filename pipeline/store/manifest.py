@@ -1,0 +1,310 @@
+"""The feature store's ledger: the input listing and the manifest parts, all plain Parquet.
+
+* ``manifest/listing.parquet`` (written by the driver): one row per input image, ``image_id`` dense from 0
+  and ``uri``. ``image_id`` is the row of every array, so a re-run maps each image to the same row. The
+  listing only ever grows at the end: known URIs keep their ids and new ones get the next ids.
+* ``manifest/parts/part-<unit>.parquet`` (one object per work unit, written after the unit's array data):
+  one row per image of the unit with :data:`MANIFEST_SCHEMA`. An image counts as done only when a part holds
+  a row for it. A retried unit has the same ``<unit>`` name and overwrites its own part.
+
+Several parts may hold the same ``image_id`` (a retried failure, or a unit retried with other rows): the
+row with ``status == "ok"`` wins, then the latest ``written_at``. See ``docs/store.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["MANIFEST_SCHEMA", "LISTING_FILE", "PARTS_DIR", "ImageRecord", "make_listing", "extend_listing",
+           "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "read_manifest", "latest_per_image", "compact_parts"]
+
+_log = logging.getLogger(__name__)
+
+LISTING_FILE = "manifest/listing.parquet"
+PARTS_DIR = "manifest/parts"
+
+#: Longest ``error`` text kept; a traceback's tail rarely helps more than its first lines.
+MAX_ERROR = 2000
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("image_id", pa.int64(), nullable=False),
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("uri", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("seconds", pa.float64()),
+    pa.field("losses", pa.map_(pa.string(), pa.float64())),
+    pa.field("stats", pa.map_(pa.string(), pa.float64())),
+    pa.field("unit", pa.string(), nullable=False),
+    pa.field("worker", pa.string()),
+    pa.field("written_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+])
+
+
+@dataclass
+class ImageRecord:
+    """What stage 1 reports for one image; becomes one manifest row.
+
+    Attributes:
+        image_id: the image's id in the listing, which is also its row in every array.
+        uri: where the image came from (filled from the listing when omitted).
+        status: ``"ok"`` (arrays written) or ``"failed"`` (no array data; ``error`` says why).
+        width, height: the original image size in pixels.
+        seconds: time spent on the image.
+        losses: final loss values by name.
+        stats: any other scalars (residual norm statistics, step counts, ...).
+    """
+
+    image_id: int
+    uri: str | None = None
+    status: str = STATUS_OK
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seconds: float | None = None
+    losses: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.image_id = int(self.image_id)
+        if self.status not in (STATUS_OK, STATUS_FAILED):
+            raise ValueError(f"image {self.image_id}: status must be 'ok' or 'failed', got {self.status!r}")
+        if self.status == STATUS_FAILED and not self.error:
+            self.error = "unknown error"
+        if self.error is not None and len(str(self.error)) > MAX_ERROR:
+            self.error = str(self.error)[:MAX_ERROR - 3] + "..."
+
+    @classmethod
+    def coerce(cls, value: ImageRecord | Mapping[str, Any]) -> ImageRecord:
+        """Build from a dict; unknown numeric keys go to ``stats`` so stage 1 can report new scalars freely."""
+        if isinstance(value, ImageRecord):
+            return replace(value, losses=dict(value.losses), stats=dict(value.stats))  # never edit the caller's
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in value.items() if k in known}
+        if "image_id" not in kwargs and "row" in value:
+            kwargs["image_id"] = value["row"]
+        stats = dict(kwargs.pop("stats", None) or {})
+        for key, v in value.items():
+            if key in known or key == "row":
+                continue
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+                stats[key] = float(v)
+            else:
+                raise ValueError(f"record field {key!r} is not a manifest column and not a number; "
+                                 f"columns are {sorted(known)}")
+        return cls(**kwargs, stats=stats)
+
+
+def _floats(d: Mapping[str, Any] | None) -> list[tuple[str, float]] | None:
+    if not d:
+        return None
+    return [(str(k), float(v)) for k, v in d.items()]
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def unit_id(image_ids: Sequence[int]) -> str:
+    """Deterministic name of a work unit: first id, count and a hash of all ids.
+
+    The same rows always give the same name, so a retried unit overwrites its own manifest part.
+    """
+    ids = np.asarray(sorted(int(i) for i in image_ids), dtype="<i8")
+    digest = hashlib.sha1(ids.tobytes()).hexdigest()[:10]
+    return f"{int(ids[0]):012d}-{len(ids):06d}-{digest}"
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def records_table(records: Sequence[ImageRecord], unit: str) -> pa.Table:
+    """Manifest rows for ``records`` of one unit, with :data:`MANIFEST_SCHEMA`."""
+    now = datetime.now(timezone.utc)
+    columns = {
+        "image_id": [r.image_id for r in records],
+        "row": [r.image_id for r in records],
+        "uri": [r.uri for r in records],
+        "status": [r.status for r in records],
+        "error": [r.error for r in records],
+        "width": [_opt_int(r.width) for r in records],
+        "height": [_opt_int(r.height) for r in records],
+        "seconds": [None if r.seconds is None else float(r.seconds) for r in records],
+        "losses": [_floats(r.losses) for r in records],
+        "stats": [_floats(r.stats) for r in records],
+        "unit": [unit] * len(records),
+        "worker": [_worker()] * len(records),
+        "written_at": [now] * len(records),
+    }
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as one zstd-compressed Parquet file in memory, for :func:`put_atomic`."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write one object so readers see all of it or nothing.
+
+    An object-store PUT is atomic by itself; on a local disk the bytes go to a temporary name first and are
+    renamed into place.
+    """
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if {"file", "local"} & set(protocols):
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"  # hidden: Parquet dataset readers skip dot files
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_part(fs: fsspec.AbstractFileSystem, root: str, records: Sequence[ImageRecord], unit: str) -> str:
+    """Write the manifest part of one unit; returns its path. Call only after the unit's data is written."""
+    path = f"{root}/{PARTS_DIR}/part-{unit}.parquet"
+    put_atomic(fs, path, parquet_bytes(records_table(records, unit)))
+    return path
+
+
+def _part_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    # Always a fresh listing: s3fs caches directory listings per filesystem instance, and other processes
+    # (the workers) add parts all the time.
+    fs.invalidate_cache(f"{root}/{PARTS_DIR}")
+    try:
+        paths = fs.find(f"{root}/{PARTS_DIR}")
+    except FileNotFoundError:
+        return []
+    names = (p.rsplit("/", 1)[-1] for p in paths)
+    return sorted(p for p, name in zip(paths, names)
+                  if name.endswith(".parquet") and name.startswith(("part-", "compact-")))
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str, *, dedup: bool = True) -> pa.Table:
+    """Union of all manifest parts (one concurrent batch of GETs), deduplicated per image by default.
+
+    A part that cannot be parsed (only possible if something other than this module wrote it) is skipped
+    with a warning: its images are simply not done. A part that vanished since the listing (merged by a
+    compaction) is skipped quietly; any other read error (storage unavailable) is raised, since a manifest with
+    holes would send finished images to be done again.
+    """
+    paths = _part_paths(fs, root)
+    if not paths:
+        return MANIFEST_SCHEMA.empty_table()
+    blobs = fs.cat(paths, on_error="return")
+    tables = []
+    for path in paths:
+        blob = blobs.get(path) if isinstance(blobs, dict) else blobs
+        if isinstance(blob, FileNotFoundError):
+            continue
+        if isinstance(blob, BaseException):
+            raise blob
+        if blob is None:
+            _log.warning("manifest part %s could not be read; its images count as not done", path)
+            continue
+        try:
+            tables.append(pq.read_table(pa.BufferReader(blob)).cast(MANIFEST_SCHEMA))
+        except (pa.ArrowException, ValueError) as e:
+            _log.warning("manifest part %s is not valid Parquet (%s); its images count as not done", path, e)
+    table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    return latest_per_image(table) if dedup else table
+
+
+def latest_per_image(table: pa.Table) -> pa.Table:
+    """One row per ``image_id``: ``ok`` beats ``failed``, then the latest ``written_at`` wins. Sorted by id."""
+    if table.num_rows == 0:
+        return table
+    ids = table["image_id"].to_numpy()
+    ok = (table["status"].to_numpy(zero_copy_only=False) == STATUS_OK).astype(np.int8)
+    when = table["written_at"].cast(pa.int64()).to_numpy()
+    order = np.lexsort((-when, -ok, ids))  # last key is primary
+    sorted_ids = ids[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return table.take(pa.array(order[first]))
+
+
+def compact_parts(fs: fsspec.AbstractFileSystem, root: str) -> tuple[int, str | None]:
+    """Merge every part into one ``compact-*.parquet`` object and delete the merged parts. Driver only, with
+    no writer running. Readers stay correct throughout: they deduplicate, and the compact object is written
+    before any part is deleted. Returns (number of parts merged, path of the new object)."""
+    paths = _part_paths(fs, root)
+    if len(paths) <= 1:
+        return 0, None
+    table = read_manifest(fs, root, dedup=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    path = f"{root}/{PARTS_DIR}/compact-{stamp}.parquet"
+    put_atomic(fs, path, parquet_bytes(table))
+    fs.rm([p for p in paths if p != path])
+    return len(paths), path
+
+
+# ---------------------------------------------------------------------------------------------------- listing
+
+def make_listing(uris: Iterable[str]) -> pa.Table:
+    """A listing for ``uris`` in the order given (repeats dropped), ``image_id`` dense from 0.
+
+    Same order as :mod:`pipeline.io.listing`, which sorts folder and glob sources and keeps list-file order, so
+    the same source always gives the same ids.
+    """
+    unique = list(dict.fromkeys(str(u) for u in uris))
+    return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": pa.array(unique, pa.string())})
+
+
+def _check_listing(table: pa.Table) -> pa.Table:
+    missing = {"image_id", "uri"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"a listing needs columns image_id and uri; missing {sorted(missing)}")
+    table = table.sort_by("image_id")
+    ids = table["image_id"].to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise ValueError("listing image_id must be dense 0..n-1 (it is the row of every array)")
+    return table.set_column(table.column_names.index("image_id"), "image_id", table["image_id"].cast(pa.int64()))
+
+
+def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Table:
+    """The listing after adding ``new``: append-only, so every image keeps its id (and its row).
+
+    ``new`` is either URIs (those not listed yet get the next ids, in the order given) or a full listing
+    table (as :func:`pipeline.io.listing.read_listing` returns) whose first ``len(old)`` rows must match ``old``.
+    """
+    if old is None or old.num_rows == 0:
+        return _check_listing(new) if isinstance(new, pa.Table) else make_listing(new)
+    if isinstance(new, pa.Table):
+        new = _check_listing(new)
+        n = old.num_rows
+        if new.num_rows < n or new["uri"].slice(0, n).to_pylist() != old["uri"].to_pylist():
+            raise ValueError(f"the new listing ({new.num_rows} images) does not keep the ids of the store's "
+                             f"listing ({n} images): a listing may only grow at the end")
+        return new
+    known = set(old["uri"].to_pylist())
+    added = [u for u in dict.fromkeys(str(u) for u in new) if u not in known]
+    if not added:
+        return old
+    start = old.num_rows
+    tail = pa.table({"image_id": pa.array(np.arange(start, start + len(added), dtype=np.int64)),
+                     "uri": pa.array(added, pa.string())})
+    return pa.concat_tables([old.select(["image_id", "uri"]), tail], promote_options="default")
