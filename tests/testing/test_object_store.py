@@ -7,7 +7,7 @@ import pytest
 from pipeline.io.storage import filesystem, storage_options
 from pipeline.testing.object_store import answers, free_port
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 
 def test_s3_fixture_writes_and_reads_an_object(s3_bucket):

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.denoise.job import DenoiseConfig, run_denoise
 from pipeline.store import FeatureStore
 
-from .conftest import ROOT, StreamLines
+from ..conftest import ROOT, StreamLines
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import yaml
 from jobs.cli import JOBS
 from pipeline import __version__
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 IMAGE = f"dvt-pipeline:{PYPROJECT['project']['version']}"

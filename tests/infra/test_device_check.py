@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARTS = ["backbone", "stage1", "apply_kernel", "scaling_processes", "denoise_job", "apply_job", "scaling_ray", "train"]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.cli import JOBS, build_parser, main
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 
 def test_help_lists_every_job(capsys):

@@ -155,7 +155,7 @@ def test_store_modules_name_the_store_by_protocol_and_import_no_cycle(store):
     from pipeline.store.handle import StoreHandle
 
     assert isinstance(store, StoreHandle)
-    folder = Path(__file__).parents[1] / "pipeline" / "store"
+    folder = Path(__file__).parents[2] / "pipeline" / "store"
     imports = {}
     for path in folder.glob("*.py"):
         tree = ast.parse(path.read_text())

@@ -17,7 +17,7 @@ import pytest
 from jobs.cli import JOBS
 from pipeline.store import FeatureStore
 
-from .conftest import ROOT, SAMPLES
+from ..conftest import ROOT, SAMPLES
 
 pytestmark = pytest.mark.slow
 
