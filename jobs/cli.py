@@ -65,10 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose)
-    return _run_job(args._run, args)
+    return run_job(args._run, args)
 
 
-def _run_job(run, args: argparse.Namespace) -> int:
+def run_job(run, args: argparse.Namespace) -> int:
     """Run a job. Every expected way to fail ends in one logged line that says what to do (a traceback too with
     -v) and a documented exit status (:mod:`pipeline.runtime.failures`); only a bug shows a traceback."""
     from pipeline.runtime.failures import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, exit_status, one_line,
@@ -106,7 +106,7 @@ def job_main(module_name: str, argv: Sequence[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    return _run_job(module.run, args)
+    return run_job(module.run, args)
 
 
 if __name__ == "__main__":

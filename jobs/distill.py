@@ -7,7 +7,7 @@ import sys
 
 from pipeline.stage3.distill import DistillConfig, run_distillation
 
-from .flags import add_dashboard_argument, add_images_argument, config_from_args
+from .flags import add_images_argument, add_trainer_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,14 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--checkpoint-every", type=int, default=None,
                      help="steps between checkpoints and held-out measurements (default: each epoch, at most 1000)")
     opt.add_argument("--seed", type=int, default=0, help="initialisation, flip and shuffle seed")
-    run = parser.add_argument_group("resources")
-    run.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
-    run.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
-                     help="one GPU per worker (default: when the cluster has GPUs)")
-    run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
-    run.add_argument("--read-cpus", type=float, default=0.25, help="CPUs per decoding task")
-    run.add_argument("--max-failures", type=int, default=3, help="worker failures recovered from checkpoints")
-    add_dashboard_argument(run)
+    add_trainer_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from pipeline.denoise.methods import METHODS
 from pipeline.denoise.average import AverageConfig
 
 __all__ = ["SAMPLES", "DEFAULT_MODEL", "add_dashboard_argument", "add_images_argument", "add_store_arguments",
-           "add_worker_arguments", "add_amp_argument", "add_method_arguments", "config_from_args", "image_job_config"]
+           "add_worker_arguments", "add_trainer_arguments", "add_amp_argument", "add_method_arguments", "config_from_args", "image_job_config"]
 
 #: The sample images bundled with the package: what a job reads when no ``--images`` is given.
 SAMPLES = str(Path(__file__).resolve().parents[1] / "pipeline" / "samples")
@@ -61,6 +61,20 @@ def add_worker_arguments(parser: argparse.ArgumentParser, *, images_per_batch: s
     group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
     group.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
                        help="seconds between progress lines")
+    add_dashboard_argument(group)
+
+
+def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``resources`` group of the Ray Train jobs (``train``, ``distill``): the fields of
+    :class:`pipeline.runtime.ray_train.RunConfig`, spelt and defaulted the same for both."""
+    group = parser.add_argument_group("resources")
+    group.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    group.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
+                       help="one GPU per worker, or --no-gpu to train on CPUs (gloo); default: when the cluster has GPUs")
+    group.add_argument("--cpu", dest="use_gpu", action="store_false", help=argparse.SUPPRESS)  # older spelling of --no-gpu
+    group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
+    group.add_argument("--read-cpus", type=float, default=0.25, help="CPUs per data-reading task")
+    group.add_argument("--max-failures", type=int, default=3, help="worker failures recovered from checkpoints")
     add_dashboard_argument(group)
 
 

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--rows", default=None, help="comma-separated store rows (default: the first --limit done)")
     src.add_argument("--stage2-store", default=None, help="show this store's clean (stage 2) as the denoised columns")
     src.add_argument("--images", default=None, help="folder, glob or list of images (features computed here)")
-    src.add_argument("--limit", type=int, default=4, help="at most N images")
+    src.add_argument("--limit", type=int, default=8, help="at most N images (default 8: every bundled sample)")
     model = parser.add_argument_group("model (for --images)")
     model.add_argument("--model", default=DEFAULT_MODEL, help="timm model name or package.module:factory")
     model.add_argument("--weights", default="hub", help="'hub', 'none' (random) or a local file")
@@ -95,10 +95,11 @@ def run(args: argparse.Namespace) -> int:
     written = [out / "features.png"]
     render_panels(rows, written[0], config, title=f"{source}: raw vs {label}")
     if args.per_image:
-        # a single-image PNG fits its own PCA basis and clusters; features.png shares them across images
+        # a single-image PNG fits its own PCA basis and clusters (raw and denoised on the same basis, as in
+        # features.png); features.png shares them across images
         for row in rows:
             written.append(out / f"{_slug(row.title)}.png")
-            render_panels([row], written[-1], config)
+            render_panels([row], written[-1], config, title=f"{row.title}: raw vs {label}")
     for path in written:
         sys.stdout.write(f"{path}\n")
     return 0

@@ -7,7 +7,7 @@ import sys
 
 from pipeline.stage2.train import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
 
-from .flags import add_dashboard_argument, config_from_args
+from .flags import add_trainer_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--warmup-fraction", type=float, default=TrainConfig.warmup_fraction, help="share of the budget with linear warm-up")
     fit.add_argument("--num-blocks", type=int, default=1, help="Transformer blocks of the denoiser")
     fit.add_argument("--seed", type=int, default=0, help="initialisation seed")
-    run = parser.add_argument_group("resources")
-    run.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks)")
-    run.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker")
-    run.add_argument("--cpu", dest="use_gpu", action="store_false", help="train on CPUs (gloo)")
-    run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
-    run.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
-    add_dashboard_argument(run)
+    add_trainer_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -185,3 +185,24 @@ def sample_images() -> list[Path]:
     paths = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     assert paths, f"no sample images in {SAMPLES}"
     return paths
+
+
+@pytest.fixture()
+def own_s3(monkeypatch):
+    """A moto server of this test's own (so freezing it touches nothing else), with short S3 limits."""
+    from pipeline.testing.object_store import MotoServer
+
+    server = MotoServer()
+    proc, endpoint = server.proc, server.endpoint
+    from pipeline.io.storage import filesystem
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    bucket = f"b{uuid.uuid4().hex[:10]}"
+    filesystem(f"s3://{bucket}")[0].mkdir(bucket)  # with the default limits: the server may still be warming up
+    assert proc.poll() is None, "moto_server exited (its port taken?)"
+    for k, v in {"DVT_S3_READ_TIMEOUT": "1", "DVT_S3_CONNECT_TIMEOUT": "1", "DVT_S3_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        yield proc, endpoint, f"s3://{bucket}"
+    finally:
+        server.stop()

@@ -131,7 +131,7 @@ def _store_maps(url: str, array: str) -> tuple[torch.Tensor, list[str]]:
     store = FeatureStore.open(url)
     ids = store.ids()
     uri_of = dict(zip(store.listing()["image_id"].to_pylist(), store.listing()["uri"].to_pylist()))
-    return store.read(array, ids, torch=True).float(), [str(uri_of[int(i)]) for i in ids]
+    return store.read(array, ids, as_torch=True).float(), [str(uri_of[int(i)]) for i in ids]
 
 
 @torch.no_grad()

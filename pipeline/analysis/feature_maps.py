@@ -73,7 +73,7 @@ def load_store_rows(url: str, rows: Sequence[int] | None = None, *, limit: int |
     if not len(ids):
         raise ValueError(f"{url} has no finished rows to evaluate.")
     names = [a for a in (arrays or ("raw", "clean", "artifact")) if a in store.layout.arrays]
-    data = store.get(ids, names, torch=True)
+    data = store.get(ids, names, as_torch=True)
     listing = store.listing()
     uri_of = dict(zip(listing["image_id"].to_pylist(), listing["uri"].to_pylist()))
     uris = [str(uri_of.get(int(i), f"row {i}")) for i in ids]
@@ -89,7 +89,7 @@ def load_store_rows(url: str, rows: Sequence[int] | None = None, *, limit: int |
     fine = [a for a in store.layout.arrays if upsample_factor(a) > 1]
     return FeatureSet(raw=data.get("raw"), clean=data.get("clean"), artifact=data.get("artifact"), images=pictures,
                       titles=[f"{int(i)}: {_title(u)}" for i, u in zip(ids, uris)], uris=uris,
-                      clean_fine=store.read(fine[0], ids, torch=True) if fine and arrays is None else None)
+                      clean_fine=store.read(fine[0], ids, as_torch=True) if fine and arrays is None else None)
 
 
 @torch.no_grad()

@@ -70,16 +70,24 @@ class PanelRow:
     clean_fine: torch.Tensor | None = None  # clean on a finer grid (a store's clean_x2 / clean_x4)
 
 
-def pca_rgb(maps: Sequence[torch.Tensor], low: float = 0.01, high: float = 0.99) -> list[np.ndarray]:
+def pca_rgb(maps: Sequence[torch.Tensor], low: float = 0.01, high: float = 0.99, *,
+            fit_on: Sequence[torch.Tensor] | None = None) -> list[np.ndarray]:
     """First three principal components of ``maps`` (each ``(gh, gw, C)``), one basis fitted across all of
     them, as RGB images ``(gh, gw, 3)`` in ``[0, 1]`` (each component scaled by its ``low``-``high``
-    quantiles over all maps)."""
-    tokens = torch.cat([m.reshape(-1, m.shape[-1]).float() for m in maps])
-    mean, comps = fit_pca(tokens, 3)
-    proj = (tokens - mean) @ comps.T
-    if proj.shape[1] < 3:
-        proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 3 - proj.shape[1])], 1)
-    lo, hi = torch.quantile(proj, low, dim=0), torch.quantile(proj, high, dim=0)
+    quantiles over all maps).
+
+    ``fit_on``: fit the basis and the colour scale on these maps instead (e.g. the raw features), so that
+    ``maps`` (the denoised ones) are coloured on the same axes and the two can be compared by eye.
+    """
+    def project(ms: Sequence[torch.Tensor]) -> torch.Tensor:
+        p = (torch.cat([m.reshape(-1, m.shape[-1]).float() for m in ms]) - mean) @ comps.T
+        return torch.cat([p, p.new_zeros(p.shape[0], 3 - p.shape[1])], 1) if p.shape[1] < 3 else p
+
+    reference = maps if fit_on is None else fit_on
+    mean, comps = fit_pca(torch.cat([m.reshape(-1, m.shape[-1]).float() for m in reference]), 3)
+    fitted = project(reference)
+    lo, hi = torch.quantile(fitted, low, dim=0), torch.quantile(fitted, high, dim=0)
+    proj = fitted if fit_on is None else project(maps)
     rgb = ((proj - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
     out, start = [], 0
     for m in maps:
@@ -161,13 +169,13 @@ def _columns(rows: Sequence[PanelRow], config: PanelConfig) -> list[tuple[str, s
     if all(r.clean is not None for r in rows):
         clean = [r.clean.float() for r in rows]
         name = config.denoised_label
-        cols += [(f"{name} PCA", "rgb", pca_rgb(clean)),
+        cols += [(f"{name} PCA", "rgb", pca_rgb(clean, fit_on=raw)),  # the raw PCA's axes and colours
                  (f"{name} K-means", "labels", kmeans_maps(clean, config.clusters, iters=config.kmeans_iters,
                                                            seed=config.seed, reference=raw_km)),
                  (f"{name} norm", "heat", norm_maps(clean))]
         if all(r.clean_fine is not None for r in rows):
             factor = (rows[0].clean_fine.shape[0] - 1) // max(1, rows[0].clean.shape[0] - 1)
-            cols.append((f"{name} PCA x{factor} grid", "rgb", pca_rgb([r.clean_fine.float() for r in rows])))
+            cols.append((f"{name} PCA x{factor} grid", "rgb", pca_rgb([r.clean_fine.float() for r in rows], fit_on=raw)))
         if all(r.artifact is not None for r in rows):
             art = [r.artifact.float() for r in rows]
             cols += [("artifact G", "rgb", pca_rgb(art)),

@@ -20,23 +20,26 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import pyarrow as pa
 import torch
 
-from ..stage2.apply import ApplyConfig, run_apply
-from ..vit.backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone, describe_backbone
 from ..runtime.batching import images_per_pass, stage1_bytes_per_image
-from ..runtime.image_job import (ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris, open_job_store,
-                        run_store_job)
-from ..runtime.checks import JobConfigError, nothing_to_do
-from .methods import check_method, method_record
-from ..stage1.fit import STAGE1_VERSION, Stage1Config, fit_images
+from ..runtime.checks import nothing_to_do
+from ..runtime.job_errors import JobConfigError
+from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris
+from ..runtime.plan import ImageJobPlan, open_plan_store, run_plan
+from ..stage1 import STAGE1_VERSION, Stage1Config, fit_images
+from ..stage2.apply import ApplyConfig, plan_apply
 from ..store import FeatureStore, StoreLayout, check_store
-from ..vit.weights import check_weights, weights_identity
+from ..vit.backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone, describe_backbone
+from ..vit.weights import check_weights
+from .method_worker import MethodWorker
+from .methods import check_method, method_record
 
-__all__ = ["DenoiseConfig", "DenoiseSummary", "Stage1Worker", "fetch_bytes", "check_denoise", "store_layout",
+__all__ = ["DenoiseConfig", "DenoiseSummary", "Stage1Worker", "fetch_bytes", "store_layout", "plan_denoise",
            "prepare_store", "run_denoise"]
 
 _log = logging.getLogger(__name__)
@@ -138,8 +141,9 @@ class Stage1Worker(JobWorker):
     config: DenoiseConfig
 
     def setup(self) -> None:
-        self.backbone: Backbone = create_backbone(self.config.backbone_config()).to(self.device)
-        self.stage1 = self.config.stage1_config()
+        backbone = self.settings.get("backbone") or self.config.backbone_config()
+        self.backbone: Backbone = create_backbone(backbone).to(self.device)
+        self.stage1: Stage1Config = self.settings.get("stage1") or self.config.stage1_config()
         self.images_per_pass = self.config.images_per_batch or images_per_pass(
             "denoise", self.device, stage1_bytes_per_image(
                 views=self.stage1.views.num_views, grid=self.backbone.grid(self.config.input_size),
@@ -156,12 +160,13 @@ class Stage1Worker(JobWorker):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> StoreLayout:
-    """What the run's store holds, and what decides its features: geometry, weights, stage-1 setup."""
-    backbone = backbone or describe_backbone(config.backbone_config())
-    weights = weights_identity(config.backbone_config())
+def store_layout(config: DenoiseConfig, backbone: Backbone, weights: dict[str, Any],
+                 stage1: Stage1Config | None) -> StoreLayout:
+    """What the run's store holds, and what decides its features: geometry, weights, the method's record (the
+    stage-1 settings for ``dvt``; for ``bias`` this also checks the artifact file against the geometry and
+    weights). :func:`plan_denoise` builds the arguments once."""
     if config.method == "dvt":
-        record, version = dataclasses.asdict(config.stage1_config()), STAGE1_VERSION
+        record, version = dataclasses.asdict(stage1), STAGE1_VERSION
     else:  # the method's own record; the geometry it is checked against is the layout's
         geometry = StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays()).geometry()
         record, version = method_record(config, geometry, weights), None
@@ -170,13 +175,8 @@ def store_layout(config: DenoiseConfig, backbone: Backbone | None = None) -> Sto
                                      compact={"kind": config.compress} if config.compress else None)
 
 
-def check_denoise(config: DenoiseConfig) -> tuple[StoreLayout, list[str], bool]:
-    """Everything a run can check before Ray starts or anything is written: flags, stage-1 settings, backbone,
-    geometry, weights, the image listing and the output location (a store there must have been made with the
-    same settings). Returns the layout, the listed URIs and whether a store is already there.
-    """
-    config.check_flags()
-    check_method(config)
+def _stage1_settings(config: DenoiseConfig) -> Stage1Config:
+    """The run's stage-1 configuration (preset + overrides), refused in one line when it cannot run."""
     if config.views is not None and config.views < 1:
         raise JobConfigError(f"--views must be at least 1 (stage 1 fits random views besides the full one), "
                              f"got {config.views}")
@@ -188,44 +188,49 @@ def check_denoise(config: DenoiseConfig) -> tuple[StoreLayout, list[str], bool]:
         raise JobConfigError(f"stage-1 settings: {e}") from None
     if stage1.views.num_views < 1 or not stage1.views.include_full:
         raise JobConfigError(f"preset {config.preset!r} has no random views; pass --views 1 or more")
-    backbone = describe_backbone(config.backbone_config())
-    try:
-        backbone.grid(config.input_size)
-    except ValueError as e:
-        raise JobConfigError(f"--input-size {config.input_size}: {e}") from None
-    check_weights(config.backbone_config())
-    layout = store_layout(config, backbone)
-    uris = list_uris(config.images, config.limit)
-    existed = check_store(config.output, layout, overwrite=config.overwrite,
-                          allow_config_change=config.allow_config_change)
-    return layout, uris, existed
+    return stage1
 
 
-def prepare_store(config: DenoiseConfig) -> tuple[FeatureStore, int, pa.Table]:
-    """Create or reopen the store for this run (no lease: for callers that run one job at a time themselves).
+def plan_denoise(config: DenoiseConfig) -> ImageJobPlan:
+    """Check everything a run can check before Ray starts or anything is written, once and in this order: flags,
+    the method and its inputs, ``--limit 0``, stage-1 settings, backbone and geometry, weights, the store's
+    layout, the image listing, and the output location (a store there must have been made with the same settings).
 
-    Returns the store, how many images this run covers, and the listing rows it still has to do.
-    """
-    return open_job_store(config.output, store_layout(config), list_uris(config.images, config.limit),
-                          overwrite=config.overwrite, allow_config_change=config.allow_config_change,
-                          retry_failed=config.retry_failed)
-
-
-def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
-    """Run stage 1 over ``config.images`` into ``config.output`` on the Ray cluster in use (or a local one).
-
-    Everything that can be checked is checked before Ray starts (:func:`check_denoise`); the store's lease is
-    held while the job runs (another job on the same store is refused).
+    ``--method denoiser`` is exactly ``dvt apply``: its plan is :func:`pipeline.stage2.apply.plan_apply`'s.
     """
     started = time.monotonic()
     config.check_flags()
     check_method(config)
     if config.method == "denoiser":
-        return run_apply(config.apply_config())
+        return plan_apply(config.apply_config(), started=started)
     if nothing_to_do(config.limit):
-        return JobSummary.nothing(config.output, "denoise")
-    layout, uris, existed = check_denoise(config)
-    from .method_worker import MethodWorker
-
+        return ImageJobPlan.nothing("denoise", config, started)
+    stage1 = _stage1_settings(config) if config.method == "dvt" else None
+    backbone_config = config.backbone_config()
+    backbone = describe_backbone(backbone_config)
+    try:
+        backbone.grid(config.input_size)
+    except ValueError as e:
+        raise JobConfigError(f"--input-size {config.input_size}: {e}") from None
+    weights = check_weights(backbone_config)
+    layout = store_layout(config, backbone, weights, stage1)
+    uris = tuple(list_uris(config.images, config.limit))
+    existed = check_store(config.output, layout, overwrite=config.overwrite,
+                          allow_config_change=config.allow_config_change)
     worker = Stage1Worker if config.method == "dvt" else MethodWorker
-    return run_store_job("denoise", config, layout, uris, existed, worker, started)
+    settings = {"backbone": backbone_config, **({"stage1": stage1} if stage1 is not None else {})}
+    return ImageJobPlan(job="denoise", config=config, layout=layout, uris=uris, existed=existed, worker=worker,
+                        settings=MappingProxyType(settings), started=started)
+
+
+def prepare_store(config: DenoiseConfig) -> tuple[FeatureStore, int, pa.Table]:
+    """Plan the run and create or reopen its store, without a lease or Ray (for callers that run one job at a time
+    themselves). Returns the store, how many images this run covers, and the listing rows it still has to do."""
+    return open_plan_store(plan_denoise(config))
+
+
+def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
+    """Run stage 1 (or another ``--method``) over ``config.images`` into ``config.output`` on the Ray cluster in use
+    (or a local one): :func:`plan_denoise`, then :func:`pipeline.runtime.plan.run_plan`. The store's lease is held
+    while the job runs (another job on the same store is refused)."""
+    return run_plan(plan_denoise(config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -32,12 +33,13 @@ class MethodWorker(JobWorker):
 
     config: MethodJob
 
-    def __init__(self, config: MethodJob, layout: dict[str, Any]):
-        super().__init__(config, layout)
+    def __init__(self, config: MethodJob, layout: dict[str, Any], settings: Mapping[str, Any] | None = None):
+        super().__init__(config, layout, settings)
         self.stage = config.method
 
     def setup(self) -> None:
-        self.backbone = create_backbone(self.config.backbone_config()).to(self.device)
+        backbone = self.settings.get("backbone") or self.config.backbone_config()
+        self.backbone = create_backbone(backbone).to(self.device)
         copies = 1
         if self.config.method == "bias":
             self.artifact, _ = ArtifactMap.load(self.config.artifact)  # checked against the run on the driver

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from ..runtime.job_errors import JobConfigError
 from .average import AverageConfig
 from .bias import ArtifactFileError, ArtifactMap, check_artifact
 
@@ -58,8 +59,6 @@ def average_config(config: MethodSettings) -> AverageConfig:
 
 def check_method(config: MethodSettings) -> None:
     """Refuse an unknown method, a method without its input, or a flag of another method, in one line."""
-    from ..runtime.checks import JobConfigError
-
     if config.method not in METHODS:
         raise JobConfigError(f"--method {config.method!r} is not a denoising method; choose one of {', '.join(METHODS)}")
     for flag, owner in _OWN_FLAGS.items():

@@ -56,7 +56,7 @@ def store_features(store: Any, image_paths: Sequence[str], array: str = "clean")
     if missing:
         raise KeyError(f"{len(missing)} images are not in {store.url} (first: {missing[0]}); make the store from "
                        "the dataset's images, e.g. dvt denoise --images <root>/JPEGImages.")
-    return store.read(array, rows, torch=True)
+    return store.read(array, rows, as_torch=True)
 
 
 class Encoder:
@@ -183,7 +183,7 @@ class FeatureSource:
             raise ValueError(f"{self.url} has no finished rows to evaluate.")
         listing = store.listing()
         uri_of = dict(zip(listing["image_id"].to_pylist(), listing["uri"].to_pylist()))
-        return store.read(self.array, ids, torch=True), [str(uri_of[int(i)]) for i in ids]
+        return store.read(self.array, ids, as_torch=True), [str(uri_of[int(i)]) for i in ids]
 
 
 def parse_source(spec: str) -> FeatureSource:

@@ -1,7 +1,9 @@
 """What every job runs on: Ray start-up, the image-job runner, checks, failures, progress and Ray Train plumbing.
 
+* :mod:`.plan`: one frozen :class:`ImageJobPlan` per image job, checked before Ray starts, and ``run_plan``.
 * :mod:`.image_job`: the streaming Ray Data pipeline shared by ``dvt denoise`` and ``dvt apply``.
-* :mod:`.checks`: refusals before any work (:class:`JobConfigError`), the store session of a job.
+* :mod:`.checks`: shared flag checks, ``--limit 0``, the store session (lease) of a job.
+* :mod:`.job_errors`: :class:`JobConfigError`, a refusal before any work (importable from every wing).
 * :mod:`.failures`: exit statuses and the one-line reason a job stopped.
 * :mod:`.progress`: images/s, ETA and stall warnings on the driver.
 * :mod:`.ray_session`: starting and stopping Ray, locally or on a cluster.

@@ -16,17 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..store.manifest import PARTS_DIR
 from ..io.storage import filesystem, is_unavailable
 from ..store import StoreLease, remove_store
+from ..store.manifest import PARTS_DIR
+from .job_errors import JobConfigError
 
 __all__ = ["JobConfigError", "check_job_flags", "nothing_to_do", "store_session"]
 
 _log = logging.getLogger(__name__)
-
-
-class JobConfigError(ValueError):
-    """A flag or setting of a job is out of range; the message names the flag."""
 
 
 def check_job_flags(*, workers: int, images_per_batch: int | None, limit: int | None, progress_every_s: float,

@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_SOME_FAILED", "EXIT_FAULT", "EXIT_INTERRUPTED",
            "EXIT_TERMINATED", "JobFailedError", "Terminated", "root_cause", "one_line", "exit_status",
-           "terminate_on_sigterm"]
+           "terminate_on_sigterm", "raise_terminated"]
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -82,7 +82,7 @@ def exit_status(error: BaseException) -> int | None:
     return None
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
+def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
@@ -95,4 +95,4 @@ def terminate_on_sigterm() -> Any:
     """
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    return signal.signal(signal.SIGTERM, raise_terminated)

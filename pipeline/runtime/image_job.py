@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,10 +258,12 @@ class ImageBatchWorker:
 
 
 class JobWorker(ImageBatchWorker):
-    """An :class:`ImageBatchWorker` built from its job's config (``config.input_size`` is the model's input)."""
+    """An :class:`ImageBatchWorker` built from its job's config (``config.input_size`` is the model's input) and
+    what the job's plan built for it (``settings``: e.g. the backbone and stage-1 configs)."""
 
-    def __init__(self, config: Any, layout: dict[str, Any]):
+    def __init__(self, config: Any, layout: dict[str, Any], settings: Mapping[str, Any] | None = None):
         self.config = config
+        self.settings: Mapping[str, Any] = settings or {}
         super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
                          cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
 
@@ -378,7 +380,7 @@ def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> No
 
 
 def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: Sequence[str], existed: bool,
-                  worker: type[JobWorker], started: float) -> JobSummary:
+                  worker: type[JobWorker], started: float, settings: Mapping[str, Any] | None = None) -> JobSummary:
     """Run a checked job: start (or join) Ray, hold the store's lease, create or reopen the store, size the actors
     and run ``worker`` over what is left to do (:func:`run_image_job`)."""
     init_ray(config.dashboard)
@@ -389,7 +391,8 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
         gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
         config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
         return run_image_job(job=job, store=store, covered=covered, pending=pending, worker=worker,
-                             worker_kwargs={"config": config, "layout": store.layout.geometry()},
+                             worker_kwargs={"config": config, "layout": store.layout.geometry(),
+                                            "settings": dict(settings or {})},
                              images_per_batch=config.images_per_batch or unit_size(job, gpus > 0),
                              workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s,
                              started=started, lease=lease)

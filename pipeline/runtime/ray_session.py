@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["init_ray", "shutdown_ray", "LOCAL_GCS_RECONNECT_S"]
+__all__ = ["init_ray", "shutdown_ray", "filter_stderr", "EXPECTED_RAY_LINES", "LOCAL_GCS_RECONNECT_S"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ def init_ray(dashboard: bool = False) -> Any:
     global _started
     if ray.is_initialized():
         return None
-    from .failures import _raise_terminated, terminate_on_sigterm
+    from .failures import raise_terminated, terminate_on_sigterm
 
     ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is \
-        _raise_terminated
+        raise_terminated
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(LOCAL_GCS_RECONNECT_S))
     # ``include_dashboard`` only applies to a Ray this call starts; connecting to a cluster ignores it.
@@ -67,7 +67,7 @@ def init_ray(dashboard: bool = False) -> Any:
     _started = True
     if ours:
         terminate_on_sigterm()  # ray.init replaced it
-    _filter_stderr(EXPECTED_RAY_LINES)
+    filter_stderr(EXPECTED_RAY_LINES)
     if dashboard and context.dashboard_url:
         _log.info("Ray dashboard at http://%s", context.dashboard_url)
     return context
@@ -88,14 +88,14 @@ def shutdown_ray() -> None:
         pass
 
 
-def _filter_stderr(patterns: tuple[re.Pattern[bytes], ...]) -> None:
+def filter_stderr(patterns: tuple[re.Pattern[bytes], ...]) -> None:
     """Route this process's file descriptor 2 through a thread that drops whole lines matching ``patterns``.
 
     Lines written from C++ (Ray's core worker) reach fd 2 directly, so they cannot be filtered by ``logging``.
     Text without a newline yet is held only while it could still become a filtered line (Ray's C++ lines start
     with ``[``), so progress bars redrawn with ``\\r`` pass at once.
     """
-    if getattr(_filter_stderr, "installed", False):
+    if getattr(filter_stderr, "installed", False):
         return
     try:
         sys.stderr.flush()
@@ -105,7 +105,7 @@ def _filter_stderr(patterns: tuple[re.Pattern[bytes], ...]) -> None:
         os.close(write_end)
     except OSError:  # no usable fd 2 (closed, or a platform without pipes): leave the console as it is
         return
-    _filter_stderr.installed = True
+    filter_stderr.installed = True
 
     def pump() -> None:
         held = b""

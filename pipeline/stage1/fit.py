@@ -62,7 +62,8 @@ class Stage1Error(ValueError):
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Everything that decides a stage-1 fit (defaults: the ``paper`` preset).
+    """Everything that decides a stage-1 fit. The field defaults are the reference's settings (the ``paper``
+    preset); jobs run ``PRESETS["default"]``, and :func:`fit_images` takes its config explicitly.
 
     Attributes:
         views: random views per image (the full view is added first when ``views.include_full``).
@@ -240,18 +241,18 @@ def _adam(model: torch.nn.Module, config: Stage1Config) -> torch.optim.Adam:
         return torch.optim.Adam(groups, **kwargs)
 
 
-def fit_images(backbone: FeatureBackbone, images: torch.Tensor, config: Stage1Config | None = None, *, image_ids: Sequence[int],
+def fit_images(backbone: FeatureBackbone, images: torch.Tensor, config: Stage1Config, *, image_ids: Sequence[int],
                seed: int = 0, progress: Callable[[int, int, dict[str, float]], None] | None = None,
                g_init: torch.Tensor | None = None) -> list[Stage1Result]:
     """Fit stage 1 to ``images`` ``(B, 3, S, S)`` in ``[0, 1]`` together; one result per image.
 
     Args:
         backbone: anything with ``features(pixels) -> (B, gh, gw, C)``, ``patch_size`` and ``stride``.
+        config: the fit's settings, usually a preset (``Stage1Config.preset("default")`` is what jobs run).
         image_ids: one distinct id per image; with ``seed`` they fix the image's views and random draws.
         progress: called as ``progress(step, steps, losses)`` every ~5% of the schedule.
         g_init: optional starting ``G`` ``(C, gh, gw)`` shared by all images (a model-level estimate).
     """
-    config = config or PRESETS["default"]
     _validate(backbone, images, image_ids, config)
     amp = _DTYPES[config.amp_dtype] if config.amp_dtype else None
     try:
@@ -262,11 +263,10 @@ def fit_images(backbone: FeatureBackbone, images: torch.Tensor, config: Stage1Co
     return fit_views(batch, config, seed=seed, progress=progress, g_init=g_init)
 
 
-def fit_views(batch: ViewBatch, config: Stage1Config | None = None, *, seed: int = 0,
+def fit_views(batch: ViewBatch, config: Stage1Config, *, seed: int = 0,
               progress: Callable[[int, int, dict[str, float]], None] | None = None,
               g_init: torch.Tensor | None = None) -> list[Stage1Result]:
     """Fit stage 1 to view features already extracted (:func:`pipeline.stage1.view_features.extract_batch`)."""
-    config = config or PRESETS["default"]
     t0 = time.perf_counter()
     raw, xy, views, full_coords = batch.raw, batch.xy, batch.views, batch.full_coords
     device, (b, n, channels) = raw.device, raw.shape
@@ -346,7 +346,7 @@ def _readout(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, full_coords
         fine = model.field(fxy.reshape(1, -1, 2).expand(b, -1, -1)).float().reshape(b, *fxy.shape[:2], c)
     artifact = model.artifact_tokens().detach().reshape(b, gh, gw, c)
     native = model.artifact.grid.permute(0, 2, 3, 1)
-    raw_full = _full_view(raw, xy, full_coords, config)
+    raw_full = _full_view(raw, full_coords.shape[:2])
     sums: dict[str, torch.Tensor] = {}
     norms = []
     for s in range(0, n, chunk):
@@ -378,8 +378,9 @@ def _readout(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, full_coords
     return out
 
 
-def _full_view(raw: torch.Tensor, xy: torch.Tensor, full_coords: torch.Tensor, config: Stage1Config) -> torch.Tensor:
-    """The full view's features ``(B, gh, gw, C)`` (view 0 when the full view is among the views)."""
+def _full_view(raw: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """View 0's features ``(B, gh, gw, C)``: the full view when ``views.include_full`` (jobs refuse settings
+    without it)."""
     b, _, c = raw.shape
-    gh, gw = full_coords.shape[:2]
+    gh, gw = grid
     return raw[:, : gh * gw].reshape(b, gh, gw, c)

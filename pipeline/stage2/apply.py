@@ -23,15 +23,17 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from ..vit.backbone import Backbone, describe_backbone
 from ..runtime.batching import forward_bytes_per_image, images_per_pass
-from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
-from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, list_uris, open_job_store, run_store_job
-from ..runtime.checks import JobConfigError, nothing_to_do
+from ..runtime.checks import nothing_to_do
+from ..runtime.job_errors import JobConfigError
+from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, list_uris
+from ..runtime.plan import ImageJobPlan, open_plan_store, run_plan
 from ..store import FeatureStore, StoreLayout, check_store
-from ..vit.weights import check_weights, weights_identity
+from ..vit.backbone import Backbone, BackboneConfig, describe_backbone
+from ..vit.weights import check_weights
+from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
 
-__all__ = ["ApplyConfig", "ApplyWorker", "check_apply", "prepare_apply_store", "run_apply"]
+__all__ = ["ApplyConfig", "ApplyWorker", "plan_apply", "prepare_apply_store", "run_apply"]
 
 _log = logging.getLogger(__name__)
 
@@ -99,9 +101,9 @@ def _check_backbone(config: ApplyConfig, spec: DenoiserSpec, backbone: Backbone)
     spec.check_backbone(backbone)
 
 
-def _apply_layout(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, DenoiserSpec]:
-    """Check the denoiser against the backbone: the config with its defaults resolved, the store's layout and the
-    denoiser's spec."""
+def _apply_layout(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, DenoiserSpec, BackboneConfig]:
+    """Check the denoiser against the backbone and the weights: the config with its defaults resolved, the store's
+    layout, the denoiser's spec and the backbone's config."""
     if config.amp is not None and config.amp not in _AMP:
         raise JobConfigError(f"--amp {config.amp!r}: unknown autocast dtype; use one of {sorted(_AMP)} or none")
     data = read_denoiser_bytes(config.denoiser)
@@ -111,44 +113,39 @@ def _apply_layout(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, Denois
     backbone_config = spec.backbone_config(config.weights, config.input_size)
     backbone = describe_backbone(backbone_config)
     _check_backbone(config, spec, backbone)
+    weights = check_weights(backbone_config)
     record = {"stage": 2, "denoiser": config.denoiser, "sha1": hashlib.sha1(data).hexdigest(),
               "architecture": dataclasses.asdict(spec.denoiser), "trained_on": spec.training.get("stores")}
     arrays = ("raw", "clean") if config.keep_raw else ("clean",)
     layout = StoreLayout.from_backbone(backbone, config.input_size, arrays=arrays, dtype=config.dtype,
-                                       method=record, weights=weights_identity(backbone_config))
-    return config, layout, spec
+                                       method=record, weights=weights)
+    return config, layout, spec, backbone_config
 
 
-def check_apply(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, list[str], bool]:
-    """Everything a run can check before Ray starts or anything is written (as :func:`pipeline.denoise.job.check_denoise`):
-    flags, the denoiser and the backbone it names, weights, the listing and the output location. Returns the
-    resolved config, the layout, the listed URIs and whether a store is already there."""
+def plan_apply(config: ApplyConfig, *, started: float | None = None) -> ImageJobPlan:
+    """Check everything a run can check before Ray starts or anything is written, once and in the order
+    :func:`pipeline.denoise.job.plan_denoise` uses: flags, ``--limit 0``, the denoiser and the backbone it names,
+    weights, the store's layout, the listing and the output location."""
+    started = time.monotonic() if started is None else started
     config.check_flags()
-    config, layout, spec = _apply_layout(config)
-    check_weights(spec.backbone_config(config.weights, config.input_size))
-    uris = list_uris(config.images, config.limit)
+    if nothing_to_do(config.limit):
+        return ImageJobPlan.nothing("apply", config, started)
+    config, layout, _, _ = _apply_layout(config)
+    uris = tuple(list_uris(config.images, config.limit))
     existed = check_store(config.output, layout, overwrite=config.overwrite,
                           allow_config_change=config.allow_config_change)
-    return config, layout, uris, existed
+    return ImageJobPlan(job="apply", config=config, layout=layout, uris=uris, existed=existed, worker=ApplyWorker,
+                        started=started)
 
 
 def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Table, ApplyConfig]:
-    """Check the denoiser, create or reopen the store, and list what is left to do (no lease).
-
-    Returns the store, how many images this run covers, the listing rows still to do, and the config with
-    its defaults resolved (input size).
-    """
-    config, layout, _ = _apply_layout(config)
-    store, covered, pending = open_job_store(
-        config.output, layout, list_uris(config.images, config.limit), overwrite=config.overwrite,
-        allow_config_change=config.allow_config_change, retry_failed=config.retry_failed)
-    return store, covered, pending, config
+    """Plan the run and create or reopen its store, without a lease or Ray. Returns the store, how many images this
+    run covers, the listing rows still to do, and the config with its defaults resolved (input size)."""
+    plan = plan_apply(config)
+    return (*open_plan_store(plan), plan.config)
 
 
 def run_apply(config: ApplyConfig) -> JobSummary:
-    """Run backbone + denoiser over ``config.images`` into the store ``config.output`` (resumable)."""
-    started = time.monotonic()
-    if nothing_to_do(config.limit):
-        return JobSummary.nothing(config.output, "apply")
-    config, layout, uris, existed = check_apply(config)
-    return run_store_job("apply", config, layout, uris, existed, ApplyWorker, started)
+    """Run backbone + denoiser over ``config.images`` into the store ``config.output`` (resumable):
+    :func:`plan_apply`, then :func:`pipeline.runtime.plan.run_plan`."""
+    return run_plan(plan_apply(config))

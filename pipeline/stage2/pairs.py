@@ -8,21 +8,19 @@ spent: the pipeline starts once per run (and once more after a worker failure, w
 fresh passes from the start of the stream).
 
 Rows are ``(store index, image id)`` lists; Ray tasks read their arrays from the stores a block at a time
-(:func:`_read_pairs`), so only ids travel through the driver.
+(:func:`pipeline.store.feature_store.read_pairs`), so only ids travel through the driver.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from ..store import FeatureStore
+from ..store.feature_store import read_pairs, task_options
 
 if TYPE_CHECKING:
     import ray.data
@@ -48,8 +46,6 @@ def pair_stream(sources: Sequence[tuple[str, np.ndarray]], *, passes: int, seed:
     """
     import ray.data
 
-    from ..io.storage import s3_endpoint
-
     store_index = np.concatenate([np.full(len(ids), i, dtype=np.int32) for i, (_, ids) in enumerate(sources)])
     image_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in sources])
     n = len(image_ids)
@@ -59,29 +55,7 @@ def pair_stream(sources: Sequence[tuple[str, np.ndarray]], *, passes: int, seed:
     table = pa.table({"store": pa.array(store_index[order]), "image_id": pa.array(image_ids[order])})
     step = max(rows_per_block, math.ceil(table.num_rows / MAX_BLOCKS))
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
-    urls = [url for url, _ in sources]
-    options: dict[str, Any] = {}
-    if any(u.startswith(("s3://", "s3a://")) for u in urls) and s3_endpoint():
-        options["endpoint_url"] = s3_endpoint()  # the driver's endpoint, so remote tasks talk to the same one
+    urls = tuple(url for url, _ in sources)
     return ray.data.from_arrow(blocks).map_batches(
-        _read_pairs, batch_size=rows_per_block, batch_format="numpy", num_cpus=num_cpus,
-        fn_kwargs={"urls": tuple(urls), "options": json.dumps(options, sort_keys=True)})
-
-
-@functools.lru_cache(maxsize=16)
-def _open(url: str, options: str) -> FeatureStore:
-    return FeatureStore.open(url, "r", storage_options=json.loads(options) or None)
-
-
-def _read_pairs(batch: dict[str, np.ndarray], *, urls: tuple[str, ...], options: str) -> dict[str, np.ndarray]:
-    """Ray map_batches step: ``raw`` and ``clean`` of a block of ``(store, image_id)`` rows, in row order."""
-    stores, ids = batch["store"], batch["image_id"]
-    raw = clean = None
-    for s in np.unique(stores):
-        rows = np.flatnonzero(stores == s)
-        data = _open(urls[int(s)], options).get(ids[rows], ("raw", "clean"), check=False)  # ok ids, checked on the driver
-        if raw is None:
-            raw = np.empty((len(ids), *data["raw"].shape[1:]), dtype=data["raw"].dtype)
-            clean = np.empty((len(ids), *data["clean"].shape[1:]), dtype=data["clean"].dtype)
-        raw[rows], clean[rows] = data["raw"], data["clean"]
-    return {"raw": raw, "clean": clean}
+        read_pairs, batch_size=rows_per_block, batch_format="numpy", num_cpus=num_cpus,
+        fn_kwargs={"urls": urls, "options": task_options(urls)})

@@ -47,7 +47,7 @@ class HeldOut:
             return
         kept, size = [], 0
         for url, ids in self.sources:
-            for raw, clean in FeatureStore.open(url).iter_pairs(self.batch_size, ids=ids, torch=True):
+            for raw, clean in FeatureStore.open(url).iter_pairs(self.batch_size, ids=ids, as_torch=True):
                 if not self._too_big:
                     size += raw.nbytes + clean.nbytes
                     self._too_big = size > HELD_OUT_CACHE_BYTES

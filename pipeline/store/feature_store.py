@@ -1,7 +1,7 @@
 """The store handle: :class:`FeatureStore` opens a store, reads its ledger and arrays, and feeds training.
 
 Creating a store lives in :mod:`.create`, committing units in :mod:`.writer`, the summary in :mod:`.info`;
-the methods here delegate to them. Ray tasks reopen a store by URL through :func:`_read_batch`.
+the methods here delegate to them. Ray tasks reopen a store by URL through :func:`read_rows`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from .manifest import LISTING_FILE, STATUS_FAILED, STATUS_OK, ImageRecord, compact_parts, read_manifest
-from ..io.storage import filesystem, storage_errors, zarr_location
+from ..io.storage import filesystem, s3_endpoint, storage_errors, zarr_location
 from .compact import decode, storage_arrays, stored_names
 from .create import create_store
 from .errors import StoreError, StoreMismatchError
@@ -32,7 +32,7 @@ from .writer import UnitWriter, write_unit
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["FeatureStore"]
+__all__ = ["FeatureStore", "task_options", "cached_store", "read_rows", "read_pairs"]
 
 _IO_THREADS = 16
 
@@ -242,7 +242,7 @@ class FeatureStore:
         return n
 
     # ------------------------------------------------------------------------------------------ reading
-    def get(self, ids: Sequence[int] | np.ndarray, arrays: Sequence[str] | None = None, *, torch: bool = False,
+    def get(self, ids: Sequence[int] | np.ndarray, arrays: Sequence[str] | None = None, *, as_torch: bool = False,
             check: bool = True) -> dict[str, Any]:
         """Arrays for ``ids`` (= rows), in the order given: ``{name: (n, gh, gw, C)}`` numpy or torch.
 
@@ -272,18 +272,18 @@ class FeatureStore:
             if self.layout.compact:
                 raw = decode(self, raw, names)
         out = {n: a[inverse] if len(uniq) != len(ids) or not np.array_equal(uniq, ids) else a for n, a in raw.items()}
-        if torch:
-            import torch as _torch
+        if as_torch:
+            import torch
 
-            return {n: _torch.from_numpy(np.ascontiguousarray(a)) for n, a in out.items()}
+            return {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in out.items()}
         return out
 
-    def read(self, name: str, ids: Sequence[int] | np.ndarray, *, torch: bool = False, check: bool = True) -> Any:
+    def read(self, name: str, ids: Sequence[int] | np.ndarray, *, as_torch: bool = False, check: bool = True) -> Any:
         """One array for ``ids``: ``(n, gh, gw, C)``."""
-        return self.get(ids, (name,), torch=torch, check=check)[name]
+        return self.get(ids, (name,), as_torch=as_torch, check=check)[name]
 
     def iter_pairs(self, batch_size: int = 8, *, ids: Sequence[int] | None = None, shuffle: bool = False,
-                   seed: int = 0, torch: bool = False, drop_last: bool = False) -> Iterator[tuple[Any, Any]]:
+                   seed: int = 0, as_torch: bool = False, drop_last: bool = False) -> Iterator[tuple[Any, Any]]:
         """``(raw, clean)`` batches for training, over ``ids`` (default: every ok image), reading one batch ahead."""
         if "raw" not in self.layout.arrays:
             raise StoreError(f"{self.url} holds no raw features (written with --no-raw), so it has no (raw, clean) "
@@ -298,7 +298,7 @@ class FeatureStore:
         self.manifest()  # fetched once, here, not in the prefetch thread
 
         def load(batch: np.ndarray) -> dict[str, Any]:
-            return self.get(batch, ("raw", "clean"), torch=torch)
+            return self.get(batch, ("raw", "clean"), as_torch=as_torch)
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(load, batches[0])
@@ -325,14 +325,9 @@ class FeatureStore:
             m = m.filter(pc.is_in(m["image_id"], pa.array(np.asarray(ids, dtype=np.int64))))
         step = rows_per_block or max(batch_size, math.ceil(m.num_rows / 64))
         blocks = [m.slice(i, step) for i in range(0, m.num_rows, step)] or [m]
-        options = dict(self.storage_options)
-        from ..io.storage import s3_endpoint
-
-        if self.url.startswith(("s3://", "s3a://")) and s3_endpoint() and "endpoint_url" not in options:
-            options["endpoint_url"] = s3_endpoint()  # the driver's endpoint, so remote workers talk to the same one
         return ray.data.from_arrow(blocks).map_batches(
-            _read_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-            fn_kwargs={"url": self.url, "arrays": tuple(arrays), "options": json.dumps(options, sort_keys=True)})
+            read_rows, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+            fn_kwargs={"url": self.url, "arrays": tuple(arrays), "options": task_options([self.url], self.storage_options)})
 
     # ------------------------------------------------------------------------------------------ summary
     def info(self, size: bool = True) -> StoreInfo:
@@ -342,17 +337,45 @@ class FeatureStore:
 
 
 # --------------------------------------------------------------------------------------------------- Ray tasks
+# The store's read path inside Ray tasks, shared by :meth:`FeatureStore.to_ray_dataset` and stage 2's pair stream:
+# only image ids travel through the driver; each task reopens the store by URL (cached per process) and reads the
+# arrays of its block. The driver's S3 endpoint travels with the URL, so remote tasks talk to the same server.
 
 def _reopen(url: str, mode: str, options: Mapping[str, Any]) -> FeatureStore:
     return FeatureStore.open(url, mode, storage_options=options)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_store(url: str, options: str) -> FeatureStore:
-    return FeatureStore.open(url, "r", storage_options=json.loads(options))
+def task_options(urls: Sequence[str], options: Mapping[str, Any] | None = None) -> str:
+    """The storage options Ray tasks reopen ``urls`` with, as a hashable JSON string: ``options`` plus the driver's
+    S3 endpoint when a URL is on S3 and none is given."""
+    merged = dict(options or {})
+    if any(u.startswith(("s3://", "s3a://")) for u in urls) and s3_endpoint() and "endpoint_url" not in merged:
+        merged["endpoint_url"] = s3_endpoint()
+    return json.dumps(merged, sort_keys=True)
 
 
-def _read_batch(batch: dict[str, np.ndarray], *, url: str, arrays: tuple[str, ...], options: str) -> dict[str, Any]:
-    """Ray map_batches step: the arrays of a batch of ok ids (checked on the driver)."""
-    store = _cached_store(url, options)
-    return {**batch, **store.get(batch["image_id"], arrays, check=False)}
+@functools.lru_cache(maxsize=16)
+def cached_store(url: str, options: str) -> FeatureStore:
+    """The store at ``url`` opened read-only once per process (``options`` from :func:`task_options`)."""
+    return FeatureStore.open(url, "r", storage_options=json.loads(options) or None)
+
+
+def read_rows(batch: dict[str, np.ndarray], *, url: str, arrays: tuple[str, ...], options: str) -> dict[str, Any]:
+    """Ray ``map_batches`` step: the batch's columns plus ``arrays`` of its ``image_id`` rows (ok ids, checked on
+    the driver)."""
+    return {**batch, **cached_store(url, options).get(batch["image_id"], arrays, check=False)}
+
+
+def read_pairs(batch: dict[str, np.ndarray], *, urls: tuple[str, ...], options: str) -> dict[str, np.ndarray]:
+    """Ray ``map_batches`` step: ``raw`` and ``clean`` of a block of ``(store, image_id)`` rows over several stores,
+    in row order."""
+    stores, ids = batch["store"], batch["image_id"]
+    out: dict[str, np.ndarray] = {}
+    for s in np.unique(stores):
+        rows = np.flatnonzero(stores == s)
+        data = cached_store(urls[int(s)], options).get(ids[rows], ("raw", "clean"), check=False)
+        for name in ("raw", "clean"):
+            if name not in out:
+                out[name] = np.empty((len(ids), *data[name].shape[1:]), dtype=data[name].dtype)
+            out[name][rows] = data[name]
+    return out

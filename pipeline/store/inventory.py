@@ -61,8 +61,8 @@ class StoreInfo:
             lines.append(f"  method:   {record.get('method', 'denoiser')}, seed {a.get('seed', 'not recorded')}, "
                          f"{json.dumps(record, sort_keys=True)}")
         else:
-            lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}, "
-                         f"{json.dumps(record, sort_keys=True)}")
+            lines.append(f"  stage 1:  version {a.get('stage1_version', 1)}, seed {a.get('seed', 'not recorded')}")
+            lines += [f"    {line}" for line in stage1_lines(record)]
         if self.lease:
             lines.append(f"  in use:   by {self.lease}")
         return "\n".join(lines)
@@ -88,6 +88,52 @@ def store_info(store: StoreHandle, size: bool = True) -> StoreInfo:
         size_bytes=None if objects is None else int(sum(o.get("size") or 0 for o in objects.values())),
         objects=None if objects is None else len(objects),
         lease=None if holder is None else holder.describe() + (" (stale)" if holder.stale() else ""))
+
+
+def stage1_lines(record: dict[str, Any]) -> list[str]:
+    """A store's stage-1 record as the settings that run actually used, one readable line each (a closed-form
+    fit has no optimiser and a grid ``F`` no hash encoding, so neither is shown for it)."""
+    if not record:
+        return ["settings not recorded"]
+    views, fld = record.get("views") or {}, record.get("field") or {}
+    lo, hi = views.get("scale", (0.1, 0.5))
+    full = " + the full view" if views.get("include_full", True) else ""
+    lines = [f"views:  {views.get('num_views', '?')} random crops of {_num(100 * lo)}-{_num(100 * hi)}% of the area"
+             f"{full}, flipped with p={_num(views.get('flip_prob', 0.5))}"]
+    if not fld:
+        lines.append("F:      not recorded")
+    elif fld.get("kind") == "grid":
+        lines.append(f"F:      dense bilinear grid, {fld.get('grid_factor', 1)} node(s) per patch spacing")
+    else:
+        h = fld.get("hash") or {}
+        lines.append(f"F:      hash grid ({h.get('levels')} levels x {h.get('features_per_level')} features, table "
+                     f"2^{h.get('log2_table_size')}, resolution {h.get('base_resolution')}-{h.get('max_resolution')}) "
+                     f"+ MLP")
+    solve = record.get("linear_solve_iters") or 0
+    if solve:
+        lines.append(f"solve:  closed form, {solve} alternating F/G least-squares solves; full view weight "
+                     f"{_num(record.get('full_view_weight', 1))}, high-norm tokens above "
+                     f"{_num(record.get('high_norm', 0))}x the median left to the residual, smoothing "
+                     f"{_num(record.get('field_smooth', 0))}")
+    steps = record.get("steps") or 0
+    if steps:
+        tokens = record.get("batch_tokens") or "all"
+        residual = "on" if record.get("residual", True) else "off"
+        lines.append(f"Adam:   {steps} steps of {tokens} tokens, lr {_num(record.get('lr'))} -> "
+                     f"{_num(record.get('min_lr'))}, G frozen after {_num(100 * record.get('freeze_artifact_at', 0.5))}%, "
+                     f"residual h {residual}")
+    elif not solve:
+        lines.append("fit:    none (steps 0, no closed-form solve)")
+    if record.get("amp_dtype"):
+        lines.append(f"amp:    {record['amp_dtype']}")
+    if (record.get("clean_upsample") or 1) > 1:
+        lines.append(f"upsample: F also on a {record['clean_upsample']}x finer grid")
+    return lines
+
+
+def _num(v: Any) -> str:
+    """A recorded number compactly (``0.03``, ``1e-05``), anything else as it is."""
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
 def shape_text(v: Any) -> str:

@@ -174,11 +174,11 @@ def _create_timm(config: BackboneConfig) -> nn.Module:
         raise BackboneError(f"timm model '{config.model}' is not a ViT this wrapper supports ({e}); "
                             "use a vision transformer (vit_*, deit3_*, eva02_*) or a module:factory.") from e
     if config.weights != "none":
-        _load_into(model, load_state_dict(config.weights), config)
+        load_into(model, load_state_dict(config.weights), config)
     return model
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], config: BackboneConfig) -> None:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], config: BackboneConfig) -> None:
     """Load ``state`` with timm's own key/shape adaptation for the model's family, strictly."""
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .backbone import RANDOM_WEIGHTS_SEED, BackboneConfig, BackboneError, _load_into, create_backbone, load_state_dict
+from .backbone import RANDOM_WEIGHTS_SEED, BackboneConfig, BackboneError, load_into, create_backbone, load_state_dict
 
 __all__ = ["check_weights", "weights_identity", "file_sha256"]
 
@@ -90,22 +90,23 @@ def _check_hub_cached(model: str) -> None:
                         f"or pass --weights /path/to/file, or --weights none for random weights.")
 
 
-def check_weights(config: BackboneConfig) -> None:
-    """Raise :class:`BackboneError` now for weights the workers could not load; reads no weight values."""
-    if config.weights == "none":
-        return
-    if ":" in config.model:
-        return  # a custom factory interprets its weights argument itself
+def check_weights(config: BackboneConfig) -> dict[str, Any]:
+    """Raise :class:`BackboneError` now for weights the workers could not load (reads no weight values), and
+    return their identity (:func:`weights_identity`), so a job resolves its weights once."""
+    identity = weights_identity(config)
+    if config.weights == "none" or ":" in config.model:
+        return identity  # seeded random weights; a custom factory interprets its weights argument itself
     if config.weights == "hub":
         _check_hub_cached(config.model)
-        return
+        return identity
     state = load_state_dict(config.weights, meta=True)
     meta = dataclasses.replace(config, weights="none")
     with torch.device("meta"):
         model = create_backbone(meta).model
     try:
-        _load_into(model, state, config)
+        load_into(model, state, config)
     except BackboneError:
         raise
     except (NotImplementedError, RuntimeError) as e:  # an op without a meta kernel: the workers will tell
         _log.debug("weights %s not checked on the meta device: %s", config.weights, e)
+    return identity

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.vit.backbone import create_backbone
-from pipeline.denoise.job import DenoiseConfig, Stage1Worker, check_denoise, prepare_store
+from pipeline.denoise.job import DenoiseConfig, Stage1Worker, plan_denoise, prepare_store
 from pipeline.runtime.checks import JobConfigError
 from pipeline.io.listing import fetch_bytes
 from pipeline.denoise.methods import ArtifactFileError, ArtifactMap, store_method
@@ -107,10 +107,10 @@ def test_an_artifact_file_for_another_grid_or_backbone_is_refused_in_one_line(dv
     for change in (dict(input_size=112), dict(model="tests.custom_backbone:create", input_size=32)):
         bad = dataclasses.replace(config, output=str(tmp_path / "x.zarr"), method="bias", artifact=path, **change)
         with pytest.raises(ArtifactFileError, match="was made for other features") as e:
-            check_denoise(bad)
+            plan_denoise(bad)
         assert "\n" not in str(e.value)
     with pytest.raises(ArtifactFileError, match="does not exist"):
-        check_denoise(dataclasses.replace(config, output=str(tmp_path / "y.zarr"), method="bias",
+        plan_denoise(dataclasses.replace(config, output=str(tmp_path / "y.zarr"), method="bias",
                                           artifact=str(tmp_path / "missing.npz")))
     with pytest.raises(ArtifactFileError, match="not an artifact file"):
         (tmp_path / "junk.npz").write_bytes(b"junk")
@@ -126,12 +126,12 @@ def test_the_method_is_part_of_the_stores_identity(dvt_store, tmp_path):
     assert store_method(made.attrs) == "average" and made.attrs["method"]["copies"] == 4
     assert made.layout.arrays == ("raw", "clean") and len(made.ids()) == 3
     with pytest.raises(StoreMismatchError, match="copies"):
-        check_denoise(dataclasses.replace(average, copies=6))
+        plan_denoise(dataclasses.replace(average, copies=6))
     with pytest.raises(StoreMismatchError, match="other run settings"):
-        check_denoise(dataclasses.replace(config, output=average.output, keep_artifact=False))
-    check_denoise(dataclasses.replace(average, copies=6, allow_config_change=True))
+        plan_denoise(dataclasses.replace(config, output=average.output, keep_artifact=False))
+    plan_denoise(dataclasses.replace(average, copies=6, allow_config_change=True))
     with pytest.raises(StoreMismatchError, match="method"):  # a dvt store resumed by another method
-        check_denoise(dataclasses.replace(average, output=config.output))
+        plan_denoise(dataclasses.replace(average, output=config.output))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -144,20 +144,21 @@ def test_the_method_is_part_of_the_stores_identity(dvt_store, tmp_path):
 ])
 def test_bad_method_flags_fail_in_one_line(tmp_path, flags, message):
     with pytest.raises(JobConfigError, match=message):
-        check_denoise(DenoiseConfig(images=str(tmp_path), output=str(tmp_path / "s.zarr"), **FIXTURE, **flags))
+        plan_denoise(DenoiseConfig(images=str(tmp_path), output=str(tmp_path / "s.zarr"), **FIXTURE, **flags))
 
 
 def test_the_denoiser_method_is_dvt_apply(tmp_path, sample_images, one_torch_thread):
-    from pipeline.stage2.apply import ApplyConfig, check_apply
+    from pipeline.stage2.apply import ApplyConfig, plan_apply
 
     weights, path = write_custom_denoiser(str(tmp_path))
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "d.zarr"), method="denoiser",
                            denoiser=path, weights=weights, limit=2)
     applied = config.apply_config()
     assert applied.model is None and applied.input_size is None and applied.denoiser == path
-    resolved, layout, _, _ = check_apply(applied)
-    direct = check_apply(ApplyConfig(images=config.images, output=config.output, denoiser=path, weights=weights,
-                                     limit=2))[1]
+    plan = plan_apply(applied)
+    resolved, layout = plan.config, plan.layout
+    direct = plan_apply(ApplyConfig(images=config.images, output=config.output, denoiser=path, weights=weights,
+                                     limit=2)).layout
     assert layout == direct and layout.method == direct.method and store_method({"method": layout.method}) == "denoiser"
     assert resolved.input_size == 32
 

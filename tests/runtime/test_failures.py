@@ -16,7 +16,7 @@ from ..conftest import ROOT
 
 
 def test_interrupts_end_in_one_line_and_their_exit_status(caplog):
-    from jobs.cli import _run_job
+    from jobs.cli import run_job
 
     args = type("Args", (), {"verbose": 0})()
 
@@ -24,14 +24,14 @@ def test_interrupts_end_in_one_line_and_their_exit_status(caplog):
         raise KeyboardInterrupt
 
     def sigterm(_):
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler _run_job installs turns it into an exception
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler run_job installs turns it into an exception
         time.sleep(5)
         raise AssertionError("SIGTERM did not interrupt the job")
 
     previous = signal.getsignal(signal.SIGTERM)
     with caplog.at_level(logging.ERROR, logger="dvt"):
-        assert _run_job(sigint, args) == EXIT_INTERRUPTED
-        assert _run_job(sigterm, args) == EXIT_TERMINATED
+        assert run_job(sigint, args) == EXIT_INTERRUPTED
+        assert run_job(sigterm, args) == EXIT_TERMINATED
     assert signal.getsignal(signal.SIGTERM) is previous
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["interrupted (SIGINT): finished work is kept in the output; re-run the same command to resume",
@@ -40,8 +40,8 @@ def test_interrupts_end_in_one_line_and_their_exit_status(caplog):
 
 def test_expected_ray_line_is_dropped_from_the_console():
     """The C++ line Ray prints on every run goes, any other line (and a partial one) passes, in order."""
-    code = ("import os, re; from pipeline.runtime.ray_session import _filter_stderr, EXPECTED_RAY_LINES as P\n"
-            "_filter_stderr(P)\n"
+    code = ("import os, re; from pipeline.runtime.ray_session import filter_stderr, EXPECTED_RAY_LINES as P\n"
+            "filter_stderr(P)\n"
             "os.write(2, b'before\\n[2026-01-01 00:00:00,000 E 1 1] core_worker.cc:2465: Actor with class name: '\n"
             "         b\"'MapWorker(X)' and ID: 'ab' has constructor arguments in the object store and max_restarts\"\n"
             "         b' > 0. If the arguments ...\\n[2026 E] core_worker.cc:12: something else\\nprogress 50%\\r')\n")

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import pytest
 from pipeline.denoise.job import DenoiseConfig, run_denoise
 from pipeline.runtime.failures import EXIT_FAULT, JobFailedError
 from pipeline.store import FeatureStore
-from pipeline.testing.object_store import MotoServer
 
 from ..conftest import ROOT, StreamLines
 
@@ -23,24 +21,6 @@ TINY = dict(model="vit_small_patch14_dinov2", weights="none", input_size=56, pre
             images_per_batch=1, workers=1, cpus_per_worker=0.5, progress_every_s=1.0)
 FLAGS = ["--model", "vit_small_patch14_dinov2", "--input-size", "56", "--preset", "ci", "--views", "4", "--steps",
          "10", "--images-per-batch", "1", "--cpus-per-worker", "0.5"]
-
-@pytest.fixture()
-def own_s3(monkeypatch):
-    """A moto server of this test's own (so freezing it touches nothing else), with short S3 limits."""
-    server = MotoServer()
-    proc, endpoint = server.proc, server.endpoint
-    from pipeline.io.storage import filesystem
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    bucket = f"b{uuid.uuid4().hex[:10]}"
-    filesystem(f"s3://{bucket}")[0].mkdir(bucket)  # with the default limits: the server may still be warming up
-    assert proc.poll() is None, "moto_server exited (its port taken?)"
-    for k, v in {"DVT_S3_READ_TIMEOUT": "1", "DVT_S3_CONNECT_TIMEOUT": "1", "DVT_S3_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(k, v)
-    try:
-        yield proc, endpoint, f"s3://{bucket}"
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.denoise.job import DenoiseConfig, Stage1Worker, check_denoise, prepare_store
+from pipeline.denoise.job import DenoiseConfig, Stage1Worker, plan_denoise, prepare_store
 from pipeline.io.listing import fetch_bytes
 from pipeline.stage1.fit import Stage1Config, fit_images
 from pipeline.store import FeatureStore, StoreMismatchError
@@ -58,7 +58,7 @@ def test_a_store_keeps_the_fine_grid_with_its_geometry_and_show_draws_it(tmp_pat
     assert attrs["first"] == [8 / 128, 8 / 128] and attrs["step"] == [8 / 128, 8 / 128]
     assert store.attrs["method"]["clean_upsample"] == 2
     with pytest.raises(StoreMismatchError, match="arrays"):
-        check_denoise(dataclasses.replace(config, upsample=4))
+        plan_denoise(dataclasses.replace(config, upsample=4))
     assert main(["show", "--store", config.output, "--out", str(tmp_path / "show"), "--cell", "64"]) == 0
     with Image.open(tmp_path / "show" / "features.png") as png:
         assert png.size[0] == 10 * 64  # image, raw x3, clean x3, clean on the x2 grid, G, residual

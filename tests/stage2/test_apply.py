@@ -92,7 +92,7 @@ def test_no_raw_keeps_only_the_denoised_features(tmp_path, sample_images, traine
 
 
 def test_an_apply_store_records_its_denoiser_and_weights_and_refuses_others(tmp_path, sample_images, trained):
-    from pipeline.stage2.apply import check_apply
+    from pipeline.stage2.apply import plan_apply
 
     torch.manual_seed(1)
     other = Denoiser(DenoiserConfig(channels=384, pos_grid=(4, 4))).eval()
@@ -105,10 +105,10 @@ def test_an_apply_store_records_its_denoiser_and_weights_and_refuses_others(tmp_
     assert store.attrs["weights"]["source"] == "file" and len(store.attrs["weights"]["sha256"]) == 64
     with pytest.raises(StoreMismatchError, match=r"other run settings: denoiser: store has .*denoiser.safetensors"
                                                  r".*sha1: store has"):
-        check_apply(ApplyConfig(**{**config.__dict__, "denoiser": other_path}))
+        plan_apply(ApplyConfig(**{**config.__dict__, "denoiser": other_path}))
     with pytest.raises(StoreMismatchError, match=r"weights: store has file backbone.safetensors .* this run random"):
-        check_apply(ApplyConfig(**{**config.__dict__, "weights": "none", "allow_config_change": True}))
-    assert check_apply(ApplyConfig(**{**config.__dict__, "limit": 2}))[3]  # same denoiser and weights: fine
+        plan_apply(ApplyConfig(**{**config.__dict__, "weights": "none", "allow_config_change": True}))
+    assert plan_apply(ApplyConfig(**{**config.__dict__, "limit": 2})).existed  # same denoiser and weights: fine
 
 
 def test_apply_runs_a_denoiser_trained_on_a_custom_backbone(tmp_path, sample_images, one_torch_thread):

@@ -17,11 +17,10 @@ from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, load_denoiser
 from pipeline.runtime.fault_injection import planned_fault
 from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError
 from pipeline.testing.synthetic_pairs import synthetic_pairs, write_synthetic_store
-from pipeline.stage2.train import (TrainConfig, denoising_loss, lr_lambda, open_stores, run_training,
-                                     split_ids)
+from pipeline.stage2.train import TrainConfig, denoising_loss, lr_lambda, open_stores, run_training, split_ids
 from pipeline.stage2.train import MAX_STEPS, MIN_STEPS, PASSES, step_budget
 from pipeline.io.storage import filesystem
-from pipeline.runtime.ray_train import RUN_NAME, Plateau
+from pipeline.runtime.ray_train import RUN_NAME
 from pipeline.runtime.ray_train import denoising_loss as loss_fn
 
 
@@ -53,23 +52,11 @@ def test_loss_is_mse_plus_one_minus_cosine():
     assert loss.item() == pytest.approx((4 * x ** 2).mean().item() + 2, rel=1e-5)
 
 
-def test_warmup_then_cosine_to_zero():
-    f = lr_lambda(total_steps=100, warmup_steps=15)
-    assert f(0) == pytest.approx(1 / 15) and f(14) == pytest.approx(1.0)
-    values = [f(s) for s in range(15, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0, abs=1e-9)
+def test_peak_lr_follows_the_global_batch_only():
     config = TrainConfig(stores=["x"], output="y", batch_size=64, workers=4, base_lr=2e-4)
     assert config.peak_lr() == pytest.approx(2e-4 * (64 / 256) ** 0.5)
     # the batch is global: more workers split it, the rate stays
     assert TrainConfig(**{**config.__dict__, "workers": 1}).peak_lr() == config.peak_lr()
-
-
-def test_plateau_stops_after_patience_checks_without_a_real_improvement():
-    p = Plateau(patience=2, min_delta=0.01)
-    assert p.update(1.0, 10) and not p.stop
-    assert p.update(0.995, 20) and p.bad == 1  # a new best (its weights are kept) but not by 1%: no progress
-    assert not p.update(1.2, 30) and p.stop and (p.best, p.best_step) == (0.995, 20)
-    assert Plateau(**{**p.to_dict(), "patience": 0}).stop is False  # patience 0 trains to the budget
 
 
 def test_step_budget_grows_with_the_data_between_bounds():
@@ -100,7 +87,7 @@ def test_the_denoiser_keeps_each_images_mean_on_held_out_images(tmp_path):
     # the model and loss of the Ray Train loop, trained in-process on a synthetic store: stage-1 stores carry each
     # image's mean in `clean`, and the denoiser's output on images it never saw must keep it
     store = write_synthetic_store(str(tmp_path / "pairs.zarr"), 240, channels=64, grid=(4, 4), dtype="float32")
-    data = store.get(np.arange(240), torch=True)
+    data = store.get(np.arange(240), as_torch=True)
     raw, clean = data["raw"].float(), data["clean"].float()
     train, val = slice(0, 200), slice(200, 240)
     torch.manual_seed(0)
@@ -182,7 +169,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume_on_rerun(ray_local
     assert (stopping["reason"], stopping["budget_steps"], stopping["exported_step"]) == ("budget", 16, stopping["best_step"])
     assert stopping["best_val_loss"] == pytest.approx(min(val))
     _, val_ids = split_ids(store, 0.2)
-    pairs = store.get(val_ids, torch=True)
+    pairs = store.get(val_ids, as_torch=True)
     with torch.no_grad():
         pred = denoiser(pairs["raw"].float())
     mse = ((pred - pairs["clean"].float()) ** 2).flatten(1).mean(1).mean().item()

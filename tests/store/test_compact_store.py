@@ -7,12 +7,12 @@ import pytest
 import zarr
 
 from pipeline.store.convert import CompactConfig, convert_store
-from pipeline.denoise.job import DenoiseConfig, check_denoise
+from pipeline.denoise.job import DenoiseConfig, plan_denoise
 from pipeline.runtime.checks import JobConfigError
 from pipeline.store import FeatureStore, StoreError, StoreLayout
 from pipeline.store import layout as layout_module
 from pipeline.store.compact import dequantize, quantize
-from pipeline.store.feature_store import _read_batch
+from pipeline.store.feature_store import read_rows
 
 LAYOUT = StoreLayout(backbone="synthetic", block=0, input_size=(56, 56), patch_size=14, stride=14, grid=(4, 4),
                      channels=32)
@@ -60,7 +60,7 @@ def test_int8_round_trip_stays_within_half_a_step_per_channel(tmp_path):
     # every reader: pairs for training, the Ray Data read step
     raw, clean = next(store.iter_pairs(batch_size=6))
     np.testing.assert_array_equal(raw, back["raw"])
-    batch = _read_batch({"image_id": np.arange(3)}, url=store.url, arrays=("clean",), options="{}")
+    batch = read_rows({"image_id": np.arange(3)}, url=store.url, arrays=("clean",), options="{}")
     np.testing.assert_array_equal(batch["clean"], back["clean"][:3])
 
 
@@ -99,14 +99,12 @@ def test_a_compact_store_read_as_if_uncompressed_fails_in_one_line(tmp_path, mon
         dataclasses.replace(LAYOUT, compact={"kind": "pca", "k": 32})
 
 
-def test_denoise_writes_int8_directly_and_refuses_pca(tmp_path):
-    base = DenoiseConfig(images=str(tmp_path), output=str(tmp_path / "s.zarr"), model="tests.custom_backbone:create",
+def test_denoise_writes_int8_directly_and_refuses_pca(tmp_path, sample_images):
+    base = DenoiseConfig(images=str(sample_images[0].parent), limit=1, output=str(tmp_path / "s.zarr"), model="tests.custom_backbone:create",
                          weights="none", input_size=32, preset="ci")
-    from pipeline.denoise.job import store_layout
-
-    assert store_layout(dataclasses.replace(base, compress="int8")).compact == {"kind": "int8"}
+    assert plan_denoise(dataclasses.replace(base, compress="int8")).layout.compact == {"kind": "int8"}
     with pytest.raises(JobConfigError, match="PCA needs a basis"):
-        check_denoise(dataclasses.replace(base, compress="pca"))
+        plan_denoise(dataclasses.replace(base, compress="pca"))
 
 
 def test_the_documented_zarr_and_xarray_decoding_gives_the_features(tmp_path):

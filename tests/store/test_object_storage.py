@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from pipeline.runtime.failures import EXIT_FAULT
 from pipeline.io.storage import StorageUnavailableError
 from pipeline.store import FeatureStore, StoreLayout
-from pipeline.testing.object_store import MotoServer, free_port
+from pipeline.testing.object_store import free_port
 
 from ..conftest import ROOT
 
@@ -24,24 +23,6 @@ LAYOUT = StoreLayout(backbone="vit_small_patch14_dinov2", block=11, input_size=(
                      grid=(4, 4), channels=8, method={"steps": 10, "views": {"num_views": 4}},
                      weights={"source": "random", "seed": 0}, seed=0, stage1_version=1)
 URIS = ["a.jpg", "b.jpg"]
-
-@pytest.fixture()
-def own_s3(monkeypatch):
-    """A moto server of this test's own (so freezing it touches nothing else), with short S3 limits."""
-    server = MotoServer()
-    proc, endpoint = server.proc, server.endpoint
-    from pipeline.io.storage import filesystem
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    bucket = f"b{uuid.uuid4().hex[:10]}"
-    filesystem(f"s3://{bucket}")[0].mkdir(bucket)  # with the default limits: the server may still be warming up
-    assert proc.poll() is None, "moto_server exited (its port taken?)"
-    for k, v in {"DVT_S3_READ_TIMEOUT": "1", "DVT_S3_CONNECT_TIMEOUT": "1", "DVT_S3_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(k, v)
-    try:
-        yield proc, endpoint, f"s3://{bucket}"
-    finally:
-        server.stop()
 
 
 def _unit(store: FeatureStore, ids: list[int]) -> None:

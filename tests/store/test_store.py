@@ -86,7 +86,7 @@ def test_torch_in_and_out(store):
 
     clean = torch.from_numpy(unit_arrays([3])["clean"]).requires_grad_()
     store.write_unit(records([3]), {"raw": torch.from_numpy(unit_arrays([3])["raw"]).to(torch.bfloat16), "clean": clean})
-    out = store.read("clean", [3], torch=True)
+    out = store.read("clean", [3], as_torch=True)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float16
     torch.testing.assert_close(out.float(), clean.detach().half().float())
 
@@ -270,7 +270,7 @@ def test_local_store_and_iter_pairs(tmp_path):
     assert [len(raw) for raw, _ in batches] == [3, 3, 1]
     raw, clean = batches[1]
     np.testing.assert_array_equal(clean, unit_arrays([3, 4, 6], ("clean",))["clean"].astype("float16"))
-    shuffled = list(store.iter_pairs(batch_size=2, shuffle=True, seed=1, drop_last=True, torch=True))
+    shuffled = list(store.iter_pairs(batch_size=2, shuffle=True, seed=1, drop_last=True, as_torch=True))
     assert len(shuffled) == 3 and shuffled[0][0].shape == (2, *GRID, C)
 
 
@@ -452,3 +452,17 @@ def test_ray_dataset_view(s3_bucket, ray_local):
     assert sorted(ids.tolist()) == [0, 2, 3, 9]
     for i, c in zip(ids, clean):
         np.testing.assert_array_equal(c, feature(int(i), "clean").astype("float16"))
+
+
+def test_info_prints_the_settings_each_stage1_preset_really_uses():
+    import dataclasses
+
+    from pipeline.stage1 import PRESETS
+    from pipeline.store.inventory import stage1_lines
+
+    default = "\n".join(stage1_lines(dataclasses.asdict(PRESETS["default"])))
+    assert "24 random crops of 30-70% of the area" in default and "dense bilinear grid" in default
+    assert "closed form, 30 alternating" in default and "hash grid" not in default and "Adam" not in default
+    paper = "\n".join(stage1_lines(dataclasses.asdict(PRESETS["paper"])))
+    assert "768 random crops of 10-50%" in paper and "hash grid (16 levels" in paper and "20000 steps" in paper
+    assert "closed form" not in paper

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from pipeline.vit.backbone import BackboneConfig, create_backbone
-from pipeline.denoise.job import DenoiseConfig, check_denoise, prepare_store
+from pipeline.denoise.job import DenoiseConfig, plan_denoise, prepare_store
 from pipeline.store import FeatureStore, StoreLayout, StoreMismatchError
 from pipeline.vit.weights import weights_identity
 
@@ -89,8 +89,9 @@ def test_mixing_weights_is_refused_before_anything_runs(tmp_path, sample_images,
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "s.zarr"), limit=1, **TINY)
     prepare_store(config)  # a store made with --weights none
     with pytest.raises(StoreMismatchError, match="weights: store has random init"):
-        check_denoise(dataclasses.replace(config, weights=weights_file, limit=2))
+        plan_denoise(dataclasses.replace(config, weights=weights_file, limit=2))
     with pytest.raises(StoreMismatchError, match="seed: store has 0, this run 5"):
-        check_denoise(dataclasses.replace(config, seed=5))
-    layout, uris, existed = check_denoise(dataclasses.replace(config, limit=2))
+        plan_denoise(dataclasses.replace(config, seed=5))
+    plan = plan_denoise(dataclasses.replace(config, limit=2))
+    layout, uris, existed = plan.layout, plan.uris, plan.existed
     assert existed and len(uris) == 2 and layout.stage1_version >= 1
