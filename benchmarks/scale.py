@@ -126,16 +126,19 @@ def _folded(listed: pa.Array) -> pa.Table:
 
 
 def measure(code: str, argv: list[str], env: dict) -> dict:
-    """Run one step in a fresh process; its wall time, peak RSS (GiB) and exit status."""
-    cmd = [sys.executable, *argv]
+    """Run one step in a fresh process; its wall time, peak RSS (GiB) and exit status.
+
+    The RSS comes from ``/usr/bin/time``, which starts the step itself: a child forked from this (large) process
+    would carry this process's pages in its own high-water mark.
+    """
+    report = Path(env.get("TMPDIR", "/tmp")) / f"scale-rss-{os.getpid()}.txt"
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(report), sys.executable, *argv]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - t0
-    return {"s": round(seconds, 2), "rss_gib": round(usage.ru_maxrss / 2**20, 3), "rc": proc.returncode,
-            "tail": out.strip().splitlines()[-3:]}
+    kib = int(report.read_text().split()[-1])
+    return {"s": round(seconds, 2), "rss_gib": round(kib / 2**20, 3), "rc": proc.returncode,
+            "tail": proc.stdout.strip().splitlines()[-3:]}
 
 
 def run_steps(n: int, url: str, txt: Path, code: str, env: dict, steps: list[str]) -> dict:
