@@ -42,6 +42,7 @@ from .ray_session import init_ray
 from ..io.storage import StorageUnavailableError
 from ..store import FeatureStore, StoreError, StoreLayout
 from ..store.ledger import LedgerFolder
+from ..store.manifest import uri_array
 
 __all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
            "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
@@ -276,11 +277,10 @@ def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, ove
     Returns the store, how many images this run covers, and the listing rows it still has to do. Costs one pass
     over the listing and two columns of the (folded) ledger: no per-URI Python objects on a re-run.
     """
-    uris = list(uris)
-    store = FeatureStore.create(output, layout, uris, overwrite=overwrite, allow_config_change=allow_config_change)
+    wanted = uri_array(uris)
+    store = FeatureStore.create(output, layout, wanted, overwrite=overwrite, allow_config_change=allow_config_change)
     store.compact()  # a crashed run's or another program's parts: one object again before anything reads them
     listing = store.listing()
-    wanted = pa.array(uris, pa.string())
     head = listing["uri"].slice(0, len(wanted)).combine_chunks()
     if len(wanted) <= listing.num_rows and head.equals(wanted.cast(head.type)):
         mine = listing.slice(0, len(wanted))  # the usual case: this run's URIs are the listing's first rows

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["MANIFEST_SCHEMA", "LISTING_FILE", "PARTS_DIR", "ImageRecord", "make_listing", "extend_listing",
-           "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "ledger_paths", "read_tables",
+           "uri_array", "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "ledger_paths", "read_tables",
            "read_manifest", "latest_per_image", "status_per_row"]
 
 _log = logging.getLogger(__name__)
@@ -322,8 +322,24 @@ def make_listing(uris: Iterable[str]) -> pa.Table:
     Same order as :mod:`pipeline.io.listing`, which sorts folder and glob sources and keeps list-file order, so
     the same source always gives the same ids.
     """
-    unique = list(dict.fromkeys(str(u) for u in uris))
-    return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": pa.array(unique, pa.string())})
+    unique = uri_array(uris)
+    return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": unique})
+
+
+def uri_array(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``uris`` as one Arrow string array, repeats dropped (first one kept, order kept): built and deduplicated
+    in Arrow, so 10^7 URIs never become a Python set or dict."""
+    if isinstance(uris, pa.ChunkedArray):
+        uris = uris.combine_chunks()
+    if not isinstance(uris, pa.Array):
+        uris = uris if isinstance(uris, list) else list(uris)
+        try:
+            uris = pa.array(uris, pa.string())
+        except (pa.ArrowTypeError, pa.ArrowInvalid):  # paths or other objects: their text
+            uris = pa.array([str(u) for u in uris], pa.string())
+    uris = uris.cast(pa.string())
+    unique = pc.unique(uris)  # in order of first appearance
+    return uris if len(unique) == len(uris) else unique
 
 
 def _check_listing(table: pa.Table) -> pa.Table:
@@ -337,7 +353,7 @@ def _check_listing(table: pa.Table) -> pa.Table:
     return table.set_column(table.column_names.index("image_id"), "image_id", table["image_id"].cast(pa.int64()))
 
 
-def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Table:
+def extend_listing(old: pa.Table | None, new: pa.Table | pa.Array | Sequence[str]) -> pa.Table:
     """The listing after adding ``new``: append-only, so every image keeps its id (and its row).
 
     ``new`` is either URIs (those not listed yet get the next ids, in the order given) or a full listing
@@ -353,7 +369,7 @@ def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Ta
             raise ValueError(f"the new listing ({new.num_rows} images) does not keep the ids of the store's "
                              f"listing ({n} images): a listing may only grow at the end")
         return new
-    uris = pa.array(list(dict.fromkeys(str(u) for u in new)), pa.string())
+    uris = uri_array(new)
     n = old.num_rows
     if len(uris) >= n and uris.slice(0, n).equals(old["uri"].combine_chunks()):
         tail = uris.slice(n)  # the usual re-run: the same listing, perhaps grown at the end (no set of N strings)
