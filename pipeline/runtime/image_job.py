@@ -42,7 +42,7 @@ from .ray_session import init_ray
 from ..io.storage import StorageUnavailableError
 from ..store import FeatureStore, StoreError, StoreLayout
 from ..store.ledger import LedgerFolder
-from ..store.manifest import uri_array
+from ..store.manifest import uri_text
 
 __all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
            "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
@@ -277,7 +277,7 @@ def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, ove
     Returns the store, how many images this run covers, and the listing rows it still has to do. Costs one pass
     over the listing and two columns of the (folded) ledger: no per-URI Python objects on a re-run.
     """
-    wanted = uri_array(uris)
+    wanted = uri_text(uris)  # repeats kept: the listing drops them, and a list with repeats is no prefix of it
     store = FeatureStore.create(output, layout, wanted, overwrite=overwrite, allow_config_change=allow_config_change)
     store.compact()  # a crashed run's or another program's parts: one object again before anything reads them
     listing = store.listing()

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["MANIFEST_SCHEMA", "LISTING_FILE", "PARTS_DIR", "ImageRecord", "make_listing", "extend_listing",
-           "uri_array", "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "ledger_paths", "read_tables",
+           "uri_text", "uri_array", "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "ledger_paths", "read_tables",
            "read_manifest", "latest_per_image", "status_per_row"]
 
 _log = logging.getLogger(__name__)
@@ -326,9 +326,8 @@ def make_listing(uris: Iterable[str]) -> pa.Table:
     return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": unique})
 
 
-def uri_array(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
-    """``uris`` as one Arrow string array, repeats dropped (first one kept, order kept): built and deduplicated
-    in Arrow, so 10^7 URIs never become a Python set or dict."""
+def uri_text(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``uris`` as one Arrow string array, as given (repeats kept)."""
     if isinstance(uris, pa.ChunkedArray):
         uris = uris.combine_chunks()
     if not isinstance(uris, pa.Array):
@@ -337,7 +336,13 @@ def uri_array(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
             uris = pa.array(uris, pa.string())
         except (pa.ArrowTypeError, pa.ArrowInvalid):  # paths or other objects: their text
             uris = pa.array([str(u) for u in uris], pa.string())
-    uris = uris.cast(pa.string())
+    return uris.cast(pa.string())
+
+
+def uri_array(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``uris`` as one Arrow string array, repeats dropped (first one kept, order kept): built and deduplicated
+    in Arrow, so 10^7 URIs never become a Python set or dict."""
+    uris = uri_text(uris)
     unique = pc.unique(uris)  # in order of first appearance
     return uris if len(unique) == len(uris) else unique
 
@@ -369,13 +374,17 @@ def extend_listing(old: pa.Table | None, new: pa.Table | pa.Array | Sequence[str
             raise ValueError(f"the new listing ({new.num_rows} images) does not keep the ids of the store's "
                              f"listing ({n} images): a listing may only grow at the end")
         return new
-    uris = uri_array(new)
+    uris = uri_text(new)
     n = old.num_rows
-    if len(uris) >= n and uris.slice(0, n).equals(old["uri"].combine_chunks()):
-        tail = uris.slice(n)  # the usual re-run: the same listing, perhaps grown at the end (no set of N strings)
-        added = tail.filter(pc.invert(pc.is_in(tail, value_set=old["uri"].combine_chunks()))) if len(tail) else tail
+    known = old["uri"].combine_chunks()
+    if len(uris) >= n and uris.slice(0, n).equals(known):
+        # The usual re-run: the same listing (its URIs are distinct), perhaps grown at the end. Only the tail is
+        # deduplicated and looked up: no pass over N strings but the comparison.
+        tail = uri_array(uris.slice(n)) if len(uris) > n else uris.slice(n)
+        added = tail.filter(pc.invert(pc.is_in(tail, value_set=known))) if len(tail) else tail
     else:
-        added = uris.filter(pc.invert(pc.is_in(uris, value_set=old["uri"].combine_chunks())))
+        uris = uri_array(uris)
+        added = uris.filter(pc.invert(pc.is_in(uris, value_set=known)))
     if not len(added):
         return old
     start = old.num_rows
