@@ -126,18 +126,20 @@ def _folded(listed: pa.Array) -> pa.Table:
 
 
 def measure(code: str, argv: list[str], env: dict) -> dict:
-    """Run one step in a fresh process; its wall time, peak RSS (GiB) and exit status.
+    """Run one step in a fresh process; its wall time, CPU time (user + system: on a machine shared with other
+work it moves less than wall time), peak RSS (GiB) and exit status.
 
     The RSS comes from ``/usr/bin/time``, which starts the step itself: a child forked from this (large) process
     would carry this process's pages in its own high-water mark.
     """
     report = Path(env.get("TMPDIR", "/tmp")) / f"scale-rss-{os.getpid()}.txt"
-    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(report), sys.executable, *argv]
+    cmd = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(report), sys.executable, *argv]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - t0
-    kib = int(report.read_text().split()[-1])
-    return {"s": round(seconds, 2), "rss_gib": round(kib / 2**20, 3), "rc": proc.returncode,
+    kib, user, system = report.read_text().split()[-3:]
+    return {"s": round(seconds, 2), "cpu_s": round(float(user) + float(system), 2),
+            "rss_gib": round(int(kib) / 2**20, 3), "rc": proc.returncode,
             "tail": proc.stdout.strip().splitlines()[-3:]}
 
 
@@ -153,7 +155,8 @@ def run_steps(n: int, url: str, txt: Path, code: str, env: dict, steps: list[str
     out = {}
     for step in steps:
         out[step] = measure(code, commands[step], env)
-        _log.info("N=%d %s: %.1f s, %.2f GiB, rc %d %s", n, step, out[step]["s"], out[step]["rss_gib"],
+        _log.info("N=%d %s: %.1f s (%.1f s CPU), %.2f GiB, rc %d %s", n, step, out[step]["s"], out[step]["cpu_s"],
+                  out[step]["rss_gib"],
                   out[step]["rc"], out[step]["tail"][-1:] if out[step]["rc"] else "")
     return out
 
@@ -168,6 +171,7 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", default=["info", "todo", "resume", "compact", "info", "todo", "resume"],
                         help="steps in order; 'compact' folds the ledger as the job leaves it")
     parser.add_argument("--keep", action="store_true", help="keep the stores")
+    parser.add_argument("--reuse", action="store_true", help="measure the local store a --keep run left (no build)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -191,11 +195,14 @@ def main() -> None:
     try:
         for n in args.sizes:
             local = Path(args.root) / f"n{n}"
-            shutil.rmtree(local, ignore_errors=True)
             url = f"s3://dvt-scale/n{n}.zarr" if args.s3 else str(local / "store.zarr")
             txt = local / "images.txt"
-            built = build(n, url, txt, folded=args.prefolded, storage_options=storage_options)
-            _log.info("N=%d built: listing %.1f s, ledger %.1f s", n, built["listing_s"], built["ledger_s"])
+            if args.reuse and txt.exists() and not args.s3:
+                built = {"reused": str(local)}
+            else:
+                shutil.rmtree(local, ignore_errors=True)
+                built = build(n, url, txt, folded=args.prefolded, storage_options=storage_options)
+            _log.info("N=%d built: %s", n, built)
             row = {"n": n, "s3": args.s3, "prefolded": args.prefolded, "build": built, "steps": []}
             phase = "folded" if args.prefolded else "parts"
             for step in args.steps:
@@ -205,7 +212,7 @@ def main() -> None:
                     phase = "folded"
             results.append(row)
             print(json.dumps(row))
-            if not args.keep:
+            if not (args.keep or args.reuse):
                 shutil.rmtree(local, ignore_errors=True)
     finally:
         if server is not None:
