@@ -281,8 +281,8 @@ def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, ove
     store = FeatureStore.create(output, layout, wanted, overwrite=overwrite, allow_config_change=allow_config_change)
     store.compact()  # a crashed run's or another program's parts: one object again before anything reads them
     listing = store.listing()
-    head = listing["uri"].slice(0, len(wanted)).combine_chunks()
-    if len(wanted) <= listing.num_rows and head.equals(wanted.cast(head.type)):
+    head = listing["uri"].slice(0, len(wanted))
+    if len(wanted) <= listing.num_rows and head.equals(pa.chunked_array([wanted.cast(head.type)])):
         mine = listing.slice(0, len(wanted))  # the usual case: this run's URIs are the listing's first rows
     else:
         mine = listing.filter(pc.is_in(listing["uri"], wanted))

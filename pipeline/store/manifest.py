@@ -376,15 +376,15 @@ def extend_listing(old: pa.Table | None, new: pa.Table | pa.Array | Sequence[str
         return new
     uris = uri_text(new)
     n = old.num_rows
-    known = old["uri"].combine_chunks()
-    if len(uris) >= n and uris.slice(0, n).equals(known):
+    known = old["uri"]
+    if len(uris) >= n and pa.chunked_array([uris.slice(0, n)]).equals(known):  # chunk by chunk: no copy of N URIs
         # The usual re-run: the same listing (its URIs are distinct), perhaps grown at the end. Only the tail is
         # deduplicated and looked up: no pass over N strings but the comparison.
         tail = uri_array(uris.slice(n)) if len(uris) > n else uris.slice(n)
-        added = tail.filter(pc.invert(pc.is_in(tail, value_set=known))) if len(tail) else tail
+        added = tail.filter(pc.invert(pc.is_in(tail, value_set=known.combine_chunks()))) if len(tail) else tail
     else:
         uris = uri_array(uris)
-        added = uris.filter(pc.invert(pc.is_in(uris, value_set=known)))
+        added = uris.filter(pc.invert(pc.is_in(uris, value_set=known.combine_chunks())))
     if not len(added):
         return old
     start = old.num_rows
