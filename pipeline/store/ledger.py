@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 import fsspec
 import pyarrow as pa
 
-from .manifest import PARTS_DIR, ledger_paths, latest_per_image, parquet_bytes, put_atomic, read_tables, unit_id
+from .manifest import PARTS_DIR, _is_compact, ledger_paths, latest_per_image, parquet_bytes, put_atomic, read_tables, unit_id
 
 __all__ = ["FOLD_EVERY", "LedgerFolder", "fold", "fold_all", "compact_parts", "part_path"]
 
@@ -39,6 +39,8 @@ _log = logging.getLogger(__name__)
 
 #: Finished units between two folds during a run (256 units of 16 images: 4,096 manifest rows per fold).
 FOLD_EVERY = 256
+#: Parts read at once when folding a whole ledger.
+FOLD_BATCH = 4096
 
 
 def part_path(root: str, ids: Sequence[int]) -> str:
@@ -65,14 +67,28 @@ def fold(fs: fsspec.AbstractFileSystem, root: str, paths: Sequence[str]) -> tupl
     return out, table.num_rows, len(read)
 
 
-def fold_all(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str | None, int, int]:
+def fold_all(fs: fsspec.AbstractFileSystem, root: str, batch: int = FOLD_BATCH) -> tuple[str | None, int, int]:
     """Fold every object of the ledger into one (driver only, no worker running). A ledger that is already one
-    object is left as it is. Returns what :func:`fold` returns, the existing object when there was nothing to do."""
+    object is left as it is. Returns what :func:`fold` returns, the existing object when there was nothing to do.
+
+    Many parts (a crashed run's, an older store's) are folded ``batch`` at a time first, then the batches
+    together: thousands of tiny tables held at once cost far more memory than their rows.
+    """
     paths = ledger_paths(fs, root)
     if len(paths) <= 1:
         rows = -1 if paths else 0  # unknown without reading it; LedgerFolder reads nothing it does not need
         return (paths[0] if paths else None), rows, 0
-    return fold(fs, root, paths)
+    merged, made = 0, 0
+    if len(paths) > batch:
+        compacts = [p for p in paths if _is_compact(p)]
+        parts = [p for p in paths if not _is_compact(p)]
+        for start in range(0, len(parts), batch):
+            out, _, n = fold(fs, root, parts[start:start + batch])
+            merged, made = merged + n, made + (out is not None)
+            compacts += [out] if out else []
+        paths = compacts
+    out, rows, n = fold(fs, root, paths)
+    return out, rows, merged + n - made  # objects of the ledger merged, not counting this fold's own batches
 
 
 def compact_parts(fs: fsspec.AbstractFileSystem, root: str) -> tuple[int, str | None]:

@@ -227,3 +227,15 @@ def test_write_part_names_what_the_folder_expects(tmp_path):
     store = FeatureStore.create(url, LAYOUT, uris(8))
     written = write_part(store.fs, store.root, [ImageRecord(image_id=i) for i in (5, 3, 4)], unit_id([5, 3, 4]))
     assert Path(written).name == Path(part_path(store.root, [3, 4, 5])).name
+
+
+def test_a_whole_ledger_is_folded_in_batches_to_one_object(tmp_path):
+    url = str(tmp_path / "store.zarr")
+    store = FeatureStore.create(url, LAYOUT, uris(40))
+    for i in range(0, 36, 2):
+        commit(store, [i, i + 1], failed={6})
+    commit(store, [6, 7])  # the retried unit: ok now
+    path, rows, merged = fold_all(store.fs, store.root, batch=4)  # 18 parts, 5 batches, then one object
+    assert (rows, merged) == (36, 18) and objects(store) == [path.rsplit("/", 1)[-1]]
+    assert read_manifest(store.fs, store.root, dedup=False)["image_id"].to_pylist() == list(range(36))
+    assert FeatureStore.open(url).ids("ok").tolist() == list(range(36))
