@@ -41,7 +41,9 @@ def _describe(module) -> str:
     return (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``dvt`` parser; with ``only``, just that command's flags, so ``dvt store info`` does not import every
+    job's module (torch, timm) before it runs."""
     from pipeline import __version__
 
     parser = argparse.ArgumentParser(
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in JOBS.items():
+        if only is not None and name != only:
+            continue
         module = importlib.import_module(module_name)
         desc = _describe(module)
         p = sub.add_parser(name, help=desc, description=desc)
@@ -59,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(command if command in JOBS and not {"-h", "--help"} & set(words[:words.index(command)])
+                          else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

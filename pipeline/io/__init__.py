@@ -8,11 +8,28 @@
 This wing is the ground floor: it imports no other wing of ``pipeline``, like ``timm.layers``.
 """
 
-from .decode import DecodeConfig, DecodedImage, ImageDecodeError, decode_image, resize_to_tensor
-from .listing import ListingError, fetch_bytes, iter_uris, list_uris, read_listing, write_listing
-from .storage import (AccessDeniedError, BucketNotFoundError, StorageUnavailableError, filesystem, is_local,
-                      is_remote, local_path, storage_errors, storage_options, strip_protocol, with_protocol,
-                      zarr_location)
+import importlib
+from typing import Any
+
+#: Where each public name lives. Resolved on first use, so importing ``pipeline.io.storage`` (as the store and
+#: ``dvt store info`` do) does not import torch through :mod:`.decode`.
+_WHERE = {
+    **dict.fromkeys(["DecodeConfig", "DecodedImage", "ImageDecodeError", "decode_image", "resize_to_tensor"], "decode"),
+    **dict.fromkeys(["ListingError", "fetch_bytes", "iter_uris", "list_uris", "read_listing", "write_listing"],
+                    "listing"),
+    **dict.fromkeys(["AccessDeniedError", "BucketNotFoundError", "StorageUnavailableError", "filesystem", "is_local",
+                     "is_remote", "local_path", "storage_errors", "storage_options", "strip_protocol",
+                     "with_protocol", "zarr_location"], "storage"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["DecodeConfig", "DecodedImage", "ImageDecodeError", "decode_image", "resize_to_tensor", "ListingError",
            "fetch_bytes", "iter_uris", "list_uris", "read_listing", "write_listing", "AccessDeniedError",

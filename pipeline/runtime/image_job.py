@@ -41,6 +41,8 @@ from .progress import Progress
 from .ray_session import init_ray
 from ..io.storage import StorageUnavailableError
 from ..store import FeatureStore, StoreError, StoreLayout
+from ..store.ledger import LedgerFolder
+from ..store.manifest import ROW_OK, ROW_PENDING, uri_text
 
 __all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
            "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
@@ -272,15 +274,22 @@ class JobWorker(ImageBatchWorker):
 
 def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, overwrite: bool = False,
                    allow_config_change: bool = False, retry_failed: bool = True) -> tuple[FeatureStore, int, pa.Table]:
-    """Create or reopen the store for a run over ``uris``.
+    """Create or reopen the store for a run over ``uris``; fold a ledger an earlier run left unfolded.
 
-    Returns the store, how many images this run covers, and the listing rows it still has to do.
+    Returns the store, how many images this run covers, and the listing rows it still has to do. Costs one pass
+    over the listing and two columns of the (folded) ledger: no per-URI Python objects on a re-run.
     """
-    store = FeatureStore.create(output, layout, list(uris), overwrite=overwrite, allow_config_change=allow_config_change)
+    wanted = uri_text(uris)  # repeats kept: the listing drops them, and a list with repeats is no prefix of it
+    store = FeatureStore.create(output, layout, wanted, overwrite=overwrite, allow_config_change=allow_config_change)
+    store.compact()  # a crashed run's or another program's parts: one object again before anything reads them
     listing = store.listing()
-    mine = listing.filter(pc.is_in(listing["uri"], pa.array(list(uris), pa.string())))
-    todo = store.todo(retry_failed=retry_failed)
-    pending = mine.filter(pc.is_in(mine["image_id"], pa.array(todo, pa.int64())))
+    head = listing["uri"].slice(0, len(wanted))
+    if len(wanted) <= listing.num_rows and head.equals(pa.chunked_array([wanted.cast(head.type)])):
+        mine = listing.slice(0, len(wanted))  # the usual case: this run's URIs are the listing's first rows
+    else:
+        mine = listing.filter(pc.is_in(listing["uri"], wanted))
+    status = store.row_status()[mine["image_id"].to_numpy()]
+    pending = mine.filter(pa.array(status != ROW_OK if retry_failed else status == ROW_PENDING))
     return store, mine.num_rows, pending
 
 
@@ -309,14 +318,16 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
     :class:`JobFailedError` with one line; units committed before it stay in the store. A run with nothing to
     do leaves the store untouched.
     """
-    import ray
-
     started = time.monotonic() if started is None else started
     todo = pending.num_rows
     _log.info("%s: %d images into %s, %d to do; %d worker(s) with %.2g GPU and %.2g CPU each",
               job, covered, store.url, todo, workers, gpus, cpus)
     progress = Progress(total=todo, label=job, every_s=progress_every_s)
+    folder = LedgerFolder(store.fs, store.root)
     if todo:
+        import ray
+
+        folder.start()
         # One batch per block, so one actor task is one store unit: work spreads evenly over the actors (a
         # block of several batches is one task, which one actor takes whole) and a retry redoes one unit only.
         per_block = max(images_per_batch, 1)
@@ -333,13 +344,16 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         # No prefetch: with it, Ray Data holds each result back until the next one arrives, so progress runs one
         # unit late and a worker's fault reaches the driver only after the next unit (a second timeout) too.
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
+        finished = False
         try:
             for out in batches:
                 _raise_fatal(job, out, progress)
                 if lease is not None:
                     lease.check()
+                folder.add(out["image_id"].tolist())  # its task is over: its part will not change again
                 failed = int((out["status"] == "failed").sum())
                 progress.update(ok=len(out["status"]) - failed, failed=failed)
+            finished = True
         except (JobFailedError, StoreError):
             raise
         except Exception as e:  # Ray's own errors: actors or nodes lost for good
@@ -351,6 +365,7 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+            _settle_ledger(folder, finished)
     seconds = time.monotonic() - started
     info = store.refresh().info(size=False)
     summary = JobSummary(
@@ -363,6 +378,18 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _log.info("%s", summary.format())
     return summary
+
+
+def _settle_ledger(folder: LedgerFolder, finished: bool) -> None:
+    """Fold the ledger as the run ends: all of it after a finished run; after a stopped one only the parts of
+    units known to be over (workers may still be writing others), and never hiding the error that stopped it."""
+    if finished:
+        folder.finish()
+        return
+    try:
+        folder.fold_pending()
+    except Exception as e:  # noqa: BLE001 - the next run folds what is left
+        _log.warning("could not fold the ledger after the run stopped (%s); the next run folds it", one_line(e))
 
 
 def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> None:
@@ -383,11 +410,15 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
                   worker: type[JobWorker], started: float, settings: Mapping[str, Any] | None = None) -> JobSummary:
     """Run a checked job: start (or join) Ray, hold the store's lease, create or reopen the store, size the actors
     and run ``worker`` over what is left to do (:func:`run_image_job`)."""
-    init_ray(config.dashboard)
     with store_session(config.output, job, existed=existed and not config.overwrite) as lease:
         store, covered, pending = open_job_store(config.output, layout, uris, overwrite=config.overwrite,
                                                  allow_config_change=config.allow_config_change,
                                                  retry_failed=config.retry_failed)
+        if not pending.num_rows:  # nothing to do: no Ray to start
+            return run_image_job(job=job, store=store, covered=covered, pending=pending, worker=worker,
+                                 worker_kwargs={}, images_per_batch=1, workers=config.workers, gpus=0.0, cpus=0.0,
+                                 progress_every_s=config.progress_every_s, started=started, lease=lease)
+        init_ray(config.dashboard)
         gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
         config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
         return run_image_job(job=job, store=store, covered=covered, pending=pending, worker=worker,

@@ -156,7 +156,7 @@ def split_ids(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.
 
     With ``val_fraction > 0`` and at least two images, at least one image is held out.
     """
-    m = store.manifest()
+    m = store.manifest(columns=("image_id", "status", "uri"))
     ok = np.asarray(m["status"].to_numpy(zero_copy_only=False) == "ok")
     ids = m["image_id"].to_numpy()[ok]
     uris = np.asarray(m["uri"].to_pylist(), dtype=object)[ok]

@@ -19,8 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from .manifest import LISTING_FILE, STATUS_FAILED, STATUS_OK, ImageRecord, compact_parts, read_manifest
 from ..io.storage import filesystem, s3_endpoint, storage_errors, zarr_location
+from .ledger import compact_parts
+from .manifest import (LISTING_FILE, ROW_FAILED, ROW_OK, ROW_PENDING, STATUS_FAILED, STATUS_OK, ImageRecord,
+                       read_manifest, status_per_row)
 from .compact import decode, storage_arrays, stored_names
 from .create import create_store
 from .errors import StoreError, StoreMismatchError
@@ -150,13 +152,17 @@ class FeatureStore:
                 self._listing = pq.read_table(pa.BufferReader(self.fs.cat_file(f"{self.root}/{LISTING_FILE}")))
         return self._listing
 
-    def manifest(self, refresh: bool = False) -> pa.Table:
-        """One manifest row per finished image (ok or failed), sorted by ``image_id``. Cached until ``refresh``."""
+    def manifest(self, refresh: bool = False, columns: Sequence[str] | None = None) -> pa.Table:
+        """One manifest row per finished image (ok or failed), sorted by ``image_id``. The whole manifest is
+        cached until ``refresh``; asking for some ``columns`` reads only those (and is not cached)."""
+        if columns is not None and (self._manifest is None or refresh):
+            with storage_errors(self.url):
+                return read_manifest(self.fs, self.root, columns=columns)
         if self._manifest is None or refresh:
             with storage_errors(self.url):
                 self._manifest = read_manifest(self.fs, self.root)
             self._status = None
-        return self._manifest
+        return self._manifest if columns is None else self._manifest.select(list(columns))
 
     def refresh(self) -> FeatureStore:
         """Forget the cached manifest, so the next read sees units committed since."""
@@ -164,15 +170,15 @@ class FeatureStore:
         return self
 
     def row_status(self) -> np.ndarray:
-        """Per row: 0 pending, 1 ok, 2 failed (cached with the manifest)."""
-        m = self.manifest()
+        """Per row: ``ROW_PENDING``, ``ROW_OK`` or ``ROW_FAILED`` (cached with the manifest). Reads only the ledger's ``image_id`` and
+        ``status`` columns unless the whole manifest is already cached."""
         if self._status is None:
-            status = np.zeros(self.num_rows, dtype=np.int8)
-            ids = m["image_id"].to_numpy()
-            code = np.where(pc.equal(m["status"], STATUS_OK).to_numpy(zero_copy_only=False), 1, 2).astype(np.int8)
-            keep = ids < self.num_rows  # rows a driver added after this store was opened are not ours to judge
-            status[ids[keep]] = code[keep]
-            self._status = status
+            if self._manifest is not None:
+                table = self._manifest
+            else:
+                with storage_errors(self.url):
+                    table = read_manifest(self.fs, self.root, dedup=False, columns=("image_id", "status"))
+            self._status = status_per_row(table, self.num_rows)
         return self._status
 
     def update_attrs(self, **attrs: Any) -> None:
@@ -188,12 +194,12 @@ class FeatureStore:
         """Sorted image ids whose manifest status is ``status`` (``"ok"`` or ``"failed"``)."""
         if status not in (STATUS_OK, STATUS_FAILED):
             raise ValueError(f"status must be 'ok' or 'failed', got {status!r}")
-        return np.flatnonzero(self.row_status() == (1 if status == STATUS_OK else 2))
+        return np.flatnonzero(self.row_status() == (ROW_OK if status == STATUS_OK else ROW_FAILED))
 
     def todo(self, retry_failed: bool = False) -> np.ndarray:
         """Ids a run still has to process: listed images without a manifest entry (and failed ones on request)."""
         status = self.row_status()
-        return np.flatnonzero(status != 1 if retry_failed else status == 0)
+        return np.flatnonzero(status != ROW_OK if retry_failed else status == ROW_PENDING)
 
     # ------------------------------------------------------------------------------------------ writing
     def unit(self) -> UnitWriter:
@@ -256,7 +262,7 @@ class FeatureStore:
             raise KeyError(f"{self.url} has no array {sorted(unknown)}; it holds {list(self.layout.arrays)}")
         if check:
             in_range = (ids >= 0) & (ids < self.num_rows)
-            not_ok = ids[~in_range].tolist() + ids[in_range][self.row_status()[ids[in_range]] != 1].tolist()
+            not_ok = ids[~in_range].tolist() + ids[in_range][self.row_status()[ids[in_range]] != ROW_OK].tolist()
             if not_ok:
                 raise KeyError(f"images {not_ok[:10]} are not finished (ok) in {self.url}")
         uniq, inverse = np.unique(ids, return_inverse=True)
@@ -295,7 +301,7 @@ class FeatureStore:
         batches = [ids[i:i + batch_size] for i in range(0, stop, batch_size)]
         if not batches:
             return
-        self.manifest()  # fetched once, here, not in the prefetch thread
+        self.row_status()  # fetched once, here, not in the prefetch thread
 
         def load(batch: np.ndarray) -> dict[str, Any]:
             return self.get(batch, ("raw", "clean"), as_torch=as_torch)
@@ -319,7 +325,7 @@ class FeatureStore:
         """
         import ray.data
 
-        m = self.manifest()
+        m = self.manifest(columns=["image_id", "status", "uri"] if with_uri else ["image_id", "status"])
         m = m.filter(pc.equal(m["status"], STATUS_OK)).select(["image_id", "uri"] if with_uri else ["image_id"])
         if ids is not None:
             m = m.filter(pc.is_in(m["image_id"], pa.array(np.asarray(ids, dtype=np.int64))))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from .manifest import PARTS_DIR, STATUS_FAILED
+from .manifest import PARTS_DIR, ROW_FAILED, ROW_OK, STATUS_FAILED, status_per_row
 from ..io.storage import storage_errors
 from .handle import StoreHandle
 from .layout import describe_weights
@@ -70,9 +70,9 @@ class StoreInfo:
 
 def store_info(store: StoreHandle, size: bool = True) -> StoreInfo:
     """:meth:`FeatureStore.info`: counts, failure reasons, attributes, arrays and (``size``) bytes on storage."""
-    m = store.refresh().manifest()
-    status = store.row_status()
-    ok, failed = int((status == 1).sum()), int((status == 2).sum())
+    m = store.refresh().manifest(columns=("image_id", "status", "error"))  # not the listing, not the other columns
+    status = status_per_row(m, store.num_rows)
+    ok, failed = int((status == ROW_OK).sum()), int((status == ROW_FAILED).sum())
     failed_rows = m.filter(pc.equal(m["status"], STATUS_FAILED))["error"].to_pylist()
     errors = [e.splitlines()[0][:120] if e else "unknown" for e in failed_rows]
     with storage_errors(store.url):

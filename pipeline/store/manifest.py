@@ -4,10 +4,12 @@
   and ``uri``. ``image_id`` is the row of every array, so a re-run maps each image to the same row. The
   listing only ever grows at the end: known URIs keep their ids and new ones get the next ids.
 * ``manifest/parts/part-<unit>.parquet`` (one object per work unit, written after the unit's array data):
-  one row per image of the unit with :data:`MANIFEST_SCHEMA`. An image counts as done only when a part holds
-  a row for it. A retried unit has the same ``<unit>`` name and overwrites its own part.
+  one row per image of the unit with :data:`MANIFEST_SCHEMA`. An image counts as done only when a ledger
+  object holds a row for it. A retried unit has the same ``<unit>`` name and overwrites its own part.
+* ``manifest/parts/compact-<time>-<tag>.parquet`` (written by the driver, :mod:`.ledger`): parts folded
+  together, same columns, one row per image. The job folds as it goes, so the folder stays small.
 
-Several parts may hold the same ``image_id`` (a retried failure, or a unit retried with other rows): the
+Several objects may hold the same ``image_id`` (a retried failure, or a unit retried with other rows): the
 row with ``status == "ok"`` wins, then the latest ``written_at``. See ``docs/store.md``.
 """
 
@@ -27,10 +29,12 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["MANIFEST_SCHEMA", "LISTING_FILE", "PARTS_DIR", "ImageRecord", "make_listing", "extend_listing",
-           "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "read_manifest", "latest_per_image", "compact_parts"]
+           "uri_text", "uri_array", "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "ledger_paths", "read_tables",
+           "read_manifest", "latest_per_image", "status_per_row"]
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ MAX_ERROR = 2000
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+#: A row's state as :meth:`FeatureStore.row_status` codes it (int8, one per store row): no ledger entry yet, an ok
+#: entry, only failed entries. The ledger itself stores the strings above.
+ROW_PENDING, ROW_OK, ROW_FAILED = 0, 1, 2
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("image_id", pa.int64(), nullable=False),
@@ -190,7 +197,8 @@ def write_part(fs: fsspec.AbstractFileSystem, root: str, records: Sequence[Image
     return path
 
 
-def _part_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+def ledger_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Every object of the ledger (``part-*`` and ``compact-*`` Parquet under ``manifest/parts``), sorted."""
     # Always a fresh listing: s3fs caches directory listings per filesystem instance, and other processes
     # (the workers) add parts all the time.
     fs.invalidate_cache(f"{root}/{PARTS_DIR}")
@@ -203,34 +211,82 @@ def _part_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
                   if name.endswith(".parquet") and name.startswith(("part-", "compact-")))
 
 
-def read_manifest(fs: fsspec.AbstractFileSystem, root: str, *, dedup: bool = True) -> pa.Table:
-    """Union of all manifest parts (one concurrent batch of GETs), deduplicated per image by default.
+def _schema(columns: Sequence[str] | None) -> pa.Schema:
+    if columns is None:
+        return MANIFEST_SCHEMA
+    unknown = set(columns) - set(MANIFEST_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"the manifest has no column {sorted(unknown)}; it has {MANIFEST_SCHEMA.names}")
+    return pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
 
-    A part that cannot be parsed (only possible if something other than this module wrote it) is skipped
-    with a warning: its images are simply not done. A part that vanished since the listing (merged by a
-    compaction) is skipped quietly; any other read error (storage unavailable) is raised, since a manifest with
-    holes would send finished images to be done again.
+
+def is_compact(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].startswith("compact-")
+
+
+def read_tables(fs: fsspec.AbstractFileSystem, paths: list[str],
+                columns: Sequence[str] | None = None) -> tuple[list[pa.Table], list[str]]:
+    """The ledger objects ``paths`` as tables of ``columns`` (all by default), and the paths that were read.
+
+    Parts (small) are fetched in one concurrent batch; ``compact-*`` objects are opened and only the asked
+    columns' byte ranges read. An object that vanished since it was listed (folded meanwhile) is skipped
+    quietly; one that is not valid Parquet (only possible if something other than this package wrote it) is
+    skipped with a warning: its images are simply not done. Any other read error (storage unavailable) is
+    raised, since a manifest with holes would send finished images to be done again.
     """
-    paths = _part_paths(fs, root)
-    if not paths:
-        return MANIFEST_SCHEMA.empty_table()
-    blobs = fs.cat(paths, on_error="return")
-    tables = []
+    schema = _schema(columns)
+    cols = None if columns is None else list(columns)
+    tables: list[pa.Table] = []
+    read: list[str] = []
+
+    def parse(path: str, source: object) -> None:
+        try:
+            table = pq.read_table(source, columns=cols)
+            tables.append(table.select(schema.names).cast(schema))
+            read.append(path)
+        except (pa.ArrowException, ValueError, KeyError) as e:
+            _log.warning("manifest object %s is not valid Parquet of the manifest's columns (%s); its images count "
+                         "as not done", path, e)
+
+    parts = [p for p in paths if not is_compact(p)]
     for path in paths:
-        blob = blobs.get(path) if isinstance(blobs, dict) else blobs
-        if isinstance(blob, FileNotFoundError):
-            continue
-        if isinstance(blob, BaseException):
-            raise blob
-        if blob is None:
-            _log.warning("manifest part %s could not be read; its images count as not done", path)
+        if not is_compact(path):
             continue
         try:
-            tables.append(pq.read_table(pa.BufferReader(blob)).cast(MANIFEST_SCHEMA))
-        except (pa.ArrowException, ValueError) as e:
-            _log.warning("manifest part %s is not valid Parquet (%s); its images count as not done", path, e)
-    table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
-    return latest_per_image(table) if dedup else table
+            with fs.open(path, "rb") as f:
+                parse(path, f)
+        except FileNotFoundError:
+            continue
+    if parts:
+        blobs = fs.cat(parts, on_error="return")
+        for path in parts:
+            blob = blobs.get(path) if isinstance(blobs, dict) else blobs
+            if isinstance(blob, FileNotFoundError):
+                continue
+            if isinstance(blob, BaseException):
+                raise blob
+            if blob is None:
+                _log.warning("manifest part %s could not be read; its images count as not done", path)
+                continue
+            parse(path, pa.BufferReader(blob))
+    return tables, read
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str, *, dedup: bool = True,
+                  columns: Sequence[str] | None = None) -> pa.Table:
+    """Union of every ledger object, deduplicated per image by default (see :func:`read_tables` for errors).
+
+    ``columns`` keeps only those (deduplication also reads ``image_id``, ``status`` and ``written_at``, and
+    returns only ``columns``): a step that needs a status per image reads two columns, not all thirteen.
+    """
+    need = None
+    if columns is not None:
+        need = list(dict.fromkeys([*columns, *(("image_id", "status", "written_at") if dedup else ())]))
+    tables, _ = read_tables(fs, ledger_paths(fs, root), need)
+    table = pa.concat_tables(tables) if tables else _schema(need).empty_table()
+    if dedup:
+        table = latest_per_image(table)
+    return table if columns is None else table.select(list(columns))
 
 
 def latest_per_image(table: pa.Table) -> pa.Table:
@@ -247,19 +303,18 @@ def latest_per_image(table: pa.Table) -> pa.Table:
     return table.take(pa.array(order[first]))
 
 
-def compact_parts(fs: fsspec.AbstractFileSystem, root: str) -> tuple[int, str | None]:
-    """Merge every part into one ``compact-*.parquet`` object and delete the merged parts. Driver only, with
-    no writer running. Readers stay correct throughout: they deduplicate, and the compact object is written
-    before any part is deleted. Returns (number of parts merged, path of the new object)."""
-    paths = _part_paths(fs, root)
-    if len(paths) <= 1:
-        return 0, None
-    table = read_manifest(fs, root, dedup=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    path = f"{root}/{PARTS_DIR}/compact-{stamp}.parquet"
-    put_atomic(fs, path, parquet_bytes(table))
-    fs.rm([p for p in paths if p != path])
-    return len(paths), path
+def status_per_row(table: pa.Table, num_rows: int) -> np.ndarray:
+    """Per row of a store of ``num_rows``: ``ROW_PENDING``, ``ROW_OK`` or ``ROW_FAILED``, from undeduplicated ledger rows with
+    ``image_id`` and ``status`` (``ok`` wins over any ``failed`` row of the same image, as in deduplication)."""
+    status = np.full(num_rows, ROW_PENDING, dtype=np.int8)
+    if table.num_rows == 0:
+        return status
+    ids = table["image_id"].to_numpy()
+    ok = table["status"].to_numpy(zero_copy_only=False) == STATUS_OK
+    keep = ids < num_rows  # rows a driver added after this store was opened are not ours to judge
+    status[ids[keep & ~ok]] = ROW_FAILED
+    status[ids[keep & ok]] = ROW_OK
+    return status
 
 
 # ---------------------------------------------------------------------------------------------------- listing
@@ -270,8 +325,29 @@ def make_listing(uris: Iterable[str]) -> pa.Table:
     Same order as :mod:`pipeline.io.listing`, which sorts folder and glob sources and keeps list-file order, so
     the same source always gives the same ids.
     """
-    unique = list(dict.fromkeys(str(u) for u in uris))
-    return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": pa.array(unique, pa.string())})
+    unique = uri_array(uris)
+    return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": unique})
+
+
+def uri_text(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``uris`` as one Arrow string array, as given (repeats kept)."""
+    if isinstance(uris, pa.ChunkedArray):
+        uris = uris.combine_chunks()
+    if not isinstance(uris, pa.Array):
+        uris = uris if isinstance(uris, list) else list(uris)
+        try:
+            uris = pa.array(uris, pa.string())
+        except (pa.ArrowTypeError, pa.ArrowInvalid):  # paths or other objects: their text
+            uris = pa.array([str(u) for u in uris], pa.string())
+    return uris.cast(pa.string())
+
+
+def uri_array(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``uris`` as one Arrow string array, repeats dropped (first one kept, order kept): built and deduplicated
+    in Arrow, so 10^7 URIs never become a Python set or dict."""
+    uris = uri_text(uris)
+    unique = pc.unique(uris)  # in order of first appearance
+    return uris if len(unique) == len(uris) else unique
 
 
 def _check_listing(table: pa.Table) -> pa.Table:
@@ -285,7 +361,7 @@ def _check_listing(table: pa.Table) -> pa.Table:
     return table.set_column(table.column_names.index("image_id"), "image_id", table["image_id"].cast(pa.int64()))
 
 
-def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Table:
+def extend_listing(old: pa.Table | None, new: pa.Table | pa.Array | Sequence[str]) -> pa.Table:
     """The listing after adding ``new``: append-only, so every image keeps its id (and its row).
 
     ``new`` is either URIs (those not listed yet get the next ids, in the order given) or a full listing
@@ -296,15 +372,25 @@ def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Ta
     if isinstance(new, pa.Table):
         new = _check_listing(new)
         n = old.num_rows
-        if new.num_rows < n or new["uri"].slice(0, n).to_pylist() != old["uri"].to_pylist():
+        if new.num_rows < n or not new["uri"].slice(0, n).combine_chunks().equals(
+                old["uri"].combine_chunks().cast(new["uri"].type)):
             raise ValueError(f"the new listing ({new.num_rows} images) does not keep the ids of the store's "
                              f"listing ({n} images): a listing may only grow at the end")
         return new
-    known = set(old["uri"].to_pylist())
-    added = [u for u in dict.fromkeys(str(u) for u in new) if u not in known]
-    if not added:
+    uris = uri_text(new)
+    n = old.num_rows
+    known = old["uri"]
+    if len(uris) >= n and pa.chunked_array([uris.slice(0, n)]).equals(known):  # chunk by chunk: no copy of N URIs
+        # The usual re-run: the same listing (its URIs are distinct), perhaps grown at the end. Only the tail is
+        # deduplicated and looked up: no pass over N strings but the comparison.
+        tail = uri_array(uris.slice(n)) if len(uris) > n else uris.slice(n)
+        added = tail.filter(pc.invert(pc.is_in(tail, value_set=known.combine_chunks()))) if len(tail) else tail
+    else:
+        uris = uri_array(uris)
+        added = uris.filter(pc.invert(pc.is_in(uris, value_set=known.combine_chunks())))
+    if not len(added):
         return old
     start = old.num_rows
     tail = pa.table({"image_id": pa.array(np.arange(start, start + len(added), dtype=np.int64)),
-                     "uri": pa.array(added, pa.string())})
+                     "uri": added})
     return pa.concat_tables([old.select(["image_id", "uri"]), tail], promote_options="default")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.denoise.job import DenoiseConfig, run_denoise
 from pipeline.store import FeatureStore
+from pipeline.store.manifest import ledger_paths, read_manifest
 
 from ..conftest import ROOT, StreamLines
 
@@ -99,6 +100,7 @@ def test_broken_files_fail_alone_and_resume_skips_done(ray_local, tmp_path, samp
     last_run = FeatureStore.open(url).attrs["last_run"]
     again = run_denoise(DenoiseConfig(images=str(tmp_path / "corpus"), output=url, retry_failed=False, **TINY))
     assert again.todo == 0 and FeatureStore.open(url).attrs["last_run"] == last_run  # nothing done, nothing written
+    assert [Path(p).name[:8] for p in ledger_paths(store.fs, store.root)] == ["compact-"]  # each run folded its parts
 
 
 def test_a_killed_worker_is_replaced_without_lost_or_duplicated_rows(ray_local, tmp_path, sample_images):
@@ -111,8 +113,12 @@ def test_a_killed_worker_is_replaced_without_lost_or_duplicated_rows(ray_local, 
     assert marker.exists(), "the worker never died: the test did not test anything"
     n = len(sample_images)
     assert (summary.ok, summary.failed) == (n, 0)
-    m = FeatureStore.open(url).manifest()
+    store = FeatureStore.open(url)
+    m = store.manifest()
     assert sorted(m["image_id"].to_pylist()) == list(range(n))
+    # one unit per image, folded by the driver beside the workers and all at the end: one object, each image once
+    assert [Path(p).name[:8] for p in ledger_paths(store.fs, store.root)] == ["compact-"]
+    assert sorted(read_manifest(store.fs, store.root, dedup=False)["image_id"].to_pylist()) == list(range(n))
 
 
 def test_interrupted_job_resumes(tmp_path, sample_images):
