@@ -7,6 +7,9 @@ import sys
 
 from pipeline.stage3.distill import DistillConfig, run_distillation
 
+from pipeline.runtime.checks import parse_workers
+from pipeline.runtime.ray_train import fixed_workers
+
 from .flags import add_dashboard_argument, add_images_argument, config_from_args
 
 
@@ -43,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="steps between checkpoints and held-out measurements (default: each epoch, at most 1000)")
     opt.add_argument("--seed", type=int, default=0, help="initialisation, flip and shuffle seed")
     run = parser.add_argument_group("resources")
-    run.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    run.add_argument("--workers", type=parse_workers, default=1, help="Ray Train workers (DDP ranks) (a number: no MIN-MAX range)")
     run.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
                      help="one GPU per worker (default: when the cluster has GPUs)")
     run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
@@ -53,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    fixed_workers(args.workers)  # a MIN-MAX range: one line, before anything starts
     run_distillation(config_from_args(DistillConfig, args))
     return 0
 

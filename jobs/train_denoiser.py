@@ -7,6 +7,9 @@ import sys
 
 from pipeline.stage2.train import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
 
+from pipeline.runtime.checks import parse_workers
+from pipeline.runtime.ray_train import fixed_workers
+
 from .flags import add_dashboard_argument, config_from_args
 
 
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--num-blocks", type=int, default=1, help="Transformer blocks of the denoiser")
     fit.add_argument("--seed", type=int, default=0, help="initialisation seed")
     run = parser.add_argument_group("resources")
-    run.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks)")
+    run.add_argument("--workers", type=parse_workers, default=1, help="training workers (DDP ranks) (a number: no MIN-MAX range)")
     run.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker")
     run.add_argument("--cpu", dest="use_gpu", action="store_false", help="train on CPUs (gloo)")
     run.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
@@ -50,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    fixed_workers(args.workers)  # a MIN-MAX range: one line, before anything starts
     run_training(config_from_args(TrainConfig, args))
     return 0
 

@@ -185,3 +185,19 @@ def sample_images() -> list[Path]:
     paths = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     assert paths, f"no sample images in {SAMPLES}"
     return paths
+
+
+@pytest.fixture(scope="module")
+def fleet(s3_endpoint):
+    """A multi-node Ray cluster on this machine (:class:`pipeline.testing.cluster.LocalCluster`): a head with 0 CPUs
+    and no worker node yet; a test adds (and removes) the nodes it needs. The S3 server is the storage the nodes
+    share. Jobs reach it in a driver process of their own (``fleet.driver_env()`` sets ``RAY_ADDRESS``), as on a
+    real cluster; this process never joins it, so the session's in-process local Ray (``ray_local``) and the
+    cluster live side by side without sharing a driver."""
+    from pipeline.testing.cluster import LocalCluster
+
+    cluster = LocalCluster(env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL_S3": s3_endpoint})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()

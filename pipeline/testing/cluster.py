@@ -86,6 +86,21 @@ def _no_address_file() -> Iterator[None]:
         ray_utils.write_ray_address = original
 
 
+@contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` set in this process while a node starts (its processes inherit this process's environment)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @dataclass
 class LocalCluster:
     """A head with 0 CPUs plus worker nodes on 127.0.0.1; :meth:`add_node`, :meth:`remove_node`, :meth:`shutdown`.
@@ -104,8 +119,7 @@ class LocalCluster:
     def __post_init__(self) -> None:
         from ray.cluster_utils import Cluster
 
-        os.environ.update(self.env)  # the node processes Cluster starts inherit this process's environment
-        with _no_address_file():
+        with _no_address_file(), _environment(self.env):
             self._cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
                 num_cpus=0, node_ip_address="127.0.0.1", temp_dir=self.temp_dir, include_dashboard=False,
                 object_store_memory=self.object_store_mb * 2 ** 20, resources={"node:head": 1},
@@ -131,7 +145,7 @@ class LocalCluster:
         if node.private_dirs:
             node._process = self._start_private_node(node)
         else:
-            with _no_address_file():
+            with _no_address_file(), _environment(self.env):
                 node._node = self._cluster.add_node(
                     num_cpus=cpus, node_ip_address="127.0.0.1", resources=node.resources, temp_dir=self.temp_dir,
                     object_store_memory=self.object_store_mb * 2 ** 20)
