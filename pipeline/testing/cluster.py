@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .object_store import free_port
-
 __all__ = ["ClusterNode", "LocalCluster", "private_dirs_supported"]
 
 _log = logging.getLogger(__name__)
