@@ -139,6 +139,7 @@ def train_loss(cluster: LocalCluster, bucket: str, n: int, steps: int, work: Pat
            **_training_record(out)}
     text = (work / "train-loss.log").read_text(errors="replace").splitlines()
     row["log"] = [line for line in text if "resum" in line or "finished" in line or "ERROR" in line][-8:]
+    print(json.dumps(row, default=str), flush=True)  # before the baseline, which takes as long again
     if baseline:
         began = time.monotonic()
         base = subprocess.run([sys.executable, "-m", "jobs.train_denoiser", *train, "--output", f"{bucket}/run-base"],

@@ -146,7 +146,8 @@ def test_denoise_survives_a_lost_node_and_uses_one_that_joins(fleet, s3_bucket):
         assert np.isfinite(worst) and worst <= 1e-2, f"rows differ from the single-node run by up to {worst}"
         print(f"\nfleet denoise: single node {single_s:.0f} s; 2 nodes, one lost at {lost_at:.0f} s and one joined "
               f"5 s later: {fleet_s:.0f} s, exit 0, {n} ok, {duplicated} duplicated manifest rows (deduplicated), "
-              f"max |diff| vs single node {worst:.3g}")
+              f"max |diff| vs single node {worst:.3g}, {len(set(every['worker'].to_pylist()))} worker processes "
+              f"wrote units")
     finally:
         for node in nodes:
             fleet.remove_node(node)

@@ -69,3 +69,17 @@ def test_workers_is_a_number_or_a_range():
     assert fixed_workers(3) == 3
     with pytest.raises(JobConfigError, match="--workers 2-4: training takes a fixed number"):
         fixed_workers((2, 4))
+
+
+@pytest.mark.slow
+def test_denoise_with_a_workers_range_runs_an_autoscaling_pool(ray_local, tmp_path, sample_images):
+    """``--workers 1-2`` builds Ray Data's autoscaling actor pool (min 1, max 2) and finishes every image."""
+    from pipeline.denoise.job import DenoiseConfig, run_denoise
+    from pipeline.store import FeatureStore
+
+    config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "store.zarr"), limit=3,
+                           model="vit_small_patch14_dinov2", weights="none", input_size=56, preset="ci", views=4,
+                           steps=10, images_per_batch=1, workers=(1, 2), cpus_per_worker=0.5, progress_every_s=1.0)
+    summary = run_denoise(config)
+    assert (summary.ok, summary.failed) == (3, 0)
+    assert sorted(FeatureStore.open(config.output).manifest()["image_id"].to_pylist()) == [0, 1, 2]
