@@ -105,6 +105,43 @@ def denoise_join(cluster: LocalCluster, bucket: str, n: int, work: Path) -> dict
             "wall_s": round(wall, 1)}
 
 
+def denoise_head_loss(cluster: LocalCluster, bucket: str, n: int, work: Path) -> dict:
+    """The head (GCS and the job's driver node) dies mid-denoise; then the same command on a fresh cluster."""
+    images = upload_images(bucket, n)
+    cluster.add_node(cpus=2)
+    url = f"{bucket}/head.zarr"
+    args = [*TINY, "--images", images, "--output", url, "--workers", "1", "--cpus-per-worker", "1.5"]
+    began = time.monotonic()
+    job = start(cluster, "jobs.denoise", *args, log=work / "denoise-head.log")
+    wait_for(lambda: committed(url) >= 2, 900, "committed images")
+    cluster.remove_head()
+    lost_at = time.monotonic() - began
+    try:
+        status = job.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        status = "hung (killed after 300 s)"
+    ended = time.monotonic() - began
+    before = committed(url)
+    text = (work / "denoise-head.log").read_text(errors="replace").splitlines()
+    row = {"case": "denoise, the head node (GCS, driver) lost", "exit": status, "lost_at_s": round(lost_at, 1),
+           "driver_ended_after_s": round(ended - lost_at, 1), "committed_when_lost": before,
+           "last_lines": [line[:300] for line in text if "ERROR" in line or "Error" in line][-3:]}
+    cluster.shutdown()
+    fresh = LocalCluster(env=dict(cluster.env))
+    try:
+        fresh.add_node(cpus=2)
+        began = time.monotonic()
+        rerun = subprocess.run([sys.executable, "-m", "jobs.denoise", *args], cwd=ROOT, env=fresh.driver_env(),
+                               capture_output=True, text=True, timeout=1200)
+        summary = [line for line in rerun.stderr.splitlines() if "denoise finished" in line]
+        row["rerun"] = {"exit": rerun.returncode, "wall_s": round(time.monotonic() - began, 1),
+                        "summary": summary[-1] if summary else rerun.stderr[-1500:], "ok": committed(url)}
+    finally:
+        fresh.shutdown()
+    return row
+
+
 def train_loss(cluster: LocalCluster, bucket: str, n: int, steps: int, work: Path, baseline: bool) -> dict:
     images = upload_images(bucket, n)
     nodes = [cluster.add_node(cpus=1), cluster.add_node(cpus=1)]
@@ -165,7 +202,7 @@ def _training_record(out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=("denoise-join", "train-loss"))
+    parser.add_argument("case", choices=("denoise-join", "denoise-head-loss", "train-loss"))
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--work", default="/tmp/dvt-fleet-bench")
@@ -186,6 +223,8 @@ def main() -> None:
         try:
             if args.case == "denoise-join":
                 row = denoise_join(cluster, f"s3://{bucket}", args.images, work)
+            elif args.case == "denoise-head-loss":
+                row = denoise_head_loss(cluster, f"s3://{bucket}", args.images, work)
             else:
                 row = train_loss(cluster, f"s3://{bucket}", args.images, args.steps, work, args.baseline)
         finally:

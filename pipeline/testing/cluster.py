@@ -193,6 +193,8 @@ class LocalCluster:
             _kill_group(node._process.pid)
             node._process.wait(timeout=timeout)
         self.nodes.remove(node)
+        if self._cluster.head_node is None:
+            return  # no GCS left to ask
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not any(node.resource in n.get("Resources", {}) for n in self.alive()):
@@ -200,6 +202,15 @@ class LocalCluster:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"the GCS still lists node {node.name} as alive {timeout:.0f} s after it was killed")
+
+    def remove_head(self) -> None:
+        """Kill the head node's processes at once (GCS, raylet, the drivers' node): the whole cluster is lost, as
+        when the head's machine dies. Worker nodes' processes exit by themselves once they give up on the GCS
+        (``RAY_gcs_rpc_server_reconnect_timeout_s``, 60 s by default); :meth:`shutdown` stops what is left."""
+        head = self._cluster.head_node
+        if head is not None:
+            head.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+            self._cluster.head_node = None
 
     def shutdown(self) -> None:
         """Stop every node (workers first, then the head) and remove the cluster's temp dir."""
