@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .object_store import free_port
+
 __all__ = ["ClusterNode", "LocalCluster", "private_dirs_supported"]
 
 _log = logging.getLogger(__name__)
@@ -117,9 +119,15 @@ class LocalCluster:
     def __post_init__(self) -> None:
         from ray.cluster_utils import Cluster
 
+        # The GCS port is chosen here so every node's processes get RAY_ADDRESS: Ray's own helpers that call
+        # ray.init() with no address (Ray Train's placement group cleaner) then join this cluster, not "whichever
+        # Ray instance is found" (which fails when the machine runs another one).
+        port = free_port()
+        self.env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
         with _no_address_file(), _environment(self.env):
             self._cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
                 num_cpus=0, node_ip_address="127.0.0.1", temp_dir=self.temp_dir, include_dashboard=False,
+                gcs_server_port=port,
                 object_store_memory=self.object_store_mb * 2 ** 20, resources={"node:head": 1},
                 _system_config=HEALTH_CHECKS))
         _log.info("cluster head at %s (temp dir %s)", self.address, self.temp_dir)
