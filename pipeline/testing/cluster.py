@@ -149,7 +149,17 @@ class LocalCluster:
         node = ClusterNode(name=name, cpus=cpus, resources={**(resources or {}), f"node:{name}": 1.0},
                            private_dirs=tuple(str(Path(d).resolve()) for d in private_dirs))
         if node.private_dirs:
-            node._process = self._start_private_node(node)
+            # Ray gives a starting node 30 s to register (hard-coded); on a busy machine that can pass: try again.
+            for attempt in range(3):
+                node._process = self._start_private_node(node)
+                try:
+                    self.wait_alive(node, timeout)
+                    break
+                except RuntimeError as e:
+                    _kill_group(node._process.pid)
+                    if attempt == 2:
+                        raise
+                    _log.warning("node %s did not start (%s); starting it again", name, str(e)[-200:])
         else:
             with _no_address_file(), _environment(self.env):
                 node._node = self._cluster.add_node(
