@@ -20,6 +20,6 @@ trap 'bash infra/object_store.sh stop' EXIT
 eval "$(bash infra/object_store.sh env)"
 
 # Keep everything on loopback and off the network.
-export HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+export HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 GLOO_SOCKET_IFNAME=lo
 
 .venv/bin/python -m pytest --durations=15 "$@"

@@ -7,6 +7,8 @@ import sys
 
 from pipeline.stage3.distill import DistillConfig, run_distillation
 
+from pipeline.runtime.ray_train import fixed_workers
+
 from .flags import add_images_argument, add_trainer_arguments, config_from_args
 
 
@@ -46,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    fixed_workers(args.workers)  # a MIN-MAX range: one line, before anything starts
     run_distillation(config_from_args(DistillConfig, args))
     return 0
 

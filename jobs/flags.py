@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from pipeline.vit.backbone import DEFAULT_MODEL
 from pipeline.io.decode import DecodeConfig
+from pipeline.runtime.checks import parse_workers
 from pipeline.denoise.methods import METHODS
 from pipeline.denoise.average import AverageConfig
 
@@ -56,7 +57,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser, *, images_per_batch: s
     default), the actor pool, and Ray when the job starts its own."""
     group = parser.add_argument_group("resources")
     group.add_argument("--images-per-batch", type=int, default=None, help=images_per_batch)
-    group.add_argument("--workers", type=int, default=1, help="number of workers (actors)")
+    group.add_argument("--workers", type=parse_workers, default=1,
+                       help="number of workers (actors), or a range MIN-MAX (e.g. 2-16): an autoscaling pool that "
+                            "also uses nodes joining while the job runs")
     group.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
     group.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
@@ -68,7 +71,9 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``resources`` group of the Ray Train jobs (``train``, ``distill``): the fields of
     :class:`pipeline.runtime.ray_train.RunConfig`, spelt and defaulted the same for both."""
     group = parser.add_argument_group("resources")
-    group.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    group.add_argument("--workers", type=parse_workers, default=1,
+                       help="Ray Train workers (DDP ranks): a number (a MIN-MAX range is refused: the training loops "
+                            "fix each worker's share of the batch at start)")
     group.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
                        help="one GPU per worker, or --no-gpu to train on CPUs (gloo); default: when the cluster has GPUs")
     group.add_argument("--cpu", dest="use_gpu", action="store_false", help=argparse.SUPPRESS)  # older spelling of --no-gpu

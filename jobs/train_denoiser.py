@@ -7,6 +7,8 @@ import sys
 
 from pipeline.stage2.train import MAX_STEPS, MIN_STEPS, PASSES, TrainConfig, run_training
 
+from pipeline.runtime.ray_train import fixed_workers
+
 from .flags import add_trainer_arguments, config_from_args
 
 
@@ -44,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    fixed_workers(args.workers)  # a MIN-MAX range: one line, before anything starts
     run_training(config_from_args(TrainConfig, args))
     return 0
 

@@ -22,6 +22,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds and talks on 127.0.0.1 only
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # Ray Train's gloo process groups listen on loopback only
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "dvt-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dvt-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -206,3 +207,19 @@ def own_s3(monkeypatch):
         yield proc, endpoint, f"s3://{bucket}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(s3_endpoint):
+    """A multi-node Ray cluster on this machine (:class:`pipeline.testing.cluster.LocalCluster`): a head with 0 CPUs
+    and no worker node yet; a test adds (and removes) the nodes it needs. The S3 server is the storage the nodes
+    share. Jobs reach it in a driver process of their own (``fleet.driver_env()`` sets ``RAY_ADDRESS``), as on a
+    real cluster; this process never joins it, so the session's in-process local Ray (``ray_local``) and the
+    cluster live side by side without sharing a driver."""
+    from pipeline.testing.cluster import LocalCluster
+
+    cluster = LocalCluster(env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL_S3": s3_endpoint})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()

@@ -12,6 +12,7 @@ removes a store this run created but never committed a unit to.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,17 +22,41 @@ from ..store import StoreLease, remove_store
 from ..store.manifest import PARTS_DIR
 from .job_errors import JobConfigError
 
-__all__ = ["JobConfigError", "check_job_flags", "nothing_to_do", "store_session"]
+__all__ = ["JobConfigError", "Workers", "parse_workers", "pool_bounds", "check_job_flags", "nothing_to_do",
+           "store_session"]
 
 _log = logging.getLogger(__name__)
 
 
-def check_job_flags(*, workers: int, images_per_batch: int | None, limit: int | None, progress_every_s: float,
+#: ``--workers``: a fixed number of actors, or ``(min, max)`` for an autoscaling pool.
+Workers = int | tuple[int, int]
+
+
+def parse_workers(text: str) -> Workers:
+    """``"4"`` -> 4, ``"2-16"`` -> ``(2, 16)`` (argparse ``type=``: a bad value is an argparse error naming the flag)."""
+    import argparse
+
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of workers nor a range MIN-MAX such as 2-16")
+    low, high = match.groups()
+    return int(low) if high is None else (int(low), int(high))
+
+
+def pool_bounds(workers: Workers) -> tuple[int, int]:
+    """``(min, max)`` actors for ``workers``; a plain number is a fixed pool."""
+    return (workers, workers) if isinstance(workers, int) else (int(workers[0]), int(workers[1]))
+
+
+def check_job_flags(*, workers: Workers, images_per_batch: int | None, limit: int | None, progress_every_s: float,
                     gpus_per_worker: float | None = None, cpus_per_worker: float | None = None) -> None:
     """Refuse out-of-range resource and selection flags, naming each one."""
     problems = []
-    if workers < 1:
-        problems.append(f"--workers must be at least 1, got {workers}")
+    low, high = pool_bounds(workers)
+    if low < 1:
+        problems.append(f"--workers must be at least 1, got {workers if isinstance(workers, int) else f'{low}-{high}'}")
+    elif high < low:
+        problems.append(f"--workers {low}-{high}: the range's maximum must be at least its minimum")
     if images_per_batch is not None and images_per_batch < 1:
         problems.append(f"--images-per-batch must be at least 1, got {images_per_batch} (leave it out to choose per device)")
     if limit is not None and limit < 0:

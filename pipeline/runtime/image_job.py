@@ -35,10 +35,11 @@ import torch
 from .batching import unit_size
 from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from .failures import JobFailedError, one_line, root_cause
-from .checks import check_job_flags, store_session
+from .checks import Workers, check_job_flags, pool_bounds, store_session
 from ..io.listing import fetch_bytes, list_uris
 from .progress import Progress
 from .ray_session import init_ray
+from .reachability import check_reachable, image_job_inputs
 from ..io.storage import StorageUnavailableError
 from ..store import FeatureStore, StoreError, StoreLayout
 from ..store.ledger import LedgerFolder
@@ -60,7 +61,8 @@ class ImageJobConfig:
         images_per_batch: images per store unit (and per model call); ``None`` chooses per device
             (:mod:`pipeline.runtime.batching`).
         amp: autocast dtype (``"bfloat16"``) for the model; ``None``: the job's default (fp32).
-        workers: maximum number of actors.
+        workers: actors: a number, or ``(min, max)`` for Ray Data's autoscaling pool, which grows onto nodes that
+            join while the job runs (``--workers 2-16``).
         gpus_per_worker: GPUs per actor; ``None`` means 1 when the cluster has GPUs, else 0.
         cpus_per_worker: CPUs per actor; ``None`` means 1 with a GPU, else an even share of the CPUs.
         limit: only the first ``limit`` images of the listing.
@@ -77,7 +79,7 @@ class ImageJobConfig:
     output: str
     images_per_batch: int | None = None
     amp: str | None = None
-    workers: int = 1
+    workers: Workers = 1
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
     limit: int | None = None
@@ -293,7 +295,7 @@ def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, ove
     return store, mine.num_rows, pending
 
 
-def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[float, float]:
+def worker_resources(workers: Workers, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[float, float]:
     """``(gpus, cpus)`` per actor: 1 GPU when the cluster has GPUs; on CPUs an even share that leaves room to fetch."""
     import ray
 
@@ -304,12 +306,12 @@ def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worke
     cpus = cpus_per_worker
     if cpus is None:
         # Leave a little CPU for the fetch tasks, or an actor pool that takes every core starves them.
-        cpus = 1.0 if gpus else max(0.25, min(4.0, 0.9 * cluster.get("CPU", 1) / max(1, workers)))
+        cpus = 1.0 if gpus else max(0.25, min(4.0, 0.9 * cluster.get("CPU", 1) / max(1, pool_bounds(workers)[1])))
     return gpus, cpus
 
 
 def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Table, worker: type,
-                  worker_kwargs: dict[str, Any], images_per_batch: int, workers: int, gpus: float, cpus: float,
+                  worker_kwargs: dict[str, Any], images_per_batch: int, workers: Workers, gpus: float, cpus: float,
                   progress_every_s: float = 30.0, started: float | None = None, lease: Any = None) -> JobSummary:
     """Run ``worker`` actors over the ``pending`` listing rows into ``store`` and summarise the run.
 
@@ -320,8 +322,9 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
     """
     started = time.monotonic() if started is None else started
     todo = pending.num_rows
-    _log.info("%s: %d images into %s, %d to do; %d worker(s) with %.2g GPU and %.2g CPU each",
-              job, covered, store.url, todo, workers, gpus, cpus)
+    low, high = pool_bounds(workers)
+    _log.info("%s: %d images into %s, %d to do; %s worker(s) with %.2g GPU and %.2g CPU each",
+              job, covered, store.url, todo, low if low == high else f"{low}-{high}", gpus, cpus)
     progress = Progress(total=todo, label=job, every_s=progress_every_s)
     folder = LedgerFolder(store.fs, store.root)
     if todo:
@@ -336,10 +339,11 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=0.1)
         ds = ds.map_batches(
             worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
-            # A fixed pool: --workers is what the user asked for (an autoscaling pool shrinks to one actor on
-            # a short queue, since one actor with two batches in flight looks busy enough). Two batches in flight
-            # per actor: the next batch reaches the actor while it computes the current one.
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2))
+            # --workers N: a fixed pool of what the user asked for (an autoscaling pool shrinks to one actor on a
+            # short queue, since one actor with two batches in flight looks busy enough); MIN-MAX: Ray Data's
+            # autoscaling pool, which adds actors on nodes that join. Two batches in flight per actor: the next
+            # batch reaches the actor while it computes the current one.
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=2))
         progress.start()
         # No prefetch: with it, Ray Data holds each result back until the next one arrives, so progress runs one
         # unit late and a worker's fault reaches the driver only after the next unit (a second timeout) too.
@@ -419,6 +423,9 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
                                  worker_kwargs={}, images_per_batch=1, workers=config.workers, gpus=0.0, cpus=0.0,
                                  progress_every_s=config.progress_every_s, started=started, lease=lease)
         init_ray(config.dashboard)
+        # every node that may run a worker must see the output and the inputs; refused here, before any image,
+        # a store this run created is removed again by the session (nothing was committed to it)
+        check_reachable(outputs=[("--output", config.output)], inputs=image_job_inputs(config, uris))
         gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
         config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
         return run_image_job(job=job, store=store, covered=covered, pending=pending, worker=worker,

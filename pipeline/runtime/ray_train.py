@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import fault_injection
 from ..io.storage import filesystem, is_local, local_path
 
-__all__ = ["RunConfig", "RUN_NAME", "STATE_FILE", "denoising_loss", "lr_lambda", "scaled_lr", "per_worker_batch",
+__all__ = ["RunConfig", "fixed_workers", "RUN_NAME", "STATE_FILE", "denoising_loss", "lr_lambda", "scaled_lr", "per_worker_batch",
            "Plateau", "uri_fraction", "ray_storage", "all_reduce", "previous_record", "refuse_changes", "write_record",
            "trainer_resources", "fit", "read_state", "restored_state", "report", "start_worker"]
 
@@ -80,6 +80,23 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def fixed_workers(workers: int | tuple[int, int]) -> int:
+    """The number of training workers; a ``MIN-MAX`` range is refused in one line.
+
+    Ray 2.60 has elastic training (``ScalingConfig(num_workers=(min, max))``), but these loops fix each worker's
+    share of the global batch and of the data stream when they start, and the step budget counts global batches:
+    a worker group that resized would change the run. A range is therefore not accepted here (yet).
+    """
+    from .checks import JobConfigError
+
+    if isinstance(workers, tuple):
+        low, high = workers
+        raise JobConfigError(f"--workers {low}-{high}: training takes a fixed number of workers (each takes its share "
+                             f"of the global batch); pass one number, e.g. --workers {high}. Ranges are for dvt "
+                             f"denoise and dvt apply")
+    return workers
 
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

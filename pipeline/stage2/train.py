@@ -39,6 +39,7 @@ import numpy as np
 
 from .denoiser import Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserSpec, save_denoiser
 from ..runtime.ray_session import init_ray
+from ..runtime.reachability import check_reachable
 from ..store import FeatureStore, StoreError, StoreLayout
 from .pairs import pair_stream, passes_needed
 from .train_worker import train_loop_per_worker
@@ -260,6 +261,8 @@ def run_training(config: TrainConfig) -> TrainSummary:
     spec = DenoiserSpec.from_layout(layout, dcfg, **{k: v for k, v in training.items() if k != "stopping_rule"})
     _check_previous(config, spec)
     init_ray(config.dashboard)
+    check_reachable(outputs=[("--output", config.output)],
+                    inputs=[("--stores", [f"{s.url.rstrip('/')}/zarr.json" for s in stores])])
     write_record(config.output, CONFIG_FILE, {"config": config.to_json(), "spec": spec.to_dict()})
     passes = passes_needed(num_train, total, config.batch_size)
     train = pair_stream([(s.url, tr) for s, (tr, _) in zip(stores, splits) if len(tr)], passes=passes,

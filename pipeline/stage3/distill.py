@@ -35,6 +35,7 @@ from .student import (build_student_and_teacher, distance_from_sums, distance_su
                             select_trainable)
 from ..io.listing import list_uris
 from ..runtime.ray_session import init_ray
+from ..runtime.reachability import check_reachable, image_job_inputs
 from ..stage2.pairs import passes_needed
 from ..runtime.ray_train import (RUN_NAME, STATE_FILE, RunConfig, all_reduce, denoising_loss, fit, lr_lambda, per_worker_batch,
                        previous_record, read_state, refuse_changes, report, restored_state, start_worker,
@@ -270,6 +271,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     total = config.max_steps or config.epochs * spe
     every = min(config.checkpoint_every or min(spe, 1000), total)
     _check_previous(config)
+    check_reachable(outputs=[("--output", config.output)], inputs=image_job_inputs(config, uris))
     write_record(config.output, CONFIG_FILE, {"config": config.to_json(), "teacher": spec.to_dict(), "size": size})
     gpu, cpus, threads = trainer_resources(config)
     _log.info("distill: %d training images (%d held out), %d worker(s) (%s, %.2g CPU each), %d steps/epoch, %d steps, "
