@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 import fsspec
 import pyarrow as pa
 
-from .manifest import PARTS_DIR, is_compact, ledger_paths, latest_per_image, parquet_bytes, put_atomic, read_tables, unit_id
+from .manifest import (PARTS_DIR, is_compact, latest_per_image, ledger_paths, parquet_bytes, put_atomic, read_tables,
+                       unit_id)
 
 __all__ = ["FOLD_EVERY", "LedgerFolder", "fold", "fold_all", "compact_parts", "part_path"]
 

@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["MANIFEST_SCHEMA", "LISTING_FILE", "PARTS_DIR", "ImageRecord", "make_listing", "extend_listing",
-           "uri_text", "uri_array", "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part", "ledger_paths", "read_tables",
-           "read_manifest", "latest_per_image", "status_per_row"]
+           "uri_text", "uri_array", "unit_id", "records_table", "parquet_bytes", "put_atomic", "write_part",
+           "ledger_paths", "read_tables", "read_manifest", "latest_per_image", "status_per_row"]
 
 _log = logging.getLogger(__name__)
 
