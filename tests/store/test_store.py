@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.store.manifest import MANIFEST_SCHEMA, ImageRecord, extend_listing, make_listing, unit_id
+from pipeline.store.manifest import MANIFEST_SCHEMA, extend_listing, make_listing, unit_id
 from pipeline.io.storage import AccessDeniedError, BucketNotFoundError, filesystem, storage_errors, storage_options
-from pipeline.store import (FeatureStore, StoreError, StoreLayout, StoreMismatchError, StoreNotFoundError)
+from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError, StoreNotFoundError
 
 GRID, C = (4, 5), 8
 LAYOUT = StoreLayout(backbone="vit_small_patch14_dinov2", block=11, input_size=(56, 70), patch_size=14, stride=14,
@@ -302,15 +302,6 @@ def test_storage_errors_say_what_to_do(monkeypatch):
         with storage_errors("s3://b/x"):
             raise FileNotFoundError("b/x/zarr.json")
     assert type(plain.value) is FileNotFoundError
-
-
-def test_record_fields():
-    rec = ImageRecord.coerce({"row": 3, "loss_total": 1.0, "status": "failed"})
-    assert rec.image_id == 3 and rec.stats == {"loss_total": 1.0} and rec.error == "unknown error"
-    with pytest.raises(ValueError, match="not a manifest column"):
-        ImageRecord.coerce({"image_id": 1, "note": "hello"})
-    with pytest.raises(ValueError, match="status"):
-        ImageRecord(1, status="done")
 
 
 # ------------------------------------------------------------------------------------------------ S3
