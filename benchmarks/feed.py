@@ -17,7 +17,10 @@ present, repeated). Parts:
 Job rates are steady rates from the store's manifest (commit times after each worker's first unit, so the
 start-up is left out), with the whole job's images/s beside them.
 
-    python benchmarks/feed.py --parts steps,denoise,apply --images 256
+* ``draft``: what the opt-in JPEG draft decoding (``--fast-decode``) changes: pixels and the features of
+  :mod:`pipeline.testing.artifact_vit` at 224 px on 512 px photos.
+
+    python benchmarks/feed.py --parts steps,draft,denoise,apply --images 256
 """
 
 from __future__ import annotations
@@ -175,6 +178,27 @@ def stage1_steps(images: list[np.ndarray]) -> dict[str, float]:
     return out
 
 
+def part_draft(paths: list[Path], size: int = 224, n: int = 16) -> dict[str, float]:
+    """How much the opt-in JPEG draft decoding changes pixels and features: ``n`` photos (512 px, so at least twice
+    ``size``) through :mod:`pipeline.testing.artifact_vit` (timm ViT-Ti/16, random weights) at ``size`` px."""
+    import torch.nn.functional as F
+
+    from pipeline.io.decode import decode_image, pixels_to_float, resize_pixels
+    from pipeline.vit.backbone import create_backbone
+
+    data = [p.read_bytes() for p in paths[:n]]
+    full = np.stack([resize_pixels(decode_image(b).pixels, size) for b in data])
+    fast = np.stack([resize_pixels(decode_image(b, draft=size).pixels, size) for b in data])
+    backbone = create_backbone("pipeline.testing.artifact_vit:create", weights="none", img_size=size)
+    with torch.inference_mode():
+        a = backbone.features(pixels_to_float(torch.from_numpy(full)))
+        b = backbone.features(pixels_to_float(torch.from_numpy(fast)))
+    return {"pixels_mean_abs_diff_of_255": round(float(np.abs(full.astype(float) - fast).mean()), 3),
+            "features_cosine_mean": round(float(F.cosine_similarity(a, b, dim=-1).mean()), 5),
+            "features_cosine_min": round(float(F.cosine_similarity(a, b, dim=-1).min()), 5),
+            "features_relative_l2": round(float((a - b).norm() / a.norm()), 5), "input_size": size, "images": n}
+
+
 def run_job(name: str, args: list[str], work: Path, timeout: float) -> dict:
     log = work / f"{name}.log"
     began = time.monotonic()
@@ -243,6 +267,8 @@ def main() -> None:
     extra = args.job_args.split()
     if "steps" in parts:
         results["steps_ms_per_image_one_core"] = part_steps(paths, work, args.unit)
+    if "draft" in parts:
+        results["draft_vs_full_decode"] = part_draft(paths)
     if "denoise" in parts:
         results["denoise"] = part_denoise(work / "images", args.images, work, extra)
     if "apply" in parts:
