@@ -200,15 +200,35 @@ def part_draft(paths: list[Path], size: int = 224, n: int = 16) -> dict[str, flo
 
 
 def run_job(name: str, args: list[str], work: Path, timeout: float) -> dict:
+    """Run ``python -m args`` (its own local Ray); wall seconds and the CPU seconds of its whole process tree
+    (the job, Ray's processes and workers: sampled every 0.2 s, so that a machine shared with other work does not
+    change the figure much). Two runs of different sizes give the CPU cost of one more image, start-up excluded."""
+    import psutil
+
     log = work / f"{name}.log"
     began = time.monotonic()
+    cpu: dict[int, float] = {}
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            if time.monotonic() - began > timeout:
+                proc.kill()
+                raise RuntimeError(f"{name} timed out after {timeout:.0f} s; see {log}")
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        t = p.cpu_times()
+                        cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
     wall = time.monotonic() - began
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"{name} exited {proc.returncode}; see {log}")
-    return {"wall_s": round(wall, 1)}
+    return {"wall_s": round(wall, 1), "cpu_s_process_tree": round(sum(cpu.values()), 1)}
 
 
 def job_stats(url: str) -> dict:

@@ -47,7 +47,7 @@ from ..io.storage import StorageUnavailableError
 from ..store import FeatureStore, StoreError, StoreLayout
 
 __all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
-           "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
+           "open_job_store", "worker_resources", "job_feed", "run_image_job", "run_store_job"]
 
 _log = logging.getLogger(__name__)
 
