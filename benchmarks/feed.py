@@ -199,31 +199,44 @@ def part_draft(paths: list[Path], size: int = 224, n: int = 16) -> dict[str, flo
             "features_relative_l2": round(float((a - b).norm() / a.norm()), 5), "input_size": size, "images": n}
 
 
+def _tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (user + system) of ``root`` and every process below it, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in stats.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return {pid: stats[pid][1] for pid in tree if pid in stats}
+
+
 def run_job(name: str, args: list[str], work: Path, timeout: float) -> dict:
     """Run ``python -m args`` (its own local Ray); wall seconds and the CPU seconds of its whole process tree
-    (the job, Ray's processes and workers: sampled every 0.2 s, so that a machine shared with other work does not
-    change the figure much). Two runs of different sizes give the CPU cost of one more image, start-up excluded."""
-    import psutil
-
+    (the job, Ray's processes and workers, sampled every 0.2 s: a machine shared with other work changes this
+    figure far less than wall time). Two runs of different sizes give the CPU cost of one more image."""
     log = work / f"{name}.log"
     began = time.monotonic()
     cpu: dict[int, float] = {}
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        root = psutil.Process(proc.pid)
         while proc.poll() is None:
             if time.monotonic() - began > timeout:
                 proc.kill()
                 raise RuntimeError(f"{name} timed out after {timeout:.0f} s; see {log}")
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        t = p.cpu_times()
-                        cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
+            for pid, seconds in _tree_cpu(proc.pid).items():
+                cpu[pid] = max(cpu.get(pid, 0.0), seconds)
             time.sleep(0.2)
     wall = time.monotonic() - began
     if proc.returncode not in (0, 3):

@@ -40,7 +40,7 @@ class PatchMeans(ImageBatchWorker):
     def process(self, ids, images):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, self.input_size, self.input_size)
         feats = torch.nn.functional.avg_pool2d(images, 8).permute(0, 2, 3, 1).repeat(1, 1, 1, 2)
-        return [({"seconds": 0.0}, {"raw": feats[j], "clean": feats[j] * 1e6 if j == 1 else feats[j]})
+        return [({"seconds": 0.0}, {"raw": feats[j], "clean": feats[j] * 1e6 if ids[j] == 1 else feats[j]})
                 for j in range(len(ids))]
 
 
@@ -83,3 +83,35 @@ def test_the_host_copy_rounds_as_numpy_and_overflows_to_inf():
     theirs = x.numpy().astype(np.float16)
     assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16))
     assert np.isinf(ours[10_000]) and np.isinf(ours[10_001])
+
+
+class DecodedOnly(PatchMeans):
+    """Refuses bytes: the job must hand it pixels decoded by the decode stage."""
+
+    def _process_batch(self, batch):
+        assert "bytes" not in batch and batch["pixels"].dtype == np.uint8, sorted(batch)
+        return super()._process_batch(batch)
+
+
+@pytest.mark.slow
+def test_the_job_decodes_in_its_own_stage_and_commits_every_unit(ray_local, tmp_path, sample_images):
+    from pipeline.runtime.feeding import plan_feed
+    from pipeline.runtime.image_job import open_job_store, run_image_job
+
+    uris = [str(p) for p in sample_images] + [str(tmp_path / "missing.png")]
+    store = _store(str(tmp_path / "job.zarr"), uris)
+    store, covered, pending = open_job_store(store.url, store.layout, uris)
+    feed = plan_feed(input_size=32, cluster_cpus=2, workers=1, gpus=0, cpus=0.5)
+    summary = run_image_job(job="feed", store=store, covered=covered, pending=pending, worker=DecodedOnly,
+                            worker_kwargs={"output": store.url, "layout": store.layout.geometry(), "input_size": 32},
+                            images_per_batch=2, workers=1, gpus=0, cpus=0.5, progress_every_s=600, feed=feed)
+    # image 1 overflows float16 (failed by the writer, reported ok by the worker), the missing file fails
+    assert (summary.todo, summary.store_ok, summary.store_failed) == (len(uris), len(uris) - 2, 2)
+    reference = _store(str(tmp_path / "ref.zarr"), uris)
+    worker = ImageBatchWorker.__new__(PatchMeans)
+    ImageBatchWorker.__init__(worker, reference.url, reference.layout.geometry(), input_size=32)
+    worker(fetch_bytes({"image_id": np.arange(len(uris)), "uri": np.array(uris)}))
+    got, want = store.refresh(), reference.refresh()
+    assert got.ids().tolist() == want.ids().tolist()
+    for name in ("raw", "clean"):
+        np.testing.assert_array_equal(got.get(got.ids(), (name,))[name], want.get(want.ids(), (name,))[name])
