@@ -464,7 +464,8 @@ def run_parts(run: Run, parts: list[str]) -> None:
     functions: dict[str, Callable[[Run], None]] = {
         "backbone": part_backbone, "stage1": part_stage1, "apply_kernel": part_apply_kernel,
         "scaling_processes": jobs.part_scaling_processes, "denoise_job": jobs.part_denoise_job,
-        "apply_job": jobs.part_apply_job, "feed_job": jobs.part_feed_job, "scaling_ray": jobs.part_scaling_ray, "train": jobs.part_train}
+        "apply_job": jobs.part_apply_job, "feed_job": jobs.part_feed_job,
+        "scaling_ray": jobs.part_scaling_ray, "train": jobs.part_train}
     missing = support.ray_missing()
     todo = list(parts)
     for name in parts:
