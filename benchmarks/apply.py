@@ -9,7 +9,8 @@ Three rows over the same ``--images`` PNG files (square crops of the bundled pho
 * backbone + denoiser: :class:`pipeline.stage2.denoiser.DenoisedViT` the same way;
 * ``dvt apply``: :func:`pipeline.stage2.apply.run_apply` with one worker, from the listing to committed store units
   (fetch, decode, resize, forward, float16 store writes), end to end: its summary's images over the job's
-  seconds, the actor's start-up included, so the ratio is a lower bound on the steady state's.
+  seconds, the actor's start-up included, so the ratio is a lower bound on the steady state's; and its steady
+  rate, from the store's commit times after the worker's first unit (start-up left out).
 
 The denoiser has random weights (its speed does not depend on them) unless ``--denoiser`` names a file.
 
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -96,6 +98,9 @@ def main() -> None:
     url = os.path.join(work, "applied.zarr")
     summary = run_apply(ApplyConfig(images=folder, output=url, denoiser=denoiser, weights="none", workers=1,
                                     images_per_batch=args.batch, overwrite=True, progress_every_s=600))
+    from device_jobs import manifest_stats  # noqa: E402  (benchmarks/, beside this file)
+
+    steady = manifest_stats(url)["steady_images_per_s"] or 0.0
     after = ray.get(measure.remote(denoiser, uris, args.size, args.batch, threads))
     plain.append(after[0])
     both.append(after[1])
@@ -109,7 +114,8 @@ def main() -> None:
     for name, r in ((f"plain forward, in memory (before / after the job: {plain[0]:.2f} / {plain[1]:.2f})", base),
                     (f"backbone + denoiser, in memory ({both[0]:.2f} / {both[1]:.2f})", sum(both) / len(both)),
                     (f"dvt apply end to end ({summary.seconds:.1f} s, worker start included)",
-                     summary.images_per_second)):
+                     summary.images_per_second),
+                    ("dvt apply steady (commits after the worker's first unit, start-up left out)", steady)):
         print(f"| {name} | {r:.2f} | {r / base:.2f} |")
 
 

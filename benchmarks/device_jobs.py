@@ -300,6 +300,25 @@ def part_apply_job(run) -> None:
     run.save()
 
 
+def part_feed_job(run) -> None:
+    """``dvt denoise --method average --copies 1`` with a backbone that costs nothing but has ViT-B/14's shapes
+    (:mod:`pipeline.testing.zero_vit`), one GPU worker: the images/s the machinery around the model (fetch, decode
+    and resize tasks, upload, float16, chunk writes, ledger) feeds one GPU, with the node's CPUs sized by default."""
+    cfg = run.config
+    shared_ray()
+    n = cfg.feed_images
+    folder = ensure_corpus(n)
+    args = ["--method", "average", "--copies", "1", "--model", "pipeline.testing.zero_vit:create", "--weights", "none",
+            "--input-size", str(cfg.feed_size), "--images", str(folder), "--limit", str(n), "--output",
+            str(STATE["work"] / "feed.zarr"), "--overwrite", "--progress-every", "10", "--workers", "1"]
+    if cfg.job_unit:
+        args += ["--images-per-batch", str(cfg.job_unit)]
+    job, stats, sampler, window = _sampled_job(run, "feed_job", "jobs.denoise", args, "feed.zarr")
+    run.part()["summary"] = {"model": "pipeline.testing.zero_vit:create", "input_size": cfg.feed_size, "images": n,
+                             "cpus": os.cpu_count(), **job, **stats, "gpu": sampler.summary(window)}
+    run.save()
+
+
 def part_scaling_ray(run) -> None:
     cfg = run.config
     per, base = cfg.scaling_images_per_worker, None

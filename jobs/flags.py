@@ -62,6 +62,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser, *, images_per_batch: s
                             "also uses nodes joining while the job runs")
     group.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
+    group.add_argument("--decode-tasks", type=int, default=None,
+                       help="decode tasks at once (default: as many as the CPUs the workers leave free; beside GPU "
+                            "workers one per free CPU)")
+    group.add_argument("--decode-cpus", type=float, default=None,
+                       help="CPUs each decode task holds (default: 1 beside GPU workers, else a share of the free CPUs)")
+    group.add_argument("--fast-decode", action="store_true",
+                       help="decode JPEGs at least twice the input size at a reduced scale (PIL draft mode): faster on "
+                            "large photos, slightly different pixels (off by default)")
     group.add_argument("--progress-every", dest="progress_every_s", type=float, default=30.0,
                        help="seconds between progress lines")
     add_dashboard_argument(group)

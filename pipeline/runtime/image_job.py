@@ -4,7 +4,9 @@ listing to a feature store, with per-image failures, progress, a summary and res
 ::
 
     listing (ids the store has not finished)  ->  fetch bytes (light CPU tasks, fsspec)
-        ->  ImageBatchWorker actors (decode, resize, model on the batch, write one store unit per batch)
+        ->  decode + resize to the model's input, uint8 (CPU tasks over the node's cores, :mod:`.feeding`)
+        ->  ImageBatchWorker actors (upload uint8, model on the batch, write one store unit per batch; a
+            batch's chunk writes overlap the next batch's compute)
         ->  status rows back to the driver (progress, summary)
 
 A job's settings extend :class:`ImageJobConfig` (which images, how to store them, the workers' resources); its
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -33,7 +36,8 @@ import pyarrow.compute as pc
 import torch
 
 from .batching import unit_size
-from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
+from ..io.decode import DecodeConfig, decode_batch, pixels_to_float
+from .feeding import FETCH_CPUS, FeedPlan, check_feed_flags, plan_feed
 from .failures import JobFailedError, one_line, root_cause
 from .checks import Workers, check_job_flags, pool_bounds, store_session
 from ..io.listing import fetch_bytes, list_uris
@@ -46,7 +50,7 @@ from ..store.ledger import LedgerFolder
 from ..store.manifest import ROW_OK, ROW_PENDING, uri_text
 
 __all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
-           "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
+           "open_job_store", "worker_resources", "job_feed", "run_image_job", "run_store_job"]
 
 _log = logging.getLogger(__name__)
 
@@ -73,6 +77,10 @@ class ImageJobConfig:
         progress_every_s: seconds between progress lines.
         dashboard: start Ray's dashboard when this run starts a local Ray (:func:`pipeline.runtime.ray_session.init_ray`).
         decode: limits on accepted images.
+        decode_tasks: decode tasks running at once (``None``: as many as the free CPUs allow, :mod:`.feeding`).
+        decode_cpus: CPUs each decode task holds (``None``: 1 beside GPU workers, a share of the rest on CPUs).
+        fast_decode: decode JPEGs at least twice the input size at a reduced scale (PIL's draft mode): much faster
+            on large photos, slightly different pixels than a full decode and resize (off by default).
     """
 
     images: str
@@ -90,12 +98,16 @@ class ImageJobConfig:
     progress_every_s: float = 30.0
     dashboard: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    decode_tasks: int | None = None
+    decode_cpus: float | None = None
+    fast_decode: bool = False
 
     def check_flags(self) -> None:
         """Refuse out-of-range resource and selection settings, naming each flag."""
         check_job_flags(workers=self.workers, images_per_batch=self.images_per_batch, limit=self.limit,
                         progress_every_s=self.progress_every_s, gpus_per_worker=self.gpus_per_worker,
                         cpus_per_worker=self.cpus_per_worker)
+        check_feed_flags(self.decode_tasks, self.decode_cpus)
 
 
 @dataclass
@@ -137,6 +149,10 @@ class ImageBatchWorker:
     Subclasses set :attr:`stage` (names the step in failure messages), build their model in :meth:`setup` and
     compute a batch in :meth:`process`.
 
+    A batch arrives decoded (``pixels`` uint8 at the input size, from :func:`pipeline.io.decode.decode_batch`) or as
+    bytes (then it is decoded here). Up to two batches run at once in an actor (:func:`run_image_job`): one on the
+    model (a lock keeps the model to one batch) while the other's store unit is converted and written.
+
     Args:
         output: store URL, opened with ``mode="r+"`` and checked against ``layout``.
         layout: geometry the store must have.
@@ -162,6 +178,7 @@ class ImageBatchWorker:
             torch.set_num_threads(max(1, round(cpus_per_worker)))
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
         self._broken: str | None = None
+        self._model_lock = threading.Lock()
         try:
             self.setup()
             self.store = FeatureStore.open(output, "r+", expect=layout)
@@ -194,36 +211,38 @@ class ImageBatchWorker:
 
     def _process_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
+        if "pixels" not in batch:  # bytes (fetch_bytes' rows): decode here
+            batch = decode_batch(batch, size=self.input_size, config=self.decode)
         ids, uris = [int(i) for i in batch["image_id"]], [str(u) for u in batch["uri"]]
         rows: dict[int, dict[str, Any]] = {i: {"image_id": i, "uri": u} for i, u in zip(ids, uris)}
         errors: dict[int, str] = {}
-        pixels: dict[int, torch.Tensor] = {}
-        for i, data, error in zip(ids, batch["bytes"], batch["error"]):
-            if error:
-                errors[i] = str(error)
+        pixels: dict[int, np.ndarray] = {}
+        for j, i in enumerate(ids):
+            if batch["error"][j]:
+                errors[i] = str(batch["error"][j])
                 continue
-            try:
-                image = decode_image(bytes(data), self.decode)
-            except ImageDecodeError as e:
-                errors[i] = str(e)
-                continue
-            rows[i].update(width=image.width, height=image.height)
-            pixels[i] = resize_to_tensor(image.pixels, self.input_size)
-        results = self._run(pixels, errors)
+            rows[i].update(width=int(batch["width"][j]), height=int(batch["height"][j]))
+            pixels[i] = batch["pixels"][j]
+        if pixels and batch["pixels"].shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"decoded pixels of shape {batch['pixels'].shape[1:]} reached a worker for "
+                             f"{self.input_size} px input")
+        with self._model_lock:  # the model takes one batch at a time; another batch's writes go on meanwhile
+            results = self._run(pixels, errors)
+        dtype = getattr(torch, self.store.layout.dtype)
         with self.store.unit() as unit:
             for i in ids:
                 if i in errors:
                     unit.fail(rows[i], errors[i])
                     continue
                 record, arrays = results[i]
-                unit.add({**rows[i], **record}, **{k: arrays[k] for k in self.arrays})
+                unit.add({**rows[i], **record}, **{k: _host(arrays[k], dtype) for k in self.arrays})
         elapsed = time.perf_counter() - started
         return {"image_id": np.array(ids, dtype=np.int64),
                 "status": np.array(["failed" if i in errors else "ok" for i in ids], dtype=object),
                 "error": np.array([errors.get(i, "") for i in ids], dtype=object),
                 "seconds": np.full(len(ids), elapsed / max(1, len(ids)))}
 
-    def _run(self, pixels: dict[int, torch.Tensor], errors: dict[int, str]) -> dict[int, Any]:
+    def _run(self, pixels: dict[int, np.ndarray], errors: dict[int, str]) -> dict[int, Any]:
         """Process the batch together; if that fails, one by one so one bad image fails alone."""
         if not pixels:
             return {}
@@ -243,7 +262,7 @@ class ImageBatchWorker:
                 errors[i] = f"{self.stage} failed: {type(e).__name__}: {e}"
         return results
 
-    def _run_ids(self, ids: list[int], pixels: dict[int, torch.Tensor]) -> dict[int, Any]:
+    def _run_ids(self, ids: list[int], pixels: dict[int, np.ndarray]) -> dict[int, Any]:
         step = self.images_per_pass or len(ids)
         results: dict[int, Any] = {}
         for start in range(0, len(ids), step):
@@ -251,14 +270,24 @@ class ImageBatchWorker:
             results.update(zip(part, self.process(part, self._to_device([pixels[i] for i in part]))))
         return results
 
-    def _to_device(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Stack decoded images on the worker's device; to a GPU through pinned memory without blocking (the
-        copy is queued on the stream that then computes on it)."""
+    def _to_device(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Decoded uint8 images ``(S, S, 3)`` -> ``(B, 3, S, S)`` float in ``[0, 1]`` on the worker's device. The
+        uint8 pixels travel (a quarter of float32's bytes), to a GPU through pinned memory without blocking (the
+        copy is queued on the stream that then computes on it), and become floats there."""
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in images]
         if self.device.type != "cuda":
-            return torch.stack(images)
-        staged = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
-        torch.stack(images, out=staged)
-        return staged.to(self.device, non_blocking=True)
+            return pixels_to_float(torch.stack(tensors))
+        staged = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.uint8, pin_memory=True)
+        torch.stack(tensors, out=staged)
+        return pixels_to_float(staged.to(self.device, non_blocking=True))
+
+
+def _host(value: Any, dtype: torch.dtype) -> Any:
+    """A result array in the store's dtype on the host: torch converts (several times faster than numpy's
+    float32 -> float16, with the same round-to-nearest-even and overflow to inf, which the writer then refuses)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device="cpu", dtype=dtype)
+    return value
 
 
 class JobWorker(ImageBatchWorker):
@@ -312,13 +341,15 @@ def worker_resources(workers: Workers, gpus_per_worker: float | None, cpus_per_w
 
 def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Table, worker: type,
                   worker_kwargs: dict[str, Any], images_per_batch: int, workers: Workers, gpus: float, cpus: float,
-                  progress_every_s: float = 30.0, started: float | None = None, lease: Any = None) -> JobSummary:
+                  progress_every_s: float = 30.0, started: float | None = None, lease: Any = None,
+                  feed: FeedPlan | None = None) -> JobSummary:
     """Run ``worker`` actors over the ``pending`` listing rows into ``store`` and summarise the run.
 
     ``worker`` is an :class:`ImageBatchWorker` subclass built with ``worker_kwargs``. A fault that is not one
     image's (a worker that cannot start or write, Ray losing its actors, ``lease`` taken over) raises
     :class:`JobFailedError` with one line; units committed before it stay in the store. A run with nothing to
-    do leaves the store untouched.
+    do leaves the store untouched. ``feed``: decode in CPU tasks of their own (:mod:`.feeding`); ``None`` decodes
+    in the workers.
     """
     started = time.monotonic() if started is None else started
     todo = pending.num_rows
@@ -336,14 +367,20 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         per_block = max(images_per_batch, 1)
         blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
         ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=0.1)
+        ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=FETCH_CPUS)
+        if feed is not None:
+            # Bytes in, uint8 pixels at the model's size out: the CPU work per image, off the model's process.
+            ds = ds.map_batches(decode_batch, batch_size=images_per_batch, num_cpus=feed.decode_cpus,
+                                fn_kwargs={"size": feed.input_size, "config": feed.decode, "draft": feed.draft},
+                                compute=ray.data.TaskPoolStrategy(size=min(feed.decode_tasks, len(blocks))))
         ds = ds.map_batches(
             worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
             # --workers N: a fixed pool of what the user asked for (an autoscaling pool shrinks to one actor on a
             # short queue, since one actor with two batches in flight looks busy enough); MIN-MAX: Ray Data's
-            # autoscaling pool, which adds actors on nodes that join. Two batches in flight per actor: the next
-            # batch reaches the actor while it computes the current one.
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=2))
+            # autoscaling pool, which adds actors on nodes that join. Two batches in flight per actor, and both may
+            # run: one on the model while the other's unit is written.
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=2,
+                                               max_concurrent_calls_per_actor=2, enable_true_multi_threading=True))
         progress.start()
         # No prefetch: with it, Ray Data holds each result back until the next one arrives, so progress runs one
         # unit late and a worker's fault reaches the driver only after the next unit (a second timeout) too.
@@ -428,9 +465,22 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
         check_reachable(outputs=[("--output", config.output)], inputs=image_job_inputs(config, uris))
         gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
         config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
+        feed = job_feed(config, gpus, cpus)
         return run_image_job(job=job, store=store, covered=covered, pending=pending, worker=worker,
                              worker_kwargs={"config": config, "layout": store.layout.geometry(),
                                             "settings": dict(settings or {})},
                              images_per_batch=config.images_per_batch or unit_size(job, gpus > 0),
                              workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s,
-                             started=started, lease=lease)
+                             started=started, lease=lease, feed=feed)
+
+
+def job_feed(config: ImageJobConfig, gpus: float, cpus: float) -> FeedPlan:
+    """The decode step of a job with ``config.workers`` workers of ``gpus`` and ``cpus`` each on this cluster."""
+    import ray
+
+    plan = plan_feed(input_size=config.input_size, cluster_cpus=ray.cluster_resources().get("CPU", 1),
+                     workers=pool_bounds(config.workers)[1], gpus=gpus, cpus=cpus, decode_tasks=config.decode_tasks,
+                     decode_cpus=config.decode_cpus, decode=config.decode, draft=config.fast_decode)
+    _log.info("decoding in up to %d task(s) of %.3g CPU each%s", plan.decode_tasks, plan.decode_cpus,
+              " (JPEG draft mode)" if plan.draft else "")
+    return plan

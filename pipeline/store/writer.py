@@ -1,7 +1,8 @@
 """Committing work units: :class:`UnitWriter` and the implementation of :meth:`FeatureStore.write_unit`.
 
 A unit's array data is validated (shapes, finiteness) and written first, its manifest part last: the part is
-the commit record, so a writer killed in between leaves chunks nobody trusts.
+the commit record, so a writer killed in between leaves chunks nobody trusts. Chunks of uncompressed arrays are
+written as plain objects, concurrently (:mod:`.direct`); other arrays through zarr.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numpy as np
 from .manifest import STATUS_FAILED, STATUS_OK, ImageRecord, unit_id, write_part
 from ..io.storage import storage_errors
 from .compact import encode
+from .direct import DirectChunkWriter
 from .errors import StoreError, StoreMismatchError
 from .handle import StoreHandle
 from .inventory import shape_text
 
-__all__ = ["UnitWriter", "write_unit"]
+__all__ = ["UnitWriter", "direct_writer", "write_unit"]
 
 _log = logging.getLogger(__package__)
 
@@ -106,10 +108,22 @@ def write_unit(store: StoreHandle, records: Sequence[ImageRecord | Mapping[str, 
     name = unit_id(ids.tolist())
     with storage_errors(store.url):
         if len(ok_ids):
-            store.write_rows(ok_ids, data)
+            direct = direct_writer(store)
+            if direct is not None:
+                direct.write(ok_ids, data)
+            else:
+                store.write_rows(ok_ids, data)
         write_part(store.fs, store.root, recs, name)
     store.refresh()
     return name
+
+
+def direct_writer(store: StoreHandle) -> DirectChunkWriter | None:
+    """The store's :class:`DirectChunkWriter` (made once per open store), or ``None`` if its arrays need zarr."""
+    cache = store.__dict__
+    if "_direct_writer" not in cache:
+        cache["_direct_writer"] = DirectChunkWriter.for_store(store)
+    return cache["_direct_writer"]
 
 
 def _unit_arrays(store: StoreHandle, recs: list[ImageRecord], arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ["backbone", "stage1", "apply_kernel", "scaling_processes", "denoise_job", "apply_job", "scaling_ray", "train"]
+PARTS = ["backbone", "stage1", "apply_kernel", "scaling_processes", "denoise_job", "apply_job", "feed_job", "scaling_ray",
+         "train"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,9 @@ def test_smoke_run_measures_every_part(tmp_path):
     assert _positive(job["kernel_steady_images_per_s"]) and _positive(job["steady_images_per_s"])
     assert job["overhead_steady"] == pytest.approx(1 - job["steady_images_per_s"] / job["kernel_steady_images_per_s"],
                                                    abs=1e-3)
+    feed = parts["feed_job"]["summary"]
+    assert feed["rc"] == 0 and feed["ok"] == feed["images"] == 4 and feed["failed"] == 0, feed
+    assert _positive(feed["steady_images_per_s"]) and feed["model"] == "pipeline.testing.zero_vit:create"
     apply = parts["apply_job"]["summary"]
     assert apply["rc"] == 0 and apply["ok"] == apply["images"] and _positive(apply["ratio_steady"])
     checks = parts["train"]["rows"]  # one per pass: 16 images in global batches of 4, 2 passes
@@ -76,7 +80,7 @@ def test_smoke_run_measures_every_part(tmp_path):
     assert _positive(train["samples_per_s_after_first_check"]) and 0 <= train["data_wait_run"] <= 1
 
     goals = {g["goal"]: g for g in report["goals"]}
-    assert len(goals) == 5 and all({"target", "value", "met"} <= set(g) for g in goals.values())
+    assert len(goals) == 6 and all({"target", "value", "met"} <= set(g) for g in goals.values())
     assert goals["denoise job overhead vs the stage-1 kernel: < 5%"]["value"] == job["overhead_steady"]
     md = (out / "device_check.md").read_text()
     assert all(f"## {name}: ok" in md for name in PARTS)

@@ -1,0 +1,117 @@
+"""Sizing the decode step to the model workers, and the worker fed decoded pixels (the Ray Data decode stage)
+against the worker decoding bytes itself: the same store, byte for byte."""
+
+import glob
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.io.decode import decode_batch
+from pipeline.io.listing import fetch_bytes
+from pipeline.runtime.checks import JobConfigError
+from pipeline.runtime.feeding import plan_feed
+from pipeline.runtime.image_job import ImageBatchWorker, _host
+from pipeline.store import FeatureStore, StoreLayout
+
+
+def test_decode_tasks_fill_the_cpus_the_gpu_workers_leave():
+    plan = plan_feed(input_size=518, cluster_cpus=16, workers=1, gpus=1, cpus=1)
+    assert (plan.decode_tasks, plan.decode_cpus) == (14, 1.0)
+    plan = plan_feed(input_size=518, cluster_cpus=64, workers=8, gpus=1, cpus=2)
+    assert (plan.decode_tasks, plan.decode_cpus) == (47, 1.0)
+    plan = plan_feed(input_size=518, cluster_cpus=2, workers=1, gpus=0, cpus=1.8)  # this 2-core machine
+    assert plan.decode_tasks == 2 and 0 < plan.decode_cpus * 2 <= 2 - 1.8
+    plan = plan_feed(input_size=224, cluster_cpus=16, workers=1, gpus=1, cpus=1, decode_tasks=3, decode_cpus=2)
+    assert (plan.decode_tasks, plan.decode_cpus) == (3, 2.0)
+
+
+@pytest.mark.parametrize("bad, flag", [(dict(decode_tasks=0), "--decode-tasks"), (dict(decode_cpus=0), "--decode-cpus")])
+def test_bad_decode_flags_are_refused_naming_the_flag(bad, flag):
+    with pytest.raises(JobConfigError, match=flag):
+        plan_feed(input_size=56, cluster_cpus=2, workers=1, gpus=0, cpus=1, **bad)
+
+
+class PatchMeans(ImageBatchWorker):
+    """Per 8x8 patch: its mean colour, twice; image 1's ``clean`` overflows float16 (so the writer fails it)."""
+
+    stage = "means"
+
+    def process(self, ids, images):
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, self.input_size, self.input_size)
+        feats = torch.nn.functional.avg_pool2d(images, 8).permute(0, 2, 3, 1).repeat(1, 1, 1, 2)
+        return [({"seconds": 0.0}, {"raw": feats[j], "clean": feats[j] * 1e6 if ids[j] == 1 else feats[j]})
+                for j in range(len(ids))]
+
+
+def _store(path, uris):
+    layout = StoreLayout(backbone="means", block=0, input_size=32, patch_size=8, stride=8, grid=(4, 4), channels=6)
+    return FeatureStore.create(path, layout, uris)
+
+
+def test_decoded_pixels_and_bytes_give_the_same_store(tmp_path, sample_images):
+    uris = [str(p) for p in sample_images] + [str(tmp_path / "missing.png")]
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    uris.append(str(tmp_path / "junk.jpg"))
+    rows = {"image_id": np.arange(len(uris)), "uri": np.array(uris)}
+    stores = []
+    for name, feed in (("bytes", lambda b: b), ("pixels", lambda b: decode_batch(b, size=32))):
+        store = _store(str(tmp_path / f"{name}.zarr"), uris)
+        worker = ImageBatchWorker.__new__(PatchMeans)
+        ImageBatchWorker.__init__(worker, store.url, store.layout.geometry(), input_size=32)
+        out = worker(feed(fetch_bytes(rows)))
+        status = dict(zip(out["image_id"].tolist(), out["status"]))
+        assert status[len(uris) - 1] == status[len(uris) - 2] == "failed"
+        assert [status[i] for i in range(len(sample_images))] == ["ok"] * len(sample_images)
+        stores.append(store.refresh())
+    a, b = stores
+    assert a.ids().tolist() == b.ids().tolist() == [i for i in range(len(sample_images)) if i != 1]
+    assert "non-finite values in 'clean'" in a.manifest().to_pylist()[1]["error"]
+    for name in ("raw", "clean"):
+        np.testing.assert_array_equal(a.get(a.ids(), (name,), check=False)[name], b.get(b.ids(), (name,), check=False)[name])
+    ma, mb = a.manifest().to_pylist(), b.manifest().to_pylist()
+    for ra, rb in zip(ma, mb):
+        assert (ra["image_id"], ra["status"], ra["error"], ra["width"], ra["height"]) == \
+               (rb["image_id"], rb["status"], rb["error"], rb["width"], rb["height"])
+    for path in ("bytes", "pixels"):
+        assert not glob.glob(str(tmp_path / path) + ".zarr/**/*.partial", recursive=True)
+
+
+def test_the_host_copy_rounds_as_numpy_and_overflows_to_inf():
+    x = torch.cat([torch.randn(10_000) * 3, torch.tensor([7e4, -1e6, 65519.0, 65520.0, 1e-8, float("nan")])])
+    ours = _host(x, torch.float16).numpy()
+    theirs = x.numpy().astype(np.float16)
+    assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16))
+    assert np.isinf(ours[10_000]) and np.isinf(ours[10_001])
+
+
+class DecodedOnly(PatchMeans):
+    """Refuses bytes: the job must hand it pixels decoded by the decode stage."""
+
+    def _process_batch(self, batch):
+        assert "bytes" not in batch and batch["pixels"].dtype == np.uint8, sorted(batch)
+        return super()._process_batch(batch)
+
+
+@pytest.mark.slow
+def test_the_job_decodes_in_its_own_stage_and_commits_every_unit(ray_local, tmp_path, sample_images):
+    from pipeline.runtime.feeding import plan_feed
+    from pipeline.runtime.image_job import open_job_store, run_image_job
+
+    uris = [str(p) for p in sample_images] + [str(tmp_path / "missing.png")]
+    store = _store(str(tmp_path / "job.zarr"), uris)
+    store, covered, pending = open_job_store(store.url, store.layout, uris)
+    feed = plan_feed(input_size=32, cluster_cpus=2, workers=1, gpus=0, cpus=0.5)
+    summary = run_image_job(job="feed", store=store, covered=covered, pending=pending, worker=DecodedOnly,
+                            worker_kwargs={"output": store.url, "layout": store.layout.geometry(), "input_size": 32},
+                            images_per_batch=2, workers=1, gpus=0, cpus=0.5, progress_every_s=600, feed=feed)
+    # image 1 overflows float16 (failed by the writer, reported ok by the worker), the missing file fails
+    assert (summary.todo, summary.store_ok, summary.store_failed) == (len(uris), len(uris) - 2, 2)
+    reference = _store(str(tmp_path / "ref.zarr"), uris)
+    worker = ImageBatchWorker.__new__(PatchMeans)
+    ImageBatchWorker.__init__(worker, reference.url, reference.layout.geometry(), input_size=32)
+    worker(fetch_bytes({"image_id": np.arange(len(uris)), "uri": np.array(uris)}))
+    got, want = store.refresh(), reference.refresh()
+    assert got.ids().tolist() == want.ids().tolist()
+    for name in ("raw", "clean"):
+        np.testing.assert_array_equal(got.get(got.ids(), (name,))[name], want.get(want.ids(), (name,))[name])
