@@ -39,7 +39,7 @@ __all__ = ["ChainConfig", "ChainResult", "TARGETS", "write_photo_crops", "run_ch
 
 _log = logging.getLogger(__name__)
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 #: Target -> (what it compares, bound). ``pe`` is positional energy.
 TARGETS: dict[str, tuple[str, float]] = {
