@@ -28,7 +28,7 @@ import torch
 from ..stage2.apply import ApplyConfig, run_apply
 from ..vit.backbone import DEFAULT_MODEL, Backbone, BackboneConfig, create_backbone, describe_backbone
 from ..runtime.batching import images_per_pass, stage1_bytes_per_image
-from ..runtime.image_job import (ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris, open_job_store,
+from ..runtime.image_job import (ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_inputs, open_job_store,
                         run_store_job)
 from ..runtime.checks import JobConfigError, nothing_to_do
 from .methods import check_method, method_record
@@ -116,7 +116,8 @@ class DenoiseConfig(ImageJobConfig):
         """
         defaults = {f.name: f.default for f in dataclasses.fields(DenoiseConfig)}
         return ApplyConfig(
-            images=self.images, output=self.output, denoiser=self.denoiser, weights=self.weights,
+            images=self.images, output=self.output, image_column=self.image_column, keep_columns=self.keep_columns,
+            denoiser=self.denoiser, weights=self.weights,
             model=None if self.model == DEFAULT_MODEL else self.model,
             input_size=None if self.input_size == defaults["input_size"] else self.input_size,
             images_per_batch=self.images_per_batch, amp=self.amp, keep_raw=True, workers=self.workers,
@@ -195,7 +196,7 @@ def check_denoise(config: DenoiseConfig) -> tuple[StoreLayout, list[str], bool]:
         raise JobConfigError(f"--input-size {config.input_size}: {e}") from None
     check_weights(config.backbone_config())
     layout = store_layout(config, backbone)
-    uris = list_uris(config.images, config.limit)
+    uris = list_inputs(config)
     existed = check_store(config.output, layout, overwrite=config.overwrite,
                           allow_config_change=config.allow_config_change)
     return layout, uris, existed
@@ -206,7 +207,7 @@ def prepare_store(config: DenoiseConfig) -> tuple[FeatureStore, int, pa.Table]:
 
     Returns the store, how many images this run covers, and the listing rows it still has to do.
     """
-    return open_job_store(config.output, store_layout(config), list_uris(config.images, config.limit),
+    return open_job_store(config.output, store_layout(config), list_inputs(config),
                           overwrite=config.overwrite, allow_config_change=config.allow_config_change,
                           retry_failed=config.retry_failed)
 

@@ -37,12 +37,14 @@ from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_
 from .failures import JobFailedError, one_line, root_cause
 from .checks import check_job_flags, store_session
 from ..io.listing import fetch_bytes, list_uris
+from ..io.shards import read_shard_members
+from .inputs import ShardInputs, list_inputs
 from .progress import Progress
 from .ray_session import init_ray
 from ..io.storage import StorageUnavailableError
 from ..store import FeatureStore, StoreError, StoreLayout
 
-__all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
+__all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris", "list_inputs",
            "open_job_store", "worker_resources", "run_image_job", "run_store_job"]
 
 _log = logging.getLogger(__name__)
@@ -53,7 +55,11 @@ class ImageJobConfig:
     """Settings every image-to-store job has (``dvt denoise``, ``dvt apply``); each job's config adds its model.
 
     Attributes:
-        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs.
+        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs; or shards: WebDataset
+            ``.tar`` or Parquet files with image bytes, as one shard, a folder or prefix, a glob or a brace pattern
+            (:mod:`pipeline.io.shards`).
+        image_column: Parquet shards' column of encoded images (tar shards: the preferred member extension).
+        keep_columns: shard fields carried into the store's listing (``"key,url,caption"``).
         output: feature store URL (local path, ``file://``, ``s3://``, ``memory://`` for one process).
         images_per_batch: images per store unit (and per model call); ``None`` chooses per device
             (:mod:`pipeline.runtime.batching`).
@@ -73,6 +79,8 @@ class ImageJobConfig:
 
     images: str
     output: str
+    image_column: str = "jpg"
+    keep_columns: str | tuple[str, ...] = ()
     images_per_batch: int | None = None
     amp: str | None = None
     workers: int = 1
@@ -268,15 +276,21 @@ class JobWorker(ImageBatchWorker):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, overwrite: bool = False,
+def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str] | ShardInputs, *, overwrite: bool = False,
                    allow_config_change: bool = False, retry_failed: bool = True) -> tuple[FeatureStore, int, pa.Table]:
-    """Create or reopen the store for a run over ``uris``.
+    """Create or reopen the store for a run over ``uris`` (URIs, or the shard index :func:`list_inputs` gives).
 
-    Returns the store, how many images this run covers, and the listing rows it still has to do.
+    Returns the store, how many images this run covers, and the listing rows it still has to do (for shard
+    inputs with where each image lies in its shard).
     """
-    store = FeatureStore.create(output, layout, list(uris), overwrite=overwrite, allow_config_change=allow_config_change)
+    if isinstance(uris, ShardInputs):
+        listing_rows, wanted = uris.listing_rows(), uris.uris
+    else:
+        listing_rows, wanted = list(uris), pa.array(list(uris), pa.string())
+    store = FeatureStore.create(output, layout, listing_rows, overwrite=overwrite,
+                                allow_config_change=allow_config_change)
     listing = store.listing()
-    mine = listing.filter(pc.is_in(listing["uri"], pa.array(list(uris), pa.string())))
+    mine = listing.filter(pc.is_in(listing["uri"], wanted))
     todo = store.todo(retry_failed=retry_failed)
     pending = mine.filter(pc.is_in(mine["image_id"], pa.array(todo, pa.int64())))
     return store, mine.num_rows, pending
@@ -299,7 +313,8 @@ def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worke
 
 def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Table, worker: type,
                   worker_kwargs: dict[str, Any], images_per_batch: int, workers: int, gpus: float, cpus: float,
-                  progress_every_s: float = 30.0, started: float | None = None, lease: Any = None) -> JobSummary:
+                  progress_every_s: float = 30.0, started: float | None = None, lease: Any = None,
+                  image_column: str = "jpg") -> JobSummary:
     """Run ``worker`` actors over the ``pending`` listing rows into ``store`` and summarise the run.
 
     ``worker`` is an :class:`ImageBatchWorker` subclass built with ``worker_kwargs``. A fault that is not one
@@ -318,9 +333,17 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         # One batch per block, so one actor task is one store unit: work spreads evenly over the actors (a
         # block of several batches is one task, which one actor takes whole) and a retry redoes one unit only.
         per_block = max(images_per_batch, 1)
-        blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=0.1)
+        if _from_shards(pending):
+            # Shards: one read task per run of a shard's rows (one ranged read of a tar's members, one read of a
+            # Parquet row group's images), cut into units of images_per_batch without a shuffle.
+            ds = ray.data.from_arrow(shard_read_blocks(pending))
+            ds = ds.map_batches(read_shard_members, batch_size=None, num_cpus=0.1,
+                                fn_kwargs={"image_column": image_column})
+            ds = ds.repartition(target_num_rows_per_block=per_block)
+        else:
+            blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
+            ds = ray.data.from_arrow(blocks)
+            ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=0.1)
         ds = ds.map_batches(
             worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
             # A fixed pool: --workers is what the user asked for (an autoscaling pool shrinks to one actor on
@@ -363,6 +386,29 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
     return summary
 
 
+#: Most rows one shard read task takes (a tar's members are read with one ranged read per task).
+SHARD_READ_ROWS = 256
+
+
+def _from_shards(pending: pa.Table) -> bool:
+    return "shard" in pending.column_names and pending["shard"].null_count < pending.num_rows
+
+
+def shard_read_blocks(pending: pa.Table, max_rows: int = SHARD_READ_ROWS) -> list[pa.Table]:
+    """``pending`` (listing order) cut where the shard or Parquet row group changes and every ``max_rows`` rows,
+    so no read task spans two shards and each opens its shard once; a Parquet row group's rows stay in one task
+    (its image column is read whole)."""
+    shards = pending["shard"].to_pylist()
+    groups = pending["shard_group"].to_pylist()
+    blocks, start = [], 0
+    for i in range(1, len(shards) + 1):
+        end = i == len(shards) or shards[i] != shards[start] or groups[i] != groups[start]
+        if end or (groups[start] in (-1, None) and i - start >= max_rows):
+            blocks.append(pending.slice(start, i - start))
+            start = i
+    return blocks
+
+
 def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> None:
     """Stop the job with a worker's ``fatal`` rows' message (its traceback only at debug level)."""
     fatal = np.flatnonzero(out["status"] == "fatal")
@@ -377,7 +423,7 @@ def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> No
     raise error
 
 
-def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: Sequence[str], existed: bool,
+def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: Sequence[str] | ShardInputs, existed: bool,
                   worker: type[JobWorker], started: float) -> JobSummary:
     """Run a checked job: start (or join) Ray, hold the store's lease, create or reopen the store, size the actors
     and run ``worker`` over what is left to do (:func:`run_image_job`)."""
@@ -392,4 +438,4 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
                              worker_kwargs={"config": config, "layout": store.layout.geometry()},
                              images_per_batch=config.images_per_batch or unit_size(job, gpus > 0),
                              workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s,
-                             started=started, lease=lease)
+                             started=started, lease=lease, image_column=config.image_column)

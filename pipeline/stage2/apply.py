@@ -26,7 +26,7 @@ import torch
 from ..vit.backbone import Backbone, describe_backbone
 from ..runtime.batching import forward_bytes_per_image, images_per_pass
 from .denoiser import DenoisedViT, DenoiserMismatchError, DenoiserSpec, read_denoiser_bytes, read_spec
-from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, list_uris, open_job_store, run_store_job
+from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, list_inputs, open_job_store, run_store_job
 from ..runtime.checks import JobConfigError, nothing_to_do
 from ..store import FeatureStore, StoreLayout, check_store
 from ..vit.weights import check_weights, weights_identity
@@ -126,7 +126,7 @@ def check_apply(config: ApplyConfig) -> tuple[ApplyConfig, StoreLayout, list[str
     config.check_flags()
     config, layout, spec = _apply_layout(config)
     check_weights(spec.backbone_config(config.weights, config.input_size))
-    uris = list_uris(config.images, config.limit)
+    uris = list_inputs(config)
     existed = check_store(config.output, layout, overwrite=config.overwrite,
                           allow_config_change=config.allow_config_change)
     return config, layout, uris, existed
@@ -140,7 +140,7 @@ def prepare_apply_store(config: ApplyConfig) -> tuple[FeatureStore, int, pa.Tabl
     """
     config, layout, _ = _apply_layout(config)
     store, covered, pending = open_job_store(
-        config.output, layout, list_uris(config.images, config.limit), overwrite=config.overwrite,
+        config.output, layout, list_inputs(config), overwrite=config.overwrite,
         allow_config_change=config.allow_config_change, retry_failed=config.retry_failed)
     return store, covered, pending, config
 

@@ -264,14 +264,29 @@ def compact_parts(fs: fsspec.AbstractFileSystem, root: str) -> tuple[int, str | 
 
 # ---------------------------------------------------------------------------------------------------- listing
 
-def make_listing(uris: Iterable[str]) -> pa.Table:
+def make_listing(uris: Iterable[str] | pa.Table) -> pa.Table:
     """A listing for ``uris`` in the order given (repeats dropped), ``image_id`` dense from 0.
 
     Same order as :mod:`pipeline.io.listing`, which sorts folder and glob sources and keeps list-file order, so
-    the same source always gives the same ids.
+    the same source always gives the same ids. ``uris`` may also be a table with a ``uri`` column and more
+    (shard inputs: where each image lies in its shard, kept columns), carried into the listing.
     """
+    if isinstance(uris, pa.Table):
+        table = _first_of_each_uri(uris)
+        ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
+        return table.add_column(0, "image_id", ids)
     unique = list(dict.fromkeys(str(u) for u in uris))
     return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": pa.array(unique, pa.string())})
+
+
+def _first_of_each_uri(table: pa.Table) -> pa.Table:
+    """``table`` without rows whose ``uri`` came earlier."""
+    seen: dict[str, int] = {}
+    for i, u in enumerate(table["uri"].to_pylist()):
+        seen.setdefault(u, i)
+    if len(seen) == table.num_rows:
+        return table
+    return table.take(pa.array(list(seen.values()), pa.int64()))
 
 
 def _check_listing(table: pa.Table) -> pa.Table:
@@ -288,12 +303,14 @@ def _check_listing(table: pa.Table) -> pa.Table:
 def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Table:
     """The listing after adding ``new``: append-only, so every image keeps its id (and its row).
 
-    ``new`` is either URIs (those not listed yet get the next ids, in the order given) or a full listing
-    table (as :func:`pipeline.io.listing.read_listing` returns) whose first ``len(old)`` rows must match ``old``.
+    ``new`` is either URIs (those not listed yet get the next ids, in the order given), a table of URIs with more
+    columns and no ``image_id`` (the same, carrying its columns), or a full listing table (as
+    :func:`pipeline.io.listing.read_listing` returns) whose first ``len(old)`` rows must match ``old``.
     """
+    rows = isinstance(new, pa.Table) and "image_id" not in new.column_names
     if old is None or old.num_rows == 0:
-        return _check_listing(new) if isinstance(new, pa.Table) else make_listing(new)
-    if isinstance(new, pa.Table):
+        return make_listing(new) if rows or not isinstance(new, pa.Table) else _check_listing(new)
+    if isinstance(new, pa.Table) and not rows:
         new = _check_listing(new)
         n = old.num_rows
         if new.num_rows < n or new["uri"].slice(0, n).to_pylist() != old["uri"].to_pylist():
@@ -301,10 +318,18 @@ def extend_listing(old: pa.Table | None, new: pa.Table | Sequence[str]) -> pa.Ta
                              f"listing ({n} images): a listing may only grow at the end")
         return new
     known = set(old["uri"].to_pylist())
+    start = old.num_rows
+    if rows:
+        table = _first_of_each_uri(new)
+        fresh = [i for i, u in enumerate(table["uri"].to_pylist()) if u not in known]
+        if not fresh:
+            return old
+        tail = table.take(pa.array(fresh, pa.int64()))
+        tail = tail.add_column(0, "image_id", pa.array(np.arange(start, start + len(fresh), dtype=np.int64)))
+        return pa.concat_tables([old, tail], promote_options="default")
     added = [u for u in dict.fromkeys(str(u) for u in new) if u not in known]
     if not added:
         return old
-    start = old.num_rows
     tail = pa.table({"image_id": pa.array(np.arange(start, start + len(added), dtype=np.int64)),
                      "uri": pa.array(added, pa.string())})
-    return pa.concat_tables([old.select(["image_id", "uri"]), tail], promote_options="default")
+    return pa.concat_tables([old, tail], promote_options="default")
