@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from .storage import filesystem, with_protocol
 
 __all__ = ["ShardOptions", "ShardError", "INDEX_COLUMNS", "is_shard_source", "expand_braces", "shard_urls",
-           "shard_kind", "index_shard", "index_shards", "read_shard_members", "split_uri"]
+           "shard_kind", "index_shard", "index_shards", "shard_index", "read_blocks", "read_shard_members", "split_uri"]
 
 _log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ _INDEX_SCHEMA = pa.schema([("uri", pa.string()), ("shard", pa.string()), ("shard
                            ("shard_size", pa.int64()), ("shard_group", pa.int32()), ("shard_error", pa.string())])
 #: Read-ahead for walking tar headers and reading members: large sequential range reads on object storage.
 _BLOCK = 16 * 2**20
+#: Members closer than this are read together (one range read); further apart, with separate range reads.
+_GAP = 2**20
+#: Most rows one read task takes from a tar shard (one ranged read); a Parquet row group's rows stay together.
+SHARD_READ_ROWS = 256
 _BRACE_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
 _BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
@@ -103,19 +107,18 @@ def shard_kind(url: str) -> str:
 # ---------------------------------------------------------------------------------------------- expansion
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{00000..00099}`` (zero padding kept) and ``{a,b}`` as a shell does, in order."""
-    match = _BRACE_RANGE.search(pattern)
-    if match:
-        lo, hi = match.group(1), match.group(2)
-        width = len(lo) if lo.lstrip("-").startswith("0") and len(lo) > 1 else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        head, tail = pattern[:match.start()], pattern[match.end():]
-        return [u for i in range(int(lo), int(hi) + step, step) for u in expand_braces(f"{head}{i:0{width}d}{tail}")]
-    match = _BRACE_LIST.search(pattern)
-    if match:
-        head, tail = pattern[:match.start()], pattern[match.end():]
+    """Expand ``{00000..00099}`` (zero padding kept) and ``{a,b}`` left to right, as a shell does."""
+    found = [m for m in (_BRACE_RANGE.search(pattern), _BRACE_LIST.search(pattern)) if m]
+    if not found:
+        return [pattern]
+    match = min(found, key=lambda m: m.start())
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    if match.re is _BRACE_LIST:
         return [u for part in match.group(1).split(",") for u in expand_braces(f"{head}{part}{tail}")]
-    return [pattern]
+    lo, hi = match.group(1), match.group(2)
+    width = len(lo) if lo.lstrip("-").startswith("0") and len(lo) > 1 else 0
+    step = 1 if int(hi) >= int(lo) else -1
+    return [u for i in range(int(lo), int(hi) + step, step) for u in expand_braces(f"{head}{i:0{width}d}{tail}")]
 
 
 def _has_braces(source: str) -> bool:
@@ -214,6 +217,8 @@ def _index_tar(url: str, options: ShardOptions) -> dict[str, list]:
     size = fs.size(path)
     members: dict[str, dict[str, tuple[int, int]]] = {}
     texts: dict[str, dict[str, bytes]] = {}  # small members the kept columns come from, read during the walk
+    current: dict[str, str] = {}  # a key met again with a member it already has is a new sample: KEY~2, KEY~3...
+    repeats: dict[str, int] = {}
     wanted = {name for name in options.keep_columns if name != "key"}
     if wanted:
         wanted.add("json")
@@ -232,7 +237,11 @@ def _index_tar(url: str, options: ShardOptions) -> dict[str, list]:
                     tar.members.clear()  # the walk keeps its own index; tarfile's would hold every TarInfo
                     if not info.isreg():
                         continue
-                    key, ext = _member_key(info.name)
+                    base, ext = _member_key(info.name)
+                    key = current.get(base, base)
+                    if ext in members.get(key, {}):  # the key again, with a member it has: a new sample
+                        repeats[base] = repeats.get(base, 1) + 1
+                        key = current[base] = f"{base}~{repeats[base]}"
                     members.setdefault(key, {})[ext] = (info.offset_data, info.size)
                     if ext in wanted and info.offset_data + info.size <= size:
                         f.seek(info.offset_data)
@@ -406,7 +415,32 @@ def index_shards(urls: Sequence[str], options: ShardOptions = ShardOptions(), *,
     return table
 
 
+def shard_index(source: str, options: ShardOptions = ShardOptions(), limit: int | None = None) -> pa.Table | None:
+    """The index of the shards ``source`` names, or ``None`` when it names image files or a list of URIs."""
+    if not is_shard_source(source, options.image_column):
+        return None
+    table = index_shards(shard_urls(source), options, limit=limit)
+    if table.num_rows == 0:
+        raise ShardError(f"{source} holds no images")
+    return table
+
+
 # ---------------------------------------------------------------------------------------------- bytes
+
+def read_blocks(rows: pa.Table, max_rows: int = SHARD_READ_ROWS) -> list[pa.Table]:
+    """``rows`` (with :data:`INDEX_COLUMNS`, in shard order) cut where the shard or Parquet row group changes and
+    every ``max_rows`` rows of a tar, so no read task spans two shards and each opens its shard once; a Parquet row
+    group's rows stay in one task (its image column is read whole)."""
+    shards = rows["shard"].to_pylist()
+    groups = rows["shard_group"].to_pylist()
+    blocks, start = [], 0
+    for i in range(1, len(shards) + 1):
+        end = i == len(shards) or shards[i] != shards[start] or groups[i] != groups[start]
+        if end or (groups[start] in (-1, None) and i - start >= max_rows):
+            blocks.append(rows.slice(start, i - start))
+            start = i
+    return blocks
+
 
 def read_shard_members(batch: dict[str, np.ndarray], image_column: str = "jpg") -> dict[str, np.ndarray]:
     """Ray Data step: the bytes of a batch of indexed rows (``image_id``, ``uri`` and :data:`INDEX_COLUMNS`).
@@ -451,17 +485,29 @@ def read_shard_members(batch: dict[str, np.ndarray], image_column: str = "jpg") 
 
 def _read_tar_rows(shard: str, rows: list[int], batch: dict[str, np.ndarray], data: list[bytes],
                    errors: list[str]) -> None:
-    offsets = {i: (int(batch["shard_offset"][i]), int(batch["shard_size"][i])) for i in rows}
-    start = min(o for o, _ in offsets.values())
-    end = max(o + s for o, s in offsets.values())
+    """The members of ``rows`` with one ranged read per run of members less than :data:`_GAP` apart (a block of
+    consecutive members is one read; members left between finished ones are read over, not fetched apart)."""
+    members = sorted((int(batch["shard_offset"][i]), int(batch["shard_size"][i]), i) for i in rows)
     fs, path = filesystem(shard)
-    span = fs.cat_file(path, start=start, end=end)
-    for i, (offset, size) in offsets.items():
-        piece = span[offset - start:offset - start + size]
-        if len(piece) < size:
-            errors[i] = f"member cut off: {len(piece)} of {size} bytes readable"
-        else:
-            data[i] = piece
+    run: list[tuple[int, int, int]] = []
+
+    def read(run: list[tuple[int, int, int]]) -> None:
+        start, end = run[0][0], max(o + s for o, s, _ in run)
+        span = fs.cat_file(path, start=start, end=end)
+        for offset, size, i in run:
+            piece = span[offset - start:offset - start + size]
+            if len(piece) < size:
+                errors[i] = f"member cut off: {len(piece)} of {size} bytes readable"
+            else:
+                data[i] = piece
+
+    for member in members:
+        if run and member[0] - max(o + s for o, s, _ in run) > _GAP:
+            read(run)
+            run = []
+        run.append(member)
+    if run:
+        read(run)
 
 
 def _read_parquet_rows(shard: str, rows: list[int], batch: dict[str, np.ndarray], data: list[bytes],

@@ -37,7 +37,7 @@ from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_
 from .failures import JobFailedError, one_line, root_cause
 from .checks import check_job_flags, store_session
 from ..io.listing import fetch_bytes, list_uris
-from ..io.shards import read_shard_members
+from ..io.shards import read_blocks, read_shard_members
 from .inputs import ShardInputs, list_inputs
 from .progress import Progress
 from .ray_session import init_ray
@@ -336,7 +336,7 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         if _from_shards(pending):
             # Shards: one read task per run of a shard's rows (one ranged read of a tar's members, one read of a
             # Parquet row group's images), cut into units of images_per_batch without a shuffle.
-            ds = ray.data.from_arrow(shard_read_blocks(pending))
+            ds = ray.data.from_arrow(read_blocks(pending))
             ds = ds.map_batches(read_shard_members, batch_size=None, num_cpus=0.1,
                                 fn_kwargs={"image_column": image_column})
             ds = ds.repartition(target_num_rows_per_block=per_block)
@@ -386,27 +386,8 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
     return summary
 
 
-#: Most rows one shard read task takes (a tar's members are read with one ranged read per task).
-SHARD_READ_ROWS = 256
-
-
 def _from_shards(pending: pa.Table) -> bool:
     return "shard" in pending.column_names and pending["shard"].null_count < pending.num_rows
-
-
-def shard_read_blocks(pending: pa.Table, max_rows: int = SHARD_READ_ROWS) -> list[pa.Table]:
-    """``pending`` (listing order) cut where the shard or Parquet row group changes and every ``max_rows`` rows,
-    so no read task spans two shards and each opens its shard once; a Parquet row group's rows stay in one task
-    (its image column is read whole)."""
-    shards = pending["shard"].to_pylist()
-    groups = pending["shard_group"].to_pylist()
-    blocks, start = [], 0
-    for i in range(1, len(shards) + 1):
-        end = i == len(shards) or shards[i] != shards[start] or groups[i] != groups[start]
-        if end or (groups[start] in (-1, None) and i - start >= max_rows):
-            blocks.append(pending.slice(start, i - start))
-            start = i
-    return blocks
 
 
 def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> None:
