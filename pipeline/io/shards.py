@@ -46,8 +46,9 @@ _log = logging.getLogger(__name__)
 SHARD_EXTENSIONS = (".tar", ".parquet")
 #: Member extensions that hold an image (WebDataset convention: ``KEY.EXT``).
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
-#: Columns of an index row besides the kept ones: the shard, the member's key, the image's URI, where its bytes
-#: lie (tar: byte offset and size; Parquet: row group and row within it) and why it cannot be used, if so.
+#: Columns of an index row besides the kept ones: the image's URI, its shard, where its bytes lie (tar: byte
+#: offset and size; Parquet: row within its row group, the group's mean bytes per row, the row group) and why it
+#: cannot be used, if so.
 INDEX_COLUMNS = ("uri", "shard", "shard_offset", "shard_size", "shard_group", "shard_error")
 _INDEX_SCHEMA = pa.schema([("uri", pa.string()), ("shard", pa.string()), ("shard_offset", pa.int64()),
                            ("shard_size", pa.int64()), ("shard_group", pa.int32()), ("shard_error", pa.string())])
@@ -318,7 +319,8 @@ def _index_parquet(url: str, options: ShardOptions) -> dict[str, list]:
                     [str(r) for r in range(len(out["key"]), len(out["key"]) + n)])
             out["key"] += [None if k is None else str(k) for k in keys]
             out["offset"] += list(range(n))
-            out["size"] += [-1] * n
+            chunk = pf.metadata.row_group(group).column(names.index(options.image_column))
+            out["size"] += [chunk.total_compressed_size // max(1, n)] * n  # a mean: for sizing read blocks only
             out["group"] += [group] * n
             out["error"] += [""] * n
             for name in others:

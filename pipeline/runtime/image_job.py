@@ -339,7 +339,9 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
             ds = ray.data.from_arrow(read_blocks(pending))
             ds = ds.map_batches(read_shard_members, batch_size=None, num_cpus=0.1,
                                 fn_kwargs={"image_column": image_column})
-            ds = ds.repartition(target_num_rows_per_block=per_block)
+            # Ray Data cuts a read task's output into blocks of this size, so a shard's images reach the actors
+            # about a unit at a time (a repartition step would take a whole CPU, which the actors may hold).
+            ds.context.target_max_block_size = unit_block_bytes(pending, per_block)
         else:
             blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
             ds = ray.data.from_arrow(blocks)
@@ -384,6 +386,13 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _log.info("%s", summary.format())
     return summary
+
+
+def unit_block_bytes(pending: pa.Table, per_block: int) -> int:
+    """Bytes of about ``per_block`` images of ``pending`` (from the shard index's sizes; at least 64 KiB)."""
+    sizes = pc.filter(pending["shard_size"], pc.greater(pending["shard_size"], 0))
+    mean = pc.mean(sizes).as_py() if len(sizes) else None
+    return max(64 * 2**10, int(per_block * (mean or 64 * 2**10)))
 
 
 def _from_shards(pending: pa.Table) -> bool:
