@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--images-per-batch", type=int, default=32)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--s3", action="store_true", help="inputs and stores on a local moto S3 server")
+    parser.add_argument("--order", default="loose,tar,parquet",
+                        help="which inputs to run, in this order (a shared machine's load drifts: rotate it)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -79,7 +81,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="dvt-shards-") as tmp:
             root = "s3://dvt-shard-bench/in" if args.s3 else f"{tmp}/in"
             sources = write_inputs(root, args.images, args.per_shard, args.size)
-            for name, images in sources.items():
+            for name in [n for key in args.order.split(",") for n in sources if n.startswith(key)]:
+                images = sources[name]
                 config = DenoiseConfig(images=images, output=f"{root.rsplit('/', 1)[0]}/{name.split()[0]}.zarr",
                                        model=MODEL, weights="none", input_size=args.input_size, method="average",
                                        copies=1, images_per_batch=args.images_per_batch,

@@ -27,7 +27,7 @@ import logging
 import posixpath
 import re
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -171,8 +171,8 @@ def shard_urls(source: str) -> list[str]:
     """The shard URLs ``source`` names (module docstring), checked to exist, in listing order."""
     source = str(source)
     if _has_braces(source):
-        urls = expand_braces(source)
-        fs, _ = filesystem(urls[0])
+        fs, _ = filesystem(source)
+        urls = [with_protocol(fs, filesystem(u)[1]) for u in expand_braces(source)]  # as a prefix would list them
         missing = [u for u in urls[:1] + urls[-1:] if not fs.exists(filesystem(u)[1])]
         if missing:
             raise ShardError(f"shard {missing[0]} of {source} does not exist: check the pattern's range")
@@ -370,8 +370,7 @@ def _index_many(urls: Sequence[str], options: ShardOptions) -> pa.Table:
 
 
 def index_shards(urls: Sequence[str], options: ShardOptions = ShardOptions(), *, limit: int | None = None,
-                 use_ray: bool | None = None, shards_per_task: int = 8, threads: int = 8,
-                 on_progress: Callable[[int, int], None] | None = None) -> pa.Table:
+                 use_ray: bool | None = None, shards_per_task: int = 8, threads: int = 8) -> pa.Table:
     """The index of ``urls`` in their order (concatenated :func:`index_shard` tables).
 
     With ``use_ray`` (default: when Ray is initialised and there are more shards than one task takes), Ray tasks
@@ -401,13 +400,17 @@ def index_shards(urls: Sequence[str], options: ShardOptions = ShardOptions(), *,
         opts = ray.put(options)
         refs = [task.remote(chunk, opts) for chunk in chunks]
         results: dict = {}
-        pending = list(refs)
+        pending, logged = list(refs), 0.0
         while pending:
             ready, pending = ray.wait(pending, num_returns=min(len(pending), 16))
             for ref in ready:
-                results[ref] = ray.get(ref)
-            if on_progress:
-                on_progress(len(results) * shards_per_task, len(urls))
+                try:
+                    results[ref] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # the shard's own one-line error, not Ray's traceback
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+            if len(results) / len(refs) >= logged + 0.1:
+                logged = len(results) / len(refs)
+                _log.info("indexed %d of %d shards", min(len(urls), len(results) * shards_per_task), len(urls))
         tables = [results[ref] for ref in refs]
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -147,3 +147,13 @@ def test_shards_on_s3_are_indexed_and_read_with_few_requests(s3_bucket):
     out = _read(table)
     assert [bool(e) for e in out["error"]] == [False] * 4 + [True] * 4 + [False] * 3
     assert "cannot read shard" in out["error"][4]
+
+
+@pytest.mark.slow
+def test_many_shards_are_indexed_by_ray_tasks_as_by_threads(ray_local, tmp_path):
+    urls = [write_shard(str(tmp_path / f"{i:05d}.tar"), make_items(i, 3)) for i in range(5)]
+    urls.append(write_shard(str(tmp_path / "00005.parquet"), make_items(5, 2)))
+    by_ray = index_shards(urls, KEEP, use_ray=True, shards_per_task=2)
+    assert by_ray.equals(index_shards(urls, KEEP, use_ray=False)) and by_ray.num_rows == 17
+    with pytest.raises(ShardError, match="no column 'png'"):
+        index_shards(urls, ShardOptions(image_column="png"), use_ray=True, shards_per_task=2)
