@@ -75,7 +75,14 @@ def main() -> None:
         fs.mkdir("dvt-shard-bench")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s start-up wait
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared one
+            break
+        except Exception:  # noqa: BLE001
+            if attempt == 2:
+                raise
+            ray.shutdown()
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="dvt-shards-") as tmp:
