@@ -3,7 +3,8 @@
 Writes ``--images`` random ``--size`` px JPEGs three ways (``img2dataset`` layouts: ``NNNNN.tar`` with ``KEY.jpg``,
 ``KEY.json``, ``KEY.txt``; Parquet with ``key``, ``url``, ``caption``, ``jpg``; ``--per-shard`` images a shard),
 then runs :func:`pipeline.denoise.job.run_denoise` with ``--method average --copies 1`` on each into a fresh store
-under one local Ray. Per row: the listing step alone (URIs, or the shard index), and the job's images/s end to end
+under one local Ray, after an unreported warm-up job (the first job of a process pays for cold worker
+processes). Per row: the listing step alone (URIs, or the shard index), and the job's images/s end to end
 (its summary: images over the run's seconds, the actor's start-up included). With ``--s3`` the inputs lie on a
 local moto S3 server instead of the local filesystem.
 
@@ -88,6 +89,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="dvt-shards-") as tmp:
             root = "s3://dvt-shard-bench/in" if args.s3 else f"{tmp}/in"
             sources = write_inputs(root, args.images, args.per_shard, args.size)
+            # Warm-up, not reported: the first job of a process pays for cold worker processes and imports.
+            run_denoise(DenoiseConfig(images=sources["loose files"], output=f"{tmp}/warmup.zarr", model=MODEL,
+                                      weights="none", input_size=args.input_size, method="average", copies=1,
+                                      images_per_batch=args.images_per_batch, limit=args.images_per_batch,
+                                      cpus_per_worker=args.cpus_per_worker, progress_every_s=60.0))
             for name in [n for key in args.order.split(",") for n in sources if n.startswith(key)]:
                 images = sources[name]
                 config = DenoiseConfig(images=images, output=f"{root.rsplit('/', 1)[0]}/{name.split()[0]}.zarr",
