@@ -14,7 +14,7 @@ from .flags import add_images_argument, add_trainer_arguments, config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
-    add_images_argument(io)
+    add_images_argument(io, keep_columns=False)
     io.add_argument("--denoiser", required=True, help="stage-2 denoiser file (written by `dvt train`)")
     io.add_argument("--output", default="outputs/distill",
                     help="run folder (path or s3://): checkpoints under run/, student.safetensors on top")

@@ -31,11 +31,20 @@ def add_dashboard_argument(group: argparse._ArgumentGroup) -> None:
                             "leave the CPUs to the workers)")
 
 
-def add_images_argument(group: argparse._ArgumentGroup) -> None:
-    """``--images``: what a job reads (default: the bundled samples)."""
+def add_images_argument(group: argparse._ArgumentGroup, *, keep_columns: bool = True) -> None:
+    """``--images``: what a job reads (default: the bundled samples); ``--image-column`` for Parquet shards and,
+    with ``keep_columns``, ``--keep-columns`` (shard fields carried into the store's listing)."""
     group.add_argument("--images", default=SAMPLES,
                        help="folder, glob, s3:// prefix, or .txt/.csv/.parquet list of image URIs (default: bundled "
-                            "samples)")
+                            "samples); or shards: WebDataset .tar or Parquet files with image bytes, as a file, a "
+                            "folder or prefix, a glob or a brace pattern such as s3://bucket/shards/{00000..09999}.tar")
+    group.add_argument("--image-column", default="jpg",
+                       help="Parquet shards: the column holding the encoded images (default jpg, as img2dataset "
+                            "writes); tar shards: the preferred member extension")
+    if keep_columns:
+        group.add_argument("--keep-columns", default="",
+                           help="shard fields to carry into the store's listing, comma-separated (e.g. "
+                                "key,url,caption): Parquet columns, or tar members KEY.NAME / fields of KEY.json")
 
 
 def add_store_arguments(group: argparse._ArgumentGroup, *, changed: str) -> None:

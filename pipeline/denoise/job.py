@@ -29,7 +29,7 @@ import torch
 from ..runtime.batching import images_per_pass, stage1_bytes_per_image
 from ..runtime.checks import nothing_to_do
 from ..runtime.job_errors import JobConfigError
-from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_uris
+from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, fetch_bytes, list_inputs
 from ..runtime.plan import ImageJobPlan, open_plan_store, run_plan
 from ..stage1 import STAGE1_VERSION, Stage1Config, fit_images
 from ..stage2.apply import ApplyConfig, plan_apply
@@ -119,7 +119,8 @@ class DenoiseConfig(ImageJobConfig):
         """
         defaults = {f.name: f.default for f in dataclasses.fields(DenoiseConfig)}
         return ApplyConfig(
-            images=self.images, output=self.output, denoiser=self.denoiser, weights=self.weights,
+            images=self.images, output=self.output, image_column=self.image_column, keep_columns=self.keep_columns,
+            denoiser=self.denoiser, weights=self.weights,
             model=None if self.model == DEFAULT_MODEL else self.model,
             input_size=None if self.input_size == defaults["input_size"] else self.input_size,
             images_per_batch=self.images_per_batch, amp=self.amp, keep_raw=True, workers=self.workers,
@@ -214,7 +215,7 @@ def plan_denoise(config: DenoiseConfig) -> ImageJobPlan:
         raise JobConfigError(f"--input-size {config.input_size}: {e}") from None
     weights = check_weights(backbone_config)
     layout = store_layout(config, backbone, weights, stage1)
-    uris = tuple(list_uris(config.images, config.limit))
+    uris = list_inputs(config)
     existed = check_store(config.output, layout, overwrite=config.overwrite,
                           allow_config_change=config.allow_config_change)
     worker = Stage1Worker if config.method == "dvt" else MethodWorker

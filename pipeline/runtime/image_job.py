@@ -41,6 +41,8 @@ from .feeding import FETCH_CPUS, FeedPlan, check_feed_flags, plan_feed
 from .failures import JobFailedError, one_line, root_cause
 from .checks import Workers, check_job_flags, pool_bounds, store_session
 from ..io.listing import fetch_bytes, list_uris
+from ..io.shards import read_blocks, read_shard_members
+from .inputs import ShardInputs, list_inputs
 from .progress import Progress
 from .ray_session import init_ray
 from .reachability import check_reachable, image_job_inputs
@@ -49,7 +51,7 @@ from ..store import FeatureStore, StoreError, StoreLayout
 from ..store.ledger import LedgerFolder
 from ..store.manifest import ROW_OK, ROW_PENDING, uri_text
 
-__all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris",
+__all__ = ["ImageJobConfig", "JobSummary", "ImageBatchWorker", "JobWorker", "fetch_bytes", "list_uris", "list_inputs",
            "open_job_store", "worker_resources", "job_feed", "run_image_job", "run_store_job"]
 
 _log = logging.getLogger(__name__)
@@ -60,7 +62,11 @@ class ImageJobConfig:
     """Settings every image-to-store job has (``dvt denoise``, ``dvt apply``); each job's config adds its model.
 
     Attributes:
-        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs.
+        images: folder, glob, object-store prefix, or .txt/.csv/.parquet list of image URIs; or shards: WebDataset
+            ``.tar`` or Parquet files with image bytes, as one shard, a folder or prefix, a glob or a brace pattern
+            (:mod:`pipeline.io.shards`).
+        image_column: Parquet shards' column of encoded images (tar shards: the preferred member extension).
+        keep_columns: shard fields carried into the store's listing (``"key,url,caption"``).
         output: feature store URL (local path, ``file://``, ``s3://``, ``memory://`` for one process).
         images_per_batch: images per store unit (and per model call); ``None`` chooses per device
             (:mod:`pipeline.runtime.batching`).
@@ -85,6 +91,8 @@ class ImageJobConfig:
 
     images: str
     output: str
+    image_column: str = "jpg"
+    keep_columns: str | tuple[str, ...] = ()
     images_per_batch: int | None = None
     amp: str | None = None
     workers: Workers = 1
@@ -303,15 +311,22 @@ class JobWorker(ImageBatchWorker):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str], *, overwrite: bool = False,
+def open_job_store(output: str, layout: StoreLayout, uris: Sequence[str] | ShardInputs, *, overwrite: bool = False,
                    allow_config_change: bool = False, retry_failed: bool = True) -> tuple[FeatureStore, int, pa.Table]:
-    """Create or reopen the store for a run over ``uris``; fold a ledger an earlier run left unfolded.
+    """Create or reopen the store for a run over ``uris`` (URIs, or the shard index :func:`list_inputs` gives); fold
+    a ledger an earlier run left unfolded.
 
-    Returns the store, how many images this run covers, and the listing rows it still has to do. Costs one pass
-    over the listing and two columns of the (folded) ledger: no per-URI Python objects on a re-run.
+    Returns the store, how many images this run covers, and the listing rows it still has to do (for shard inputs
+    with where each image lies in its shard). Costs one pass over the listing and two columns of the (folded)
+    ledger: no per-URI Python objects on a re-run.
     """
-    wanted = uri_text(uris)  # repeats kept: the listing drops them, and a list with repeats is no prefix of it
-    store = FeatureStore.create(output, layout, wanted, overwrite=overwrite, allow_config_change=allow_config_change)
+    if isinstance(uris, ShardInputs):
+        listing_rows, wanted = uris.listing_rows(), uri_text(uris.uris)
+    else:
+        wanted = uri_text(uris)  # repeats kept: the listing drops them, and a list with repeats is no prefix of it
+        listing_rows = wanted
+    store = FeatureStore.create(output, layout, listing_rows, overwrite=overwrite,
+                                allow_config_change=allow_config_change)
     store.compact()  # a crashed run's or another program's parts: one object again before anything reads them
     listing = store.listing()
     head = listing["uri"].slice(0, len(wanted))
@@ -342,7 +357,7 @@ def worker_resources(workers: Workers, gpus_per_worker: float | None, cpus_per_w
 def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Table, worker: type,
                   worker_kwargs: dict[str, Any], images_per_batch: int, workers: Workers, gpus: float, cpus: float,
                   progress_every_s: float = 30.0, started: float | None = None, lease: Any = None,
-                  feed: FeedPlan | None = None) -> JobSummary:
+                  feed: FeedPlan | None = None, image_column: str = "jpg") -> JobSummary:
     """Run ``worker`` actors over the ``pending`` listing rows into ``store`` and summarise the run.
 
     ``worker`` is an :class:`ImageBatchWorker` subclass built with ``worker_kwargs``. A fault that is not one
@@ -365,14 +380,26 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         # One batch per block, so one actor task is one store unit: work spreads evenly over the actors (a
         # block of several batches is one task, which one actor takes whole) and a retry redoes one unit only.
         per_block = max(images_per_batch, 1)
-        blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=FETCH_CPUS)
+        if _from_shards(pending):
+            # Shards: one read task per run of a shard's rows (one ranged read of a tar's members, one read of a
+            # Parquet row group's images), cut into units of images_per_batch without a shuffle.
+            blocks = read_blocks(pending)
+            ds = ray.data.from_arrow(blocks)
+            ds = ds.map_batches(read_shard_members, batch_size=None, num_cpus=FETCH_CPUS,
+                                fn_kwargs={"image_column": image_column})
+            # Ray Data cuts a read task's output into blocks of this size, so a shard's images reach the actors
+            # about a unit at a time (a repartition step would take a whole CPU, which the actors may hold).
+            ds.context.target_max_block_size = unit_block_bytes(pending, per_block)
+        else:
+            blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
+            ds = ray.data.from_arrow(blocks)
+            ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=FETCH_CPUS)
         if feed is not None:
             # Bytes in, uint8 pixels at the model's size out: the CPU work per image, off the model's process.
             ds = ds.map_batches(decode_batch, batch_size=images_per_batch, num_cpus=feed.decode_cpus,
                                 fn_kwargs={"size": feed.input_size, "config": feed.decode, "draft": feed.draft},
-                                compute=ray.data.TaskPoolStrategy(size=min(feed.decode_tasks, len(blocks))))
+                                compute=ray.data.TaskPoolStrategy(size=max(1, min(feed.decode_tasks,
+                                                                                  todo // max(1, per_block) + 1))))
         ds = ds.map_batches(
             worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
             # --workers N: a fixed pool of what the user asked for (an autoscaling pool shrinks to one actor on a
@@ -433,6 +460,17 @@ def _settle_ledger(folder: LedgerFolder, finished: bool) -> None:
         _log.warning("could not fold the ledger after the run stopped (%s); the next run folds it", one_line(e))
 
 
+def unit_block_bytes(pending: pa.Table, per_block: int) -> int:
+    """Bytes of about ``per_block`` images of ``pending`` (from the shard index's sizes; at least 64 KiB)."""
+    sizes = pc.filter(pending["shard_size"], pc.greater(pending["shard_size"], 0))
+    mean = pc.mean(sizes).as_py() if len(sizes) else None
+    return max(64 * 2**10, int(per_block * (mean or 64 * 2**10)))
+
+
+def _from_shards(pending: pa.Table) -> bool:
+    return "shard" in pending.column_names and pending["shard"].null_count < pending.num_rows
+
+
 def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> None:
     """Stop the job with a worker's ``fatal`` rows' message (its traceback only at debug level)."""
     fatal = np.flatnonzero(out["status"] == "fatal")
@@ -447,8 +485,9 @@ def _raise_fatal(job: str, out: dict[str, np.ndarray], progress: Progress) -> No
     raise error
 
 
-def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: Sequence[str], existed: bool,
-                  worker: type[JobWorker], started: float, settings: Mapping[str, Any] | None = None) -> JobSummary:
+def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: Sequence[str] | ShardInputs,
+                  existed: bool, worker: type[JobWorker], started: float,
+                  settings: Mapping[str, Any] | None = None) -> JobSummary:
     """Run a checked job: start (or join) Ray, hold the store's lease, create or reopen the store, size the actors
     and run ``worker`` over what is left to do (:func:`run_image_job`)."""
     with store_session(config.output, job, existed=existed and not config.overwrite) as lease:
@@ -462,7 +501,8 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
         init_ray(config.dashboard)
         # every node that may run a worker must see the output and the inputs; refused here, before any image,
         # a store this run created is removed again by the session (nothing was committed to it)
-        check_reachable(outputs=[("--output", config.output)], inputs=image_job_inputs(config, uris))
+        readable = uris.shards() if isinstance(uris, ShardInputs) else uris  # shard inputs: the shard files
+        check_reachable(outputs=[("--output", config.output)], inputs=image_job_inputs(config, readable))
         gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
         config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
         feed = job_feed(config, gpus, cpus)
@@ -471,7 +511,7 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
                                             "settings": dict(settings or {})},
                              images_per_batch=config.images_per_batch or unit_size(job, gpus > 0),
                              workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s,
-                             started=started, lease=lease, feed=feed)
+                             started=started, lease=lease, feed=feed, image_column=config.image_column)
 
 
 def job_feed(config: ImageJobConfig, gpus: float, cpus: float) -> FeedPlan:

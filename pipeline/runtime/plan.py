@@ -9,7 +9,7 @@ the store, the actors), "nothing to do" included. Building is not running, as in
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from ..store import FeatureStore, StoreLayout
 from .image_job import ImageJobConfig, JobSummary, JobWorker, open_job_store, run_store_job
+from .inputs import ShardInputs
 
 __all__ = ["ImageJobPlan", "run_plan", "open_plan_store"]
 
@@ -30,7 +31,7 @@ class ImageJobPlan:
         job: ``"denoise"`` or ``"apply"``: names the job in logs, the lease and the store's ``last_run``.
         config: the job's settings, defaults resolved (e.g. ``dvt apply``'s input size from the denoiser).
         layout: what the output store holds and what decides its features; ``None`` when there is nothing to do.
-        uris: the listed images this run covers.
+        uris: the listed images this run covers: URIs, or a shard index (:class:`pipeline.runtime.inputs.ShardInputs`).
         existed: whether a store was already at ``config.output`` (resume or append).
         worker: the Ray Data actor class; ``None`` when there is nothing to do.
         settings: what the plan built for the workers (backbone and stage-1 configs), so they build nothing twice.
@@ -40,7 +41,7 @@ class ImageJobPlan:
     job: str
     config: ImageJobConfig
     layout: StoreLayout | None
-    uris: tuple[str, ...]
+    uris: Sequence[str] | ShardInputs
     existed: bool
     worker: type[JobWorker] | None
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

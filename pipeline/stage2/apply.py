@@ -26,7 +26,7 @@ import torch
 from ..runtime.batching import forward_bytes_per_image, images_per_pass
 from ..runtime.checks import nothing_to_do
 from ..runtime.job_errors import JobConfigError
-from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, list_uris
+from ..runtime.image_job import ImageJobConfig, JobSummary, JobWorker, list_inputs
 from ..runtime.plan import ImageJobPlan, open_plan_store, run_plan
 from ..store import FeatureStore, StoreLayout, check_store
 from ..vit.backbone import Backbone, BackboneConfig, describe_backbone
@@ -131,7 +131,7 @@ def plan_apply(config: ApplyConfig, *, started: float | None = None) -> ImageJob
     if nothing_to_do(config.limit):
         return ImageJobPlan.nothing("apply", config, started)
     config, layout, _, _ = _apply_layout(config)
-    uris = tuple(list_uris(config.images, config.limit))
+    uris = list_inputs(config)
     existed = check_store(config.output, layout, overwrite=config.overwrite,
                           allow_config_change=config.allow_config_change)
     return ImageJobPlan(job="apply", config=config, layout=layout, uris=uris, existed=existed, worker=ApplyWorker,

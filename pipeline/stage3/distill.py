@@ -27,13 +27,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from ..io.decode import DecodeConfig
-from .pixels import flip_batch, held_out_pixels, pixel_batches, split_listing, training_dataset
+from .pixels import flip_batch, held_out_pixels, pixel_batches, rows_of_rank, split_listing, training_dataset
 from .student import (build_student_and_teacher, distance_from_sums, distance_sums, export_student,
                             select_trainable)
 from ..io.listing import list_uris
+from ..io.shards import ShardOptions, shard_index
 from ..runtime.ray_session import init_ray
 from ..runtime.reachability import check_reachable, image_job_inputs
 from ..stage2.pairs import passes_needed
@@ -57,7 +59,9 @@ class DistillConfig(RunConfig):
     :class:`pipeline.runtime.ray_train.RunConfig`, the settings every training run has).
 
     Attributes:
-        images: folder, glob, ``s3://`` prefix or .txt/.csv/.parquet list of image URIs.
+        images: folder, glob, ``s3://`` prefix or .txt/.csv/.parquet list of image URIs, or shards
+            (:mod:`pipeline.io.shards`).
+        image_column: Parquet shards' column of encoded images.
         denoiser: stage-2 denoiser file (``dvt train`` output); it names the backbone, block and stride.
         output: run folder (local path or ``s3://``): checkpoints under ``run/``, the student on top.
         weights: the backbone weights the denoiser was trained on (teacher backbone and the student's start):
@@ -84,6 +88,7 @@ class DistillConfig(RunConfig):
     images: str
     denoiser: str
     output: str
+    image_column: str = "jpg"
     weights: str = "hub"
     input_size: int | None = None
     epochs: int = 5
@@ -174,7 +179,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.peak_lr(),
                             weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, config.warmup_steps(total)))
-    held_out = held_out_pixels(loop_config["val_uris"][rank::world], size, config.decode)
+    held_out = held_out_pixels(rows_of_rank(loop_config["val_uris"], rank, world), size, config.decode,
+                               config.image_column)
 
     def measure() -> dict[str, float]:
         return distance_from_sums(all_reduce(distance_sums(
@@ -261,7 +267,8 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     init_ray(config.dashboard)
     spec = read_spec(config.denoiser)
     size = int(config.input_size or spec.input_size[0])
-    uris = list_uris(config.images, config.limit)
+    index = shard_index(config.images, ShardOptions(image_column=config.image_column), config.limit)
+    uris = list_uris(config.images, config.limit) if index is None else index["uri"].to_pylist()
     train_ids, val_ids = split_listing(uris, config.val_fraction, config.max_val_images)
     batch = per_worker_batch(config.batch_size, config.workers)
     spe = (len(train_ids) // config.workers) // batch
@@ -278,10 +285,11 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
               "peak lr %.3g, size %d, output %s", len(train_ids), len(val_ids), config.workers, "GPU" if gpu else "CPU",
               cpus, spe, total, config.peak_lr(), size, config.output)
     dataset = training_dataset(uris, train_ids, size, batch, config.read_cpus, config.decode,
-                               passes=passes_needed(len(train_ids), total, config.batch_size), seed=config.seed)
+                               passes=passes_needed(len(train_ids), total, config.batch_size), seed=config.seed,
+                               index=index, image_column=config.image_column)
     result = fit(train_loop_per_worker,
                  {"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size, "batch": batch,
-                  "checkpoint_every": every, "threads": threads, "val_uris": [uris[i] for i in val_ids]},
+                  "checkpoint_every": every, "threads": threads, "val_uris": [uris[i] for i in val_ids] if index is None else index.take(pa.array(val_ids, pa.int64()))},
                  config, config.output, dataset, gpu, cpus, "distillation")
     checkpoint = f"{config.output.rstrip('/')}/{RUN_NAME}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}"
     state = read_state(result.checkpoint)

@@ -16,13 +16,16 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from ..io.listing import fetch_bytes
+from ..io.shards import read_blocks, read_shard_members
 from ..runtime.ray_train import uri_fraction
 
-__all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "training_dataset"]
+__all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "rows_of_rank",
+           "training_dataset"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,11 +72,26 @@ def flip_batch(pixels: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
 
 
-def held_out_pixels(uris: Sequence[str], size: int, decode: DecodeConfig) -> torch.Tensor:
-    """This worker's held-out images as one uint8 tensor (undecodable ones left out)."""
-    if not uris:
+def rows_of_rank(uris: Sequence[str] | pa.Table, rank: int, world: int) -> Sequence[str] | pa.Table:
+    """Every ``world``-th held-out image from ``rank``: URIs, or shard index rows."""
+    if isinstance(uris, pa.Table):
+        return uris.take(pa.array(range(rank, uris.num_rows, world), pa.int64()))
+    return uris[rank::world]
+
+
+def held_out_pixels(uris: Sequence[str] | pa.Table, size: int, decode: DecodeConfig,
+                    image_column: str = "jpg") -> torch.Tensor:
+    """This worker's held-out images as one uint8 tensor (undecodable ones left out); ``uris`` may be shard index
+    rows (:mod:`pipeline.io.shards`), read from their shards."""
+    if not len(uris):
         return torch.zeros(0, 3, size, size, dtype=torch.uint8)
-    out = decode_batch(fetch_bytes({"uri": np.array(uris, dtype=object)}), size, decode)
+    if isinstance(uris, pa.Table):
+        rows = uris.append_column("image_id", pa.array(np.arange(uris.num_rows), pa.int64()))
+        batch = {c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}
+        fetched = read_shard_members(batch, image_column)
+    else:
+        fetched = fetch_bytes({"uri": np.array(uris, dtype=object)})
+    out = decode_batch(fetched, size, decode)
     return torch.from_numpy(out["pixels"][out["ok"]])
 
 
@@ -83,23 +101,40 @@ def pixel_batches(pixels: torch.Tensor, batch_size: int, device: torch.device) -
 
 
 
+def _shard_pass_blocks(index: pa.Table, ids: np.ndarray, rng: np.random.Generator) -> list[pa.Table]:
+    """One pass over shard inputs: the read blocks of ``ids`` (runs of one shard's members) in random order, each
+    block's rows shuffled (a shuffle buffer of a block: reads stay sequential within a shard)."""
+    rows = index.take(pa.array(np.sort(ids), pa.int64())).append_column("image_id", pa.array(np.sort(ids), pa.int64()))
+    blocks = read_blocks(rows)
+    return [blocks[b].take(pa.array(rng.permutation(blocks[b].num_rows), pa.int64()))
+            for b in rng.permutation(len(blocks))]
+
+
 def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size: int, read_cpus: float = 0.25,
-                     decode: DecodeConfig = DecodeConfig(), *, passes: int = 1, seed: int = 0):
+                     decode: DecodeConfig = DecodeConfig(), *, passes: int = 1, seed: int = 0,
+                     index: pa.Table | None = None, image_column: str = "jpg"):
     """The Ray Dataset of training images ``uris[ids]``: ``{"pixels", "ok"}`` rows, ``passes`` passes in one stream,
     each a fresh permutation drawn from ``(seed, pass)`` (so the trainers start the pipeline once per run).
 
     Bytes are fetched by light tasks and decoded by ``read_cpus`` tasks; only ``(3, size, size)`` uint8 pixels
-    travel to the trainers (a quarter of float32), in blocks of a few training batches.
+    travel to the trainers (a quarter of float32), in blocks of a few training batches. With a shard ``index``
+    (:func:`pipeline.io.shards.shard_index`, rows aligned with ``uris``) each read task takes a run of one shard's
+    members, the runs in random order and the images within a run shuffled (:func:`_shard_pass_blocks`).
     """
-    import pyarrow as pa
     import ray
 
     ids = np.asarray(ids, dtype=np.int64)
+    batch = max(1, min(16, batch_size))
+    if index is not None:
+        blocks = [b for p in range(passes) for b in _shard_pass_blocks(index, ids, np.random.default_rng([seed, p]))]
+        return (ray.data.from_arrow(blocks)
+                .map_batches(read_shard_members, batch_size=None, num_cpus=0.1, fn_kwargs={"image_column": image_column})
+                .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch,
+                             num_cpus=read_cpus))
     order = np.concatenate([ids[np.random.default_rng([seed, p]).permutation(len(ids))] for p in range(passes)])
     table = pa.table({"image_id": pa.array(order, pa.int64()), "uri": pa.array([uris[i] for i in order], pa.string())})
     per_block = max(16, 4 * batch_size, -(-table.num_rows // 4096))
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, table.num_rows, per_block)])
-    batch = max(1, min(16, batch_size))
     return (ds.map_batches(fetch_bytes, batch_size=batch, num_cpus=0.1)
             .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch,
                          num_cpus=read_cpus))

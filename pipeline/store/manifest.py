@@ -319,14 +319,27 @@ def status_per_row(table: pa.Table, num_rows: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------- listing
 
-def make_listing(uris: Iterable[str]) -> pa.Table:
+def make_listing(uris: Iterable[str] | pa.Table) -> pa.Table:
     """A listing for ``uris`` in the order given (repeats dropped), ``image_id`` dense from 0.
 
     Same order as :mod:`pipeline.io.listing`, which sorts folder and glob sources and keeps list-file order, so
-    the same source always gives the same ids.
+    the same source always gives the same ids. ``uris`` may also be a table with a ``uri`` column and more
+    (shard inputs: where each image lies in its shard, kept columns), carried into the listing.
     """
+    if isinstance(uris, pa.Table):
+        table = _first_of_each_uri(uris)
+        return table.add_column(0, "image_id", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     unique = uri_array(uris)
     return pa.table({"image_id": pa.array(np.arange(len(unique), dtype=np.int64)), "uri": unique})
+
+
+def _first_of_each_uri(table: pa.Table) -> pa.Table:
+    """``table`` without rows whose ``uri`` came earlier (in Arrow: no Python set of N URIs)."""
+    uris = table["uri"].combine_chunks()
+    unique = pc.unique(uris)  # in order of first appearance
+    if len(unique) == len(uris):
+        return table
+    return table.take(pc.index_in(unique, value_set=uris))
 
 
 def uri_text(uris: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -364,12 +377,14 @@ def _check_listing(table: pa.Table) -> pa.Table:
 def extend_listing(old: pa.Table | None, new: pa.Table | pa.Array | Sequence[str]) -> pa.Table:
     """The listing after adding ``new``: append-only, so every image keeps its id (and its row).
 
-    ``new`` is either URIs (those not listed yet get the next ids, in the order given) or a full listing
-    table (as :func:`pipeline.io.listing.read_listing` returns) whose first ``len(old)`` rows must match ``old``.
+    ``new`` is either URIs (those not listed yet get the next ids, in the order given), a table of URIs with more
+    columns and no ``image_id`` (the same, carrying its columns), or a full listing table (as
+    :func:`pipeline.io.listing.read_listing` returns) whose first ``len(old)`` rows must match ``old``.
     """
+    rows = isinstance(new, pa.Table) and "image_id" not in new.column_names
     if old is None or old.num_rows == 0:
-        return _check_listing(new) if isinstance(new, pa.Table) else make_listing(new)
-    if isinstance(new, pa.Table):
+        return make_listing(new) if rows or not isinstance(new, pa.Table) else _check_listing(new)
+    if isinstance(new, pa.Table) and not rows:
         new = _check_listing(new)
         n = old.num_rows
         if new.num_rows < n or not new["uri"].slice(0, n).combine_chunks().equals(
@@ -377,9 +392,16 @@ def extend_listing(old: pa.Table | None, new: pa.Table | pa.Array | Sequence[str
             raise ValueError(f"the new listing ({new.num_rows} images) does not keep the ids of the store's "
                              f"listing ({n} images): a listing may only grow at the end")
         return new
-    uris = uri_text(new)
-    n = old.num_rows
+    n = start = old.num_rows
     known = old["uri"]
+    if rows:  # a table of URIs with more columns (shard inputs): the rows not listed yet, with their columns
+        table = _first_of_each_uri(new)
+        tail = table.filter(pc.invert(pc.is_in(table["uri"], value_set=known.combine_chunks())))
+        if not tail.num_rows:
+            return old
+        tail = tail.add_column(0, "image_id", pa.array(np.arange(start, start + tail.num_rows, dtype=np.int64)))
+        return pa.concat_tables([old, tail], promote_options="default")
+    uris = uri_text(new)
     if len(uris) >= n and pa.chunked_array([uris.slice(0, n)]).equals(known):  # chunk by chunk: no copy of N URIs
         # The usual re-run: the same listing (its URIs are distinct), perhaps grown at the end. Only the tail is
         # deduplicated and looked up: no pass over N strings but the comparison.
@@ -390,7 +412,6 @@ def extend_listing(old: pa.Table | None, new: pa.Table | pa.Array | Sequence[str
         added = uris.filter(pc.invert(pc.is_in(uris, value_set=known.combine_chunks())))
     if not len(added):
         return old
-    start = old.num_rows
     tail = pa.table({"image_id": pa.array(np.arange(start, start + len(added), dtype=np.int64)),
                      "uri": added})
-    return pa.concat_tables([old.select(["image_id", "uri"]), tail], promote_options="default")
+    return pa.concat_tables([old, tail], promote_options="default")  # an old listing's extra columns: null here
