@@ -47,7 +47,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from pipeline.vit.backbone import create_backbone  # noqa: E402
 from pipeline.io.decode import decode_image, resize_to_tensor  # noqa: E402
 from pipeline.denoise.job import DenoiseConfig, prepare_store, run_denoise  # noqa: E402
-from pipeline.runtime.image_job import ImageBatchWorker, run_image_job  # noqa: E402
+from pipeline.runtime.image_job import ImageBatchWorker  # noqa: E402
+from pipeline.runtime.job_runner import run_image_job  # noqa: E402
 from pipeline.stage1.fit import fit_images  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "pipeline" / "samples"

@@ -4,6 +4,8 @@
   time bounds from the environment, and the storage errors every job reports the same way.
 * :mod:`.listing`: from ``--images`` (folder, glob, prefix, URI list) to an ordered list of image URIs.
 * :mod:`.decode`: bytes -> RGB image -> resized tensor, with a clear error for what cannot be decoded.
+* :mod:`.shard_sources`, :mod:`.shards`, :mod:`.shard_reads`: WebDataset tar and Parquet shards as input: where
+  they are, a columnar index of their images, and reading their members' bytes.
 
 This wing is the ground floor: it imports no other wing of ``pipeline``, like ``timm.layers``.
 """

@@ -8,7 +8,7 @@ A corpus of 10^7 images ships as ~10^4 shards, so nothing here lists or fetches 
   its bytes lie. A tar shard is walked header by header (payloads are seeked over, so on object storage the shard
   is read in a few large sequential range reads); a Parquet shard is read for its footer and its ``key`` column
   only. Many shards are indexed by parallel Ray tasks, a few shards each, returning Arrow tables.
-* **Bytes** (:func:`read_shard_members`): a Ray Data step that opens each shard of its batch once and emits the
+* **Bytes** (:func:`pipeline.io.shard_reads.read_shard_members`): a Ray Data step that opens each shard of its batch once and emits the
   columns :func:`pipeline.io.listing.fetch_bytes` emits (``image_id``, ``uri``, ``bytes``, ``error``); a tar
   batch is one ranged read of consecutive members, a Parquet batch one read of the image column of the row
   groups it touches.
@@ -25,25 +25,22 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import re
 import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import filesystem, with_protocol
+from .storage import filesystem
+from .shard_sources import ShardError, expand_braces, is_shard_source, shard_kind, shard_urls, split_uri
 
 __all__ = ["ShardOptions", "ShardError", "INDEX_COLUMNS", "is_shard_source", "expand_braces", "shard_urls",
-           "shard_kind", "index_shard", "index_shards", "shard_index", "read_blocks", "read_shard_members", "split_uri"]
+           "shard_kind", "index_shard", "index_shards", "shard_index", "split_uri"]
 
 _log = logging.getLogger(__name__)
 
-SHARD_EXTENSIONS = (".tar", ".parquet")
 #: Member extensions that hold an image (WebDataset convention: ``KEY.EXT``).
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 #: Columns of an index row besides the kept ones: the image's URI, its shard, where its bytes lie (tar: byte
@@ -53,17 +50,11 @@ INDEX_COLUMNS = ("uri", "shard", "shard_offset", "shard_size", "shard_group", "s
 _INDEX_SCHEMA = pa.schema([("uri", pa.string()), ("shard", pa.string()), ("shard_offset", pa.int64()),
                            ("shard_size", pa.int64()), ("shard_group", pa.int32()), ("shard_error", pa.string())])
 #: Read-ahead for walking tar headers and reading members: large sequential range reads on object storage.
-_BLOCK = 16 * 2**20
+READ_AHEAD_BYTES = 16 * 2**20
 #: Members closer than this are read together (one range read); further apart, with separate range reads.
-_GAP = 2**20
+MEMBER_GAP_BYTES = 2**20
 #: Most rows one read task takes from a tar shard (one ranged read); a Parquet row group's rows stay together.
 SHARD_READ_ROWS = 256
-_BRACE_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
-_BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
-
-
-class ShardError(ValueError):
-    """Shards cannot be listed or indexed as asked; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)
@@ -87,112 +78,6 @@ class ShardOptions:
             raise ShardError(f"--keep-columns cannot name {', '.join(clash)}: the listing already has such a column")
         if not self.image_column:
             raise ShardError("--image-column must name the column (or tar member extension) holding the images")
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """``shard#key`` -> ``(shard, key)``."""
-    shard, _, key = str(uri).rpartition("#")
-    return shard, key
-
-
-def shard_kind(url: str) -> str:
-    """``"tar"`` or ``"parquet"`` from the shard's extension."""
-    lowered = url.lower()
-    if lowered.endswith(".tar"):
-        return "tar"
-    if lowered.endswith(".parquet"):
-        return "parquet"
-    raise ShardError(f"{url} is not a shard: shards end in .tar (WebDataset) or .parquet")
-
-
-# ---------------------------------------------------------------------------------------------- expansion
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{00000..00099}`` (zero padding kept) and ``{a,b}`` left to right, as a shell does."""
-    found = [m for m in (_BRACE_RANGE.search(pattern), _BRACE_LIST.search(pattern)) if m]
-    if not found:
-        return [pattern]
-    match = min(found, key=lambda m: m.start())
-    head, tail = pattern[:match.start()], pattern[match.end():]
-    if match.re is _BRACE_LIST:
-        return [u for part in match.group(1).split(",") for u in expand_braces(f"{head}{part}{tail}")]
-    lo, hi = match.group(1), match.group(2)
-    width = len(lo) if lo.lstrip("-").startswith("0") and len(lo) > 1 else 0
-    step = 1 if int(hi) >= int(lo) else -1
-    return [u for i in range(int(lo), int(hi) + step, step) for u in expand_braces(f"{head}{i:0{width}d}{tail}")]
-
-
-def _has_braces(source: str) -> bool:
-    return bool(_BRACE_RANGE.search(source) or _BRACE_LIST.search(source))
-
-
-def _is_shard(path: str) -> bool:
-    return path.lower().endswith(SHARD_EXTENSIONS)
-
-
-def _parquet_has_images(source: str, image_column: str) -> bool:
-    fs, path = filesystem(source)
-    with fs.open(path, "rb") as f:
-        schema = pq.read_schema(f)
-    if image_column not in schema.names:
-        return False
-    return pa.types.is_binary(schema.field(image_column).type) or pa.types.is_large_binary(
-        schema.field(image_column).type)
-
-
-def is_shard_source(source: str, image_column: str = "jpg") -> bool:
-    """Whether ``--images`` names shards rather than image files or a list of URIs.
-
-    Brace patterns, globs matching ``.tar``/``.parquet``, a ``.tar`` file and a folder whose files are shards
-    (and no images) are shards; a ``.parquet`` file is a shard when it has a binary ``image_column`` (else it is a
-    list of URIs, as before).
-    """
-    source = str(source)
-    if _has_braces(source):
-        return True
-    if any(ch in source for ch in "*?["):
-        return _is_shard(source)
-    if source.lower().endswith(".tar"):
-        return True
-    fs, path = filesystem(source)
-    if source.lower().endswith(".parquet"):
-        return fs.exists(path) and not fs.isdir(path) and _parquet_has_images(source, image_column)
-    if not fs.exists(path) or not fs.isdir(path):
-        return False
-    from .listing import IMAGE_EXTENSIONS
-
-    found = fs.find(path)
-    if any(posixpath.splitext(p.lower())[1] in IMAGE_EXTENSIONS for p in found):
-        return False
-    return any(_is_shard(p) for p in found)
-
-
-def shard_urls(source: str) -> list[str]:
-    """The shard URLs ``source`` names (module docstring), checked to exist, in listing order."""
-    source = str(source)
-    if _has_braces(source):
-        fs, _ = filesystem(source)
-        urls = [with_protocol(fs, filesystem(u)[1]) for u in expand_braces(source)]  # as a prefix would list them
-        missing = [u for u in urls[:1] + urls[-1:] if not fs.exists(filesystem(u)[1])]
-        if missing:
-            raise ShardError(f"shard {missing[0]} of {source} does not exist: check the pattern's range")
-        return urls
-    fs, path = filesystem(source)
-    if any(ch in source for ch in "*?["):
-        found = sorted(p for p in fs.glob(path) if _is_shard(p))
-        if not found:
-            raise ShardError(f"No .tar or .parquet shards match {source}.")
-        return [with_protocol(fs, p) for p in found]
-    if not fs.exists(path):
-        raise ShardError(f"Shard source {source} does not exist: pass a shard, a folder or prefix of shards, a glob "
-                         "or a brace pattern such as s3://bucket/shards/{00000..00099}.tar")
-    if fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if _is_shard(p))
-        if not found:
-            raise ShardError(f"{source} holds no .tar or .parquet shards")
-        return [with_protocol(fs, p) for p in found]
-    shard_kind(source)
-    return [with_protocol(fs, path)]
 
 
 # ---------------------------------------------------------------------------------------------- index
@@ -224,7 +109,7 @@ def _index_tar(url: str, options: ShardOptions) -> dict[str, list]:
     if wanted:
         wanted.add("json")
     broken = ""
-    with fs.open(path, "rb", block_size=_BLOCK) as f:
+    with fs.open(path, "rb", block_size=READ_AHEAD_BYTES) as f:
         try:
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 while True:
@@ -428,106 +313,3 @@ def shard_index(source: str, options: ShardOptions = ShardOptions(), limit: int 
     if table.num_rows == 0:
         raise ShardError(f"{source} holds no images")
     return table
-
-
-# ---------------------------------------------------------------------------------------------- bytes
-
-def read_blocks(rows: pa.Table, max_rows: int = SHARD_READ_ROWS) -> list[pa.Table]:
-    """``rows`` (with :data:`INDEX_COLUMNS`, in shard order) cut where the shard or Parquet row group changes and
-    every ``max_rows`` rows of a tar, so no read task spans two shards and each opens its shard once; a Parquet row
-    group's rows stay in one task (its image column is read whole)."""
-    shards = rows["shard"].to_pylist()
-    groups = rows["shard_group"].to_pylist()
-    blocks, start = [], 0
-    for i in range(1, len(shards) + 1):
-        end = i == len(shards) or shards[i] != shards[start] or groups[i] != groups[start]
-        if end or (groups[start] in (-1, None) and i - start >= max_rows):
-            blocks.append(rows.slice(start, i - start))
-            start = i
-    return blocks
-
-
-def read_shard_members(batch: dict[str, np.ndarray], image_column: str = "jpg") -> dict[str, np.ndarray]:
-    """Ray Data step: the bytes of a batch of indexed rows (``image_id``, ``uri`` and :data:`INDEX_COLUMNS`).
-
-    Each shard of the batch is opened once: tar members are read with one ranged read from the first member to
-    the last, Parquet rows with one read of the image column per row group. Returns the columns
-    :func:`pipeline.io.listing.fetch_bytes` does (``image_id``, ``uri``, ``bytes``, ``error``); an unusable member
-    or an unreadable shard gives its rows an ``error``, never an exception.
-    """
-    n = len(batch["image_id"])
-    data: list[bytes] = [b""] * n
-    errors: list[str] = [str(e) if e else "" for e in batch["shard_error"]]
-    shards: dict[str, list[int]] = {}
-    loose = []  # rows of a store that also lists loose files: fetched by URI
-    for i, shard in enumerate(batch["shard"]):
-        if shard is None or shard != shard or shard == "":
-            loose.append(i)
-        elif not errors[i]:
-            shards.setdefault(str(shard), []).append(i)
-    if loose:
-        from .listing import fetch_bytes
-
-        fetched = fetch_bytes({"uri": np.asarray([batch["uri"][i] for i in loose], dtype=object)})
-        for j, i in enumerate(loose):
-            data[i], errors[i] = fetched["bytes"][j], str(fetched["error"][j])
-    for shard, rows in shards.items():
-        try:
-            if shard_kind(shard) == "tar":
-                _read_tar_rows(shard, rows, batch, data, errors)
-            else:
-                _read_parquet_rows(shard, rows, batch, data, errors, image_column)
-        except Exception as e:  # noqa: BLE001 - an unreadable shard fails its rows, not the job
-            for i in rows:
-                if not errors[i]:
-                    errors[i] = f"cannot read shard {shard}: {type(e).__name__}: {e}"
-    for i in range(n):
-        if not errors[i] and not data[i]:
-            errors[i] = "empty image bytes"
-    return {"image_id": np.asarray(batch["image_id"], dtype=np.int64), "uri": np.asarray(batch["uri"], dtype=object),
-            "bytes": np.array(data, dtype=object), "error": np.array(errors, dtype=object)}
-
-
-def _read_tar_rows(shard: str, rows: list[int], batch: dict[str, np.ndarray], data: list[bytes],
-                   errors: list[str]) -> None:
-    """The members of ``rows`` with one ranged read per run of members less than :data:`_GAP` apart (a block of
-    consecutive members is one read; members left between finished ones are read over, not fetched apart)."""
-    members = sorted((int(batch["shard_offset"][i]), int(batch["shard_size"][i]), i) for i in rows)
-    fs, path = filesystem(shard)
-    run: list[tuple[int, int, int]] = []
-
-    def read(run: list[tuple[int, int, int]]) -> None:
-        start, end = run[0][0], max(o + s for o, s, _ in run)
-        span = fs.cat_file(path, start=start, end=end)
-        for offset, size, i in run:
-            piece = span[offset - start:offset - start + size]
-            if len(piece) < size:
-                errors[i] = f"member cut off: {len(piece)} of {size} bytes readable"
-            else:
-                data[i] = piece
-
-    for member in members:
-        if run and member[0] - max(o + s for o, s, _ in run) > _GAP:
-            read(run)
-            run = []
-        run.append(member)
-    if run:
-        read(run)
-
-
-def _read_parquet_rows(shard: str, rows: list[int], batch: dict[str, np.ndarray], data: list[bytes],
-                       errors: list[str], image_column: str) -> None:
-    fs, path = filesystem(shard)
-    by_group: dict[int, list[int]] = {}
-    for i in rows:
-        by_group.setdefault(int(batch["shard_group"][i]), []).append(i)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        for group, members in by_group.items():
-            column = pf.read_row_group(group, columns=[image_column])[image_column]
-            taken = pc.take(column, pa.array([int(batch["shard_offset"][i]) for i in members], pa.int64()))
-            for i, value in zip(members, taken.to_pylist()):
-                if value is None:
-                    errors[i] = f"row has no image ({image_column} is null)"
-                else:
-                    data[i] = value

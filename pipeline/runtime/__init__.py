@@ -1,7 +1,10 @@
 """What every job runs on: Ray start-up, the image-job runner, checks, failures, progress and Ray Train plumbing.
 
 * :mod:`.plan`: one frozen :class:`ImageJobPlan` per image job, checked before Ray starts, and ``run_plan``.
-* :mod:`.image_job`: the streaming Ray Data pipeline shared by ``dvt denoise`` and ``dvt apply``.
+* :mod:`.image_job`: the settings, summary and worker actors every image job (``dvt denoise``, ``dvt apply``) shares.
+* :mod:`.job_runner`: the driver side: the store, the actor pool, the Ray Data pipeline, the ledger's folding.
+* :mod:`.inputs`, :mod:`.feeding`, :mod:`.reachability`: what a job reads (files or shards), how its CPU side
+  (decode tasks) is sized, and that every node sees its storage.
 * :mod:`.checks`: shared flag checks, ``--limit 0``, the store session (lease) of a job.
 * :mod:`.job_errors`: :class:`JobConfigError`, a refusal before any work (importable from every wing).
 * :mod:`.failures`: exit statuses and the one-line reason a job stopped.

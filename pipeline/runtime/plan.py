@@ -17,7 +17,8 @@ from typing import Any
 import pyarrow as pa
 
 from ..store import FeatureStore, StoreLayout
-from .image_job import ImageJobConfig, JobSummary, JobWorker, open_job_store, run_store_job
+from .image_job import ImageJobConfig, JobSummary, JobWorker
+from .job_runner import open_job_store, run_store_job
 from .inputs import ShardInputs
 
 __all__ = ["ImageJobPlan", "run_plan", "open_plan_store"]

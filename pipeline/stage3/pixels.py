@@ -21,7 +21,7 @@ import torch
 
 from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
 from ..io.listing import fetch_bytes
-from ..io.shards import read_blocks, read_shard_members
+from ..io.shard_reads import read_blocks, read_shard_members
 from ..runtime.ray_train import uri_fraction
 
 __all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "rows_of_rank",

@@ -37,7 +37,7 @@ _log = logging.getLogger(__name__)
 
 #: Key of the JSON note in the exported file's safetensors metadata.
 NOTE_KEY = "dvt_distilled"
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+READ_AHEAD_BYTES = re.compile(r"^blocks\.(\d+)\.")
 
 
 def parse_train_blocks(spec: str, num_blocks: int, feature_block: int) -> list[int]:
@@ -87,7 +87,7 @@ def select_trainable(student: Backbone, train_blocks: str = "all") -> list[str]:
         chosen = set(parse_train_blocks(train_blocks, student.num_blocks, student.block))
     everything = train_blocks.strip().lower() == "all"
     for name, p in model.named_parameters():
-        m = _BLOCK.match(name)
+        m = READ_AHEAD_BYTES.match(name)
         if chosen is None:
             train = True
         elif m:

@@ -17,9 +17,11 @@ rewrites them. Object PUTs are atomic, so no reader ever sees a torn part.
 One job writes a store at a time: it holds the store's lease (``<url>/lease.json``, :mod:`.lease`) while it runs.
 
 Modules: :mod:`.layout` (what a store holds, format constants, root attributes), :mod:`.errors`,
-:mod:`.feature_store` (open, ledger, reads, Ray datasets), :mod:`.create` (create or append, driver side),
-:mod:`.writer` (committing units), :mod:`.lease` (one writing job), :mod:`.info` (``dvt store info``). Import
-from ``pipeline.store``.
+:mod:`.feature_store` (open, reads, Ray datasets), :mod:`.create` (create or append, driver side), :mod:`.writer`
+and :mod:`.direct` (committing units; plain chunks written directly), :mod:`.manifest` (the ledger's rows and
+objects), :mod:`.ledger` (folding parts as a job runs), :mod:`.listing_table` (image id -> URI), :mod:`.lease`
+(one writing job), :mod:`.inventory` (``dvt store info``), :mod:`.compact` and :mod:`.convert` (int8 / PCA stores).
+Import from ``pipeline.store``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ import pyarrow as pa
 import zarr
 
 from .. import __version__
-from .manifest import LISTING_FILE, extend_listing, parquet_bytes, put_atomic
+from .listing_table import extend_listing
+from .manifest import LISTING_FILE, parquet_bytes, put_atomic
 from ..io.storage import filesystem, storage_errors, zarr_location
 from .compact import description as describe_compact
 from .compact import dimension_names as compact_dims

@@ -96,7 +96,7 @@ class DecodedOnly(PatchMeans):
 @pytest.mark.slow
 def test_the_job_decodes_in_its_own_stage_and_commits_every_unit(ray_local, tmp_path, sample_images):
     from pipeline.runtime.feeding import plan_feed
-    from pipeline.runtime.image_job import open_job_store, run_image_job
+    from pipeline.runtime.job_runner import open_job_store, run_image_job
 
     uris = [str(p) for p in sample_images] + [str(tmp_path / "missing.png")]
     store = _store(str(tmp_path / "job.zarr"), uris)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.runtime.image_job import open_job_store
+from pipeline.runtime.job_runner import open_job_store
 from pipeline.store import FeatureStore, StoreLayout
 from pipeline.store.ledger import LedgerFolder, fold_all
 from pipeline.store.manifest import (PARTS_DIR, ImageRecord, ledger_paths, parquet_bytes, put_atomic, read_manifest,

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.store.manifest import (MANIFEST_SCHEMA, ROW_FAILED, ROW_OK, ROW_PENDING, ImageRecord, extend_listing,
-                                     latest_per_image, make_listing, read_manifest, status_per_row, unit_id,
-                                     write_part)
+from pipeline.store.listing_table import extend_listing, make_listing
+from pipeline.store.manifest import (MANIFEST_SCHEMA, ROW_FAILED, ROW_OK, ROW_PENDING, ImageRecord, latest_per_image,
+                                     read_manifest, status_per_row, unit_id, write_part)
 
 
 def test_record_fields():

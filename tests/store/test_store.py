@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.store.manifest import MANIFEST_SCHEMA, extend_listing, make_listing, unit_id
+from pipeline.store.listing_table import extend_listing, make_listing
+from pipeline.store.manifest import MANIFEST_SCHEMA, unit_id
 from pipeline.io.storage import AccessDeniedError, BucketNotFoundError, filesystem, storage_errors, storage_options
 from pipeline.store import FeatureStore, StoreError, StoreLayout, StoreMismatchError, StoreNotFoundError
 
