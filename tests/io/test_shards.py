@@ -7,8 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.io.shard_reads import read_blocks, read_shard_members
 from pipeline.io.shards import (INDEX_COLUMNS, ShardError, ShardOptions, expand_braces, index_shard, index_shards,
-                                is_shard_source, read_blocks, read_shard_members, shard_index, shard_urls)
+                                is_shard_source, shard_index, shard_urls)
 from pipeline.io.storage import filesystem
 from pipeline.store.listing_table import extend_listing
 from pipeline.testing.shard_writers import ShardItem, jpeg_bytes, make_items, tar_bytes, write_shard
