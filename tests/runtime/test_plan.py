@@ -37,7 +37,7 @@ def _count_calls(monkeypatch, module, name: str) -> list[int]:
 
 def test_the_denoise_plan_checks_each_thing_once_and_carries_what_it_built(tmp_path, sample_images, monkeypatch):
     counts = {name: _count_calls(monkeypatch, denoise_job, name)
-              for name in ("describe_backbone", "check_weights", "check_store", "list_uris", "check_method")}
+              for name in ("describe_backbone", "check_weights", "check_store", "list_inputs", "check_method")}
     config = DenoiseConfig(images=str(sample_images[0].parent), output=str(tmp_path / "s.zarr"), limit=2, **TINY)
     plan = plan_denoise(config)
     assert {name: c[0] for name, c in counts.items()} == dict.fromkeys(counts, 1)
