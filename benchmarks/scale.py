@@ -21,6 +21,7 @@ Every measurement runs in a fresh subprocess (so the peak RSS is the step's own)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -60,12 +61,13 @@ def denoise_layout(images: str, output: str):
     """The layout ``dvt denoise JOB_FLAGS`` gives, from the job's own flag parsing."""
     from jobs.denoise import add_arguments
     from jobs.flags import image_job_config
-    from pipeline.denoise.job import DenoiseConfig, store_layout
+    from pipeline.denoise.job import DenoiseConfig, plan_denoise
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--images", images, "--output", output, *JOB_FLAGS])
-    return store_layout(image_job_config(DenoiseConfig, args))
+    config = image_job_config(DenoiseConfig, args)
+    return plan_denoise(dataclasses.replace(config, limit=1, overwrite=True)).layout  # the layout lists nothing
 
 
 def build(n: int, url: str, txt: Path, *, folded: bool, storage_options: dict) -> dict:
