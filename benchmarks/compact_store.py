@@ -119,7 +119,7 @@ def shape_features(n: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
 def train_and_score(store: FeatureStore, train_ids: np.ndarray, val: tuple[np.ndarray, np.ndarray],
                     steps: int, batch: int) -> float:
     """Held-out ``MSE + 1 - cos`` of a denoiser trained on pairs read (decoded) from ``store``."""
-    raw, clean = store.get(train_ids, ("raw", "clean"), torch=True).values()
+    raw, clean = store.get(train_ids, ("raw", "clean"), as_torch=True).values()
     raw, clean = raw.float(), clean.float()
     model = train_denoiser(raw, clean, steps, batch, lr=2e-3)
     with torch.no_grad():

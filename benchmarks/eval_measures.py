@@ -79,8 +79,8 @@ def main() -> None:
         from pipeline.store import FeatureStore
 
         store = FeatureStore.open(url)
-        raw = store.read("raw", store.ids(), torch=True).float()
-        clean = store.read("clean", store.ids(), torch=True).float()
+        raw = store.read("raw", store.ids(), as_torch=True).float()
+        clean = store.read("clean", store.ids(), as_torch=True).float()
     n, g, c = len(raw), args.grid, args.channels
     mic_cfg = PositionMICConfig(images=args.mic_images, channels=args.mic_channels, device=args.device)
     for name, maps in (("raw", raw), ("clean", clean)):
