@@ -87,8 +87,9 @@ def denoise_join(cluster: LocalCluster, bucket: str, n: int, work: Path) -> dict
     job = start(cluster, "jobs.denoise", *TINY, "--images", images, "--output", url, "--workers", "1-2",
                 "--cpus-per-worker", "1.5", log=work / "denoise-join.log")
     wait_for(lambda: committed(url) >= max(3, n // 4), 900, "committed images")
-    joined_at = time.time()
+    asked_at = time.time()
     nodes.append(cluster.add_node(cpus=2))
+    joined_at = time.time()  # the new node is alive in the cluster
     status = job.wait(timeout=1200)
     wall = time.monotonic() - began
     fs, root = filesystem(url)
@@ -98,12 +99,17 @@ def denoise_join(cluster: LocalCluster, bucket: str, n: int, work: Path) -> dict
     stamps = m["written_at"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy() / 1e3  # epoch seconds
     times = np.sort(stamps)
     workers = np.asarray(m["worker"].to_pylist())
-    workers_after = len(set(workers[stamps > joined_at]) - set(workers[stamps <= joined_at]))
+    new = set(workers[stamps > joined_at]) - set(workers[stamps <= joined_at])
+    workers_after = len(new)
+    first_new = min((t for t, w in zip(stamps, workers) if w in new), default=None)
     pre, post = times[times <= joined_at], times[times > joined_at]
     before = (len(pre) - 1) / (pre[-1] - pre[0]) if len(pre) > 1 else None
     after = (len(post) - 1) / (post[-1] - post[0]) if len(post) > 1 else None
     return {"case": "denoise --workers 1-2, a node joins", "exit": status, "ok": committed(url), "of": n,
-            "images_per_s_before": before, "images_per_s_after": after, "new_workers_after_join": workers_after, "committed_at_join": int((stamps <= joined_at).sum()),
+            "images_per_s_before": before, "images_per_s_after": after, "new_workers_after_join": workers_after,
+            "node_start_s": round(joined_at - asked_at, 1),
+            "first_unit_on_new_node_s": None if first_new is None else round(first_new - joined_at, 1),
+            "committed_at_join": int((stamps <= joined_at).sum()),
             "wall_s": round(wall, 1)}
 
 

@@ -21,20 +21,20 @@ class TinyConvViT(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
-def write_custom_denoiser(folder: str) -> tuple[str, str]:
-    """Seeded weights of this backbone and an untrained 32 px denoiser for it, saved in ``folder``:
-    ``(weights file, denoiser file)``."""
+def write_custom_denoiser(folder: str, model: str = f"{__name__}:create") -> tuple[str, str]:
+    """Seeded weights of this backbone (or another ``module:factory`` built on :class:`TinyConvViT`) and an
+    untrained 32 px denoiser for it, saved in ``folder``: ``(weights file, denoiser file)``."""
     import os
 
     from pipeline.vit.backbone import create_backbone
     from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
 
     torch.manual_seed(0)
-    backbone = create_backbone(f"{__name__}:create", weights="none")
+    backbone = create_backbone(model, weights="none")
     weights = os.path.join(folder, "custom.pth")
     torch.save(backbone.model.state_dict(), weights)
     denoiser = Denoiser(DenoiserConfig(channels=12, pos_grid=(4, 4))).eval()
-    spec = DenoiserSpec(denoiser=denoiser.config, backbone=f"{__name__}:create", block=backbone.block,
+    spec = DenoiserSpec(denoiser=denoiser.config, backbone=model, block=backbone.block,
                         input_size=(32, 32), patch_size=8, stride=8)
     return weights, save_denoiser(os.path.join(folder, "denoiser.safetensors"), denoiser, spec)
 

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from pipeline.vit.backbone import load_state_dict
 from tests.custom_backbone import TinyConvViT
 
 
@@ -49,3 +50,12 @@ class SlowViT(TinyConvViT):
 
 def slow(weights=None) -> SlowViT:
     return SlowViT(2.0)
+
+
+def paced(weights=None) -> SlowViT:
+    """:class:`SlowViT` at 0.5 s per pass with the weights of a file, so every process computes the same
+    features (``tests.custom_backbone.write_custom_denoiser(folder, "tests.faulty_backbone:paced")``)."""
+    model = SlowViT(0.5)
+    if weights is not None:
+        model.load_state_dict(load_state_dict(weights))
+    return model

@@ -8,8 +8,8 @@ Exit statuses of every ``dvt`` job (also ``python -m jobs.NAME``; see ``docs/rel
       made with other settings, a store in use by another job, a location holding other data. Fix the command.
 2     command-line usage error (unknown flag, missing value)
 3     finished, but some images failed; each is a ``failed`` row of the store's manifest, with its reason
-4     stopped by a fault after it started: storage unreachable or stalled, workers lost. Finished units are kept;
-      re-run the same command to resume.
+4     stopped by a fault after it started: storage unreachable or stalled, workers lost, the cluster's head node
+      lost (:mod:`pipeline.runtime.head_watch`). Finished units are kept; re-run the same command to resume.
 130   interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM). Finished units are kept; re-run to resume.
 ====  ==========================================================================================================
 """

@@ -13,6 +13,9 @@ before exiting: 64 s with Ray's default ``RAY_gcs_rpc_server_reconnect_timeout_s
 this module sets when no ``RAY_ADDRESS`` names a cluster and the variable is not set already (a cluster's own
 processes keep their setting).
 
+While the job runs, :class:`~pipeline.runtime.head_watch.HeadWatch` watches the GCS, so a lost head node ends the
+job in one line with status 4 instead of Ray's silent exit a minute later.
+
 Ray's core worker logs one error-level line on every run that needs no action (Ray Data passes its actors'
 arguments through the object store, ray-project/ray#57733); :func:`init_ray` drops that line from the console.
 """
@@ -28,7 +31,9 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["init_ray", "shutdown_ray", "filter_stderr", "EXPECTED_RAY_LINES", "LOCAL_GCS_RECONNECT_S"]
+from .head_watch import HeadWatch, exit_lost
+
+__all__ = ["init_ray", "shutdown_ray", "filter_stderr", "restore_stderr", "EXPECTED_RAY_LINES", "LOCAL_GCS_RECONNECT_S"]
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ EXPECTED_RAY_LINES = (
 )
 
 _started = False
+_watch: HeadWatch | None = None
 
 
 def init_ray(dashboard: bool = False) -> Any:
@@ -53,7 +59,7 @@ def init_ray(dashboard: bool = False) -> Any:
     """
     import ray
 
-    global _started
+    global _started, _watch
     if ray.is_initialized():
         return None
     from .failures import raise_terminated, terminate_on_sigterm
@@ -68,6 +74,8 @@ def init_ray(dashboard: bool = False) -> Any:
     if ours:
         terminate_on_sigterm()  # ray.init replaced it
     filter_stderr(EXPECTED_RAY_LINES)
+    _watch = HeadWatch(ray.get_runtime_context().gcs_address,
+                       on_lost=lambda message: exit_lost(message, drain=restore_stderr)).start()
     if dashboard and context.dashboard_url:
         _log.info("Ray dashboard at http://%s", context.dashboard_url)
     return context
@@ -76,10 +84,13 @@ def init_ray(dashboard: bool = False) -> Any:
 def shutdown_ray() -> None:
     """Shut down the Ray :func:`init_ray` started or joined (nothing otherwise), now rather than at interpreter
     exit, where Ray's threads may still run and the process can end in an abort."""
-    global _started
+    global _started, _watch
     if not _started:
         return
     _started = False
+    if _watch is not None:
+        _watch.stop()
+        _watch = None
     import ray
 
     try:
@@ -137,4 +148,13 @@ def filter_stderr(patterns: tuple[re.Pattern[bytes], ...]) -> None:
         os.dup2(original, 2)  # closes the pipe's last write end here: the thread drains what is left and ends
         thread.join(timeout=2)
 
+    filter_stderr.restore = restore
     atexit.register(restore)
+
+
+def restore_stderr() -> None:
+    """Hand on what :func:`filter_stderr` still holds and write to the console directly again (before an
+    ``os._exit``, which runs no ``atexit`` hook)."""
+    restore = getattr(filter_stderr, "restore", None)
+    if restore is not None:
+        restore()
