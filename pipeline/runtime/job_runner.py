@@ -145,6 +145,12 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
             # run: one on the model while the other's unit is written.
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=2,
                                                max_concurrent_calls_per_actor=2, enable_true_multi_threading=True))
+        if high > low:
+            # Ray Data adds an actor when its tasks in flight reach 1.75x its concurrency slots; with two calls
+            # running per actor and two in flight that is never (1.0 at most), so a joining node would stay idle.
+            # Full slots (1.0) are the busy signal here.
+            ds.context.autoscaling_config = dataclasses.replace(ds.context.autoscaling_config,
+                                                                actor_pool_util_upscaling_threshold=1.0)
         progress.start()
         # No prefetch: with it, Ray Data holds each result back until the next one arrives, so progress runs one
         # unit late and a worker's fault reaches the driver only after the next unit (a second timeout) too.

@@ -195,6 +195,45 @@ def test_apply_survives_a_lost_node_and_uses_one_that_joins(fleet, s3_bucket, tm
             fleet.remove_node(node)
 
 
+def test_a_node_that_joins_takes_work_from_an_autoscaling_pool(fleet, s3_bucket):
+    """``--workers 1-2`` starts one worker on the only node; a node that joins mid-run gets the second worker, which
+    commits units before the job ends (Ray Data's pool adds an actor once the first one's two slots are full)."""
+    import pyarrow as pa
+
+    n = 60
+    images = upload_images(s3_bucket, n, seed=2)
+    url = f"{s3_bucket}/join.zarr"
+    # 0.5 s per pass on a seeded backbone: the job lasts long enough for a node to join, at any load
+    job = [sys.executable, "-m", "jobs.denoise", *TINY, "--model", "tests.faulty_backbone:paced", "--input-size",
+           "32", "--images", images, "--output", url, "--workers", "1-2", "--cpus-per-worker", "1.5"]
+    nodes = [fleet.add_node(cpus=2)]
+    proc = subprocess.Popen(job, cwd=ROOT, env=fleet.driver_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        err = StreamLines(proc.stderr)
+        err.wait_for(r"denoise: [1-9]\d*/\d+ images", timeout=480)
+        nodes.append(fleet.add_node(cpus=2))
+        joined = time.time()
+        proc.wait(timeout=600)
+        stderr = err.text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for node in nodes:
+            fleet.remove_node(node)
+    assert proc.returncode == 0, stderr[-4000:]
+    every = read_manifest(*filesystem(url), dedup=False)
+    stamps = every["written_at"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy() / 1e3
+    workers = np.asarray(every["worker"].to_pylist())
+    new = set(workers[stamps > joined]) - set(workers[stamps <= joined])
+    assert new, f"no worker of the joining node committed a unit ({len(set(workers))} worker(s) in all)"
+    first = min(t for t, w in zip(stamps, workers) if w in new) - joined
+    later = int(np.isin(workers, list(new)).sum())
+    print(f"\nfleet join: the new node's worker committed its first unit {first:.0f} s after the node joined, "
+          f"{later} of {n} images in all")
+
+
 def test_a_lost_head_ends_the_job_in_one_line_and_a_resubmit_resumes(s3_endpoint, s3_bucket):
     """The head (GCS, the driver's node) of a cluster of its own is killed while a denoise job runs: the driver
     ends with status 4 and one line of ours, well before Ray's own silent exit; the committed units stay, and the
