@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import Any
 
-from .head_watch import HeadWatch, exit_lost
+from .head_watch import HeadWatch, exit_lost, gcs_accepts
 
 __all__ = ["init_ray", "shutdown_ray", "filter_stderr", "restore_stderr", "EXPECTED_RAY_LINES", "LOCAL_GCS_RECONNECT_S"]
 
@@ -88,11 +88,15 @@ def shutdown_ray() -> None:
     if not _started:
         return
     _started = False
-    if _watch is not None:
-        _watch.stop()
-        _watch = None
     import ray
 
+    if _watch is not None:
+        _watch.stop()
+        gone = not gcs_accepts(_watch.address, timeout=1.0)
+        _watch = None
+        if gone:  # the head is lost: Ray's shutdown (here or at exit) would wait on it for nothing
+            atexit.unregister(ray.shutdown)
+            return
     try:
         ray.shutdown()
     except Exception:  # noqa: BLE001 - the job is already ending; nothing left to clean up

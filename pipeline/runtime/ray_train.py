@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from . import fault_injection
+from .failures import JobFailedError, one_line
+from .head_watch import gcs_accepts
 from ..io.storage import filesystem, is_local, local_path
 
 __all__ = ["RunConfig", "fixed_workers", "RUN_NAME", "STATE_FILE", "denoising_loss", "lr_lambda", "scaled_lr", "per_worker_batch",
@@ -313,9 +315,24 @@ def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], con
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.exceptions.RayActorError as e:  # the controller, an actor on the driver's node, is gone
+        raise JobFailedError(controller_lost(what, output, e)) from e
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"{what} in {output} ended without a checkpoint")
     return result
+
+
+def controller_lost(what: str, output: str, error: BaseException) -> str:
+    """One line for a run whose Ray Train controller died: with the head node (its GCS no longer answers), or alone."""
+    import ray
+
+    kept = f"checkpoints registered in {output}/{RUN_NAME}/ are kept; submit the same command again to resume"
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    if address and not gcs_accepts(address):
+        return (f"{what} stopped: lost the Ray cluster's head node (GCS at {address}), where Ray Train's controller "
+                f"ran beside the driver; {kept} once the cluster is up")
+    return f"{what} stopped: Ray Train's controller was lost ({one_line(error)}); {kept}"

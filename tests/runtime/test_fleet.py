@@ -281,3 +281,66 @@ def test_a_lost_head_ends_the_job_in_one_line_and_a_resubmit_resumes(s3_endpoint
     assert sorted(read_manifest(*filesystem(url))["image_id"].to_pylist()) == list(range(n))
     print(f"\nlost head: exit 4 after {ended_s:.0f} s (Ray's timeout {ray_timeout} s), {committed} of {n} kept; "
           f"resubmitted on a new cluster: {n - committed} done, exit 0")
+
+
+def test_a_lost_head_ends_training_in_one_line_and_a_resubmit_resumes(s3_endpoint, s3_bucket):
+    """The head of a cluster of its own (GCS, the driver's node, Ray Train's controller) is killed once the run's
+    controller has registered a checkpoint on S3: ``dvt train`` ends with status 4 and one line of ours; the same
+    command on a new cluster resumes from that checkpoint and finishes with status 0."""
+    import json
+
+    from pipeline.runtime.ray_train import RUN_NAME
+    from pipeline.testing.cluster import LocalCluster
+    from pipeline.testing.synthetic_pairs import write_synthetic_store
+
+    store = write_synthetic_store(f"{s3_bucket}/pairs.zarr", 24, channels=16, grid=(4, 4))
+    output = f"{s3_bucket}/denoiser"
+    args = [sys.executable, "-m", "jobs.train_denoiser", "--stores", store.url, "--output", output, "--max-steps",
+            "40", "--eval-every", "4", "--patience", "0", "--batch-size", "4", "--workers", "1", "--no-gpu",
+            "--cpus-per-worker", "1"]
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL_S3": s3_endpoint}
+    fs, snapshot = filesystem(f"{output}/{RUN_NAME}/checkpoint_manager_snapshot.json")
+
+    def registered() -> bool:
+        fs.invalidate_cache()
+        try:
+            return bool(json.loads(fs.cat_file(snapshot)).get("latest_checkpoint_result"))
+        except (FileNotFoundError, ValueError):
+            return False
+
+    ray_timeout = 20
+    with LocalCluster(env=env) as cluster:
+        cluster.add_node(cpus=2)
+        proc = subprocess.Popen(args, cwd=ROOT, env=cluster.driver_env(
+            RAY_gcs_rpc_server_reconnect_timeout_s=str(ray_timeout)), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            err = StreamLines(proc.stderr)
+            deadline = time.monotonic() + 480
+            while not registered() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert registered() and proc.poll() is None, err.text()[-4000:]
+            cluster.remove_head()
+            lost = time.monotonic()
+            proc.wait(timeout=120)
+            ended_s = time.monotonic() - lost
+            stderr = err.text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    errors = [line for line in stderr.splitlines() if " ERROR " in line and "dvt" in line]
+    assert proc.returncode == 4, stderr[-4000:]
+    assert len(errors) == 1 and "lost the Ray cluster's head node" in errors[0], stderr[-4000:]
+    assert ended_s < ray_timeout, f"the driver took {ended_s:.0f} s (Ray's own timeout {ray_timeout} s): {stderr[-3000:]}"
+    done_before = max((int(m) for m in re.findall(r"rank 0 step (\d+)/40", stderr)), default=0)
+
+    with LocalCluster(env=env) as cluster:
+        cluster.add_node(cpus=2)
+        again = subprocess.run(args, cwd=ROOT, env=cluster.driver_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    resumed = re.search(r"rank 0 resumes at step (\d+) of 40", again.stderr)
+    assert resumed and 4 <= int(resumed.group(1)) <= done_before, again.stderr[-4000:]
+    assert re.search(r"rank 0 step 40/40", again.stderr), again.stderr[-3000:]
+    print(f"\nlost head in training: exit 4 after {ended_s:.0f} s (Ray's timeout {ray_timeout} s), steps logged "
+          f"{done_before}; resubmitted: resumed at step {resumed.group(1)}, finished 40 steps, exit 0")
