@@ -14,8 +14,8 @@ Rows are ``(store index, image id)`` lists; Ray tasks read their arrays from the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,11 +38,12 @@ def passes_needed(num_train: int, total_steps: int, global_batch: int) -> int:
 
 
 def pair_stream(sources: Sequence[tuple[str, np.ndarray]], *, passes: int, seed: int, rows_per_block: int,
-                num_cpus: float = 0.25) -> ray.data.Dataset:
+                read_options: Mapping[str, Any] | None = None) -> ray.data.Dataset:
     """A Ray Dataset of ``passes`` shuffled passes over the ``(store URL, training ids)`` in ``sources``.
 
     Columns: ``raw`` and ``clean`` ``(gh, gw, C)`` as stored (float16 or float32). Pass ``p`` is the permutation
-    drawn from ``(seed, p)``, so a run's data order depends on its seed only.
+    drawn from ``(seed, p)``, so a run's data order depends on its seed only. ``read_options``: ``map_batches``
+    options of the read step (:func:`pipeline.runtime.ray_train.read_step_options`; default: 0.25 CPU per task).
     """
     import ray.data
 
@@ -57,5 +58,5 @@ def pair_stream(sources: Sequence[tuple[str, np.ndarray]], *, passes: int, seed:
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
     urls = tuple(url for url, _ in sources)
     return ray.data.from_arrow(blocks).map_batches(
-        read_pairs, batch_size=rows_per_block, batch_format="numpy", num_cpus=num_cpus,
-        fn_kwargs={"urls": urls, "options": task_options(urls)})
+        read_pairs, batch_size=rows_per_block, batch_format="numpy",
+        fn_kwargs={"urls": urls, "options": task_options(urls)}, **dict(read_options or {"num_cpus": 0.25}))

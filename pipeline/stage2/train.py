@@ -44,7 +44,7 @@ from ..store import FeatureStore, StoreError, StoreLayout
 from .pairs import pair_stream, passes_needed
 from .train_worker import train_loop_per_worker
 from ..runtime.ray_train import (RUN_NAME, RunConfig, denoising_loss, fit, lr_lambda, per_worker_batch, previous_record,
-                       read_state, refuse_changes, trainer_resources, uri_fraction, write_record)
+                       read_state, read_step_options, refuse_changes, trainer_resources, uri_fraction, write_record)
 
 __all__ = ["TrainConfig", "TrainSummary", "denoising_loss", "lr_lambda", "step_budget", "split_ids", "open_stores",
            "train_loop_per_worker", "run_training", "export_checkpoint", "DENOISER_FILE", "RUN_NAME"]
@@ -266,7 +266,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     write_record(config.output, CONFIG_FILE, {"config": config.to_json(), "spec": spec.to_dict()})
     passes = passes_needed(num_train, total, config.batch_size)
     train = pair_stream([(s.url, tr) for s, (tr, _) in zip(stores, splits) if len(tr)], passes=passes,
-                        seed=config.seed, rows_per_block=4 * batch, num_cpus=config.read_cpus)
+                        seed=config.seed, rows_per_block=4 * batch, read_options=read_step_options(config))
     val = [(s.url, v.tolist()) for s, (_, v) in zip(stores, splits) if len(v)]
     gpu, cpus, threads = trainer_resources(config)
     _log.info("train: %d images (%d held out) from %d store(s), global batch %d on %d worker(s) (%s, %.2g CPU each), "

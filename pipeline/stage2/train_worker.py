@@ -2,7 +2,8 @@
 
 Each rank takes its share of the global batch from its shard of the run's single stream
 (:mod:`pipeline.stage2.pairs`), so the data pipeline starts once per run. Every ``eval_every`` steps (and at the
-last step) the ranks add up their training loss, data wait and held-out sums, every rank applies the same
+last step) the ranks add up their training loss, data wait (``data_wait_fraction`` of the step time, and
+``steady_wait_fraction`` without the first batch of a (re)started pipeline) and held-out sums, every rank applies the same
 :class:`pipeline.runtime.ray_train.Plateau` to the same held-out loss, and rank 0 reports a checkpoint holding the
 weights, optimiser, schedule, step, history, the plateau state and the best weights so far. A run stops at its
 step budget or when the held-out loss has stopped improving, whichever comes first; what the export holds is the
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser, DenoiserMismatchError, DenoiserSpec
 from ..store import FeatureStore
-from ..runtime.ray_train import Plateau, all_reduce, denoising_loss, lr_lambda, report, restored_state, start_worker
+from ..runtime.ray_train import (Plateau, all_reduce, denoising_loss, lr_lambda, report, restored_state, start_worker,
+                                 steady_wait_fraction)
 
 __all__ = ["train_loop_per_worker", "HeldOut"]
 
@@ -152,6 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = {"step": step, "epoch": step / steps_per_epoch, "train_loss": g["loss"] / max(1.0, g["samples"]),
                    "lr": sched.get_last_lr()[0], "samples_per_s": g["samples"] / max(slowest, 1e-9),
                    "data_wait_fraction": g["wait"] / max(g["elapsed"], 1e-9), "data_wait_s": g["wait"] / world,
+                   "steady_wait_fraction": steady_wait_fraction(g["wait"], g["first_wait"], g["elapsed"]),
                    "seconds": slowest, "first_batch_s": g["first_wait"] / world}
         if g["val_images"] > 0:
             mse, cos = g["val_mse"] / g["val_images"], g["val_cos"] / g["val_images"]

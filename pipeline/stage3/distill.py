@@ -40,8 +40,8 @@ from ..runtime.ray_session import init_ray
 from ..runtime.reachability import check_reachable, image_job_inputs
 from ..stage2.pairs import passes_needed
 from ..runtime.ray_train import (RUN_NAME, STATE_FILE, RunConfig, all_reduce, denoising_loss, fit, lr_lambda, per_worker_batch,
-                       previous_record, read_state, refuse_changes, report, restored_state, start_worker,
-                       trainer_resources, write_record)
+                       previous_record, read_state, read_step_options, refuse_changes, report, restored_state, start_worker,
+                       steady_wait_fraction, trainer_resources, write_record)
 
 __all__ = ["DistillConfig", "DistillSummary", "train_loop_per_worker", "run_distillation", "STUDENT_FILE", "STATE_FILE"]
 
@@ -198,7 +198,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         resumed = [*json.loads(state["resumed_from"]), step]
         _log.info("rank %d resumes at step %d of %d", rank, step, total)
     shard = ray.train.get_dataset_shard("train")
-    loss_sum, wait, seen, bad = torch.zeros((), device=device), 0.0, 0, 0
+    loss_sum, wait, seen, bad, first_wait = torch.zeros((), device=device), 0.0, 0, 0, None
     began = time.perf_counter()
     # One stream over every pass of the run (laid out by the driver): the data pipeline starts once, not per epoch.
     batches = iter(shard.iter_torch_batches(
@@ -208,6 +208,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t = time.perf_counter()
         batch = next(batches, None)
         wait += time.perf_counter() - t
+        if first_wait is None:
+            first_wait = wait  # the pipeline's start: once per run (and after a restart)
         if batch is None:
             raise RuntimeError(f"rank {rank}: the training stream ended at step {step} of {total}")
         pixels = batch["pixels"].to(device, non_blocking=True).float().div_(255)
@@ -228,14 +230,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         interval_loss = loss_sum.item()  # waits for the device, so the time below is true
         elapsed = time.perf_counter() - began
-        g = all_reduce({"loss": interval_loss, "seen": seen, "bad": bad, "wait": wait, "elapsed": elapsed})
+        g = all_reduce({"loss": interval_loss, "seen": seen, "bad": bad, "wait": wait, "elapsed": elapsed,
+                        "first_wait": first_wait or 0.0})
         slowest = all_reduce([elapsed], op="max")[0]
         skipped += int(g["bad"])
         images_per_s = (g["seen"] + g["bad"]) / max(slowest, 1e-9)
         metrics = {"step": step, "epoch": step / spe, "train_loss": g["loss"] / max(1.0, g["seen"]),
                    "lr": sched.get_last_lr()[0], "images_per_s": images_per_s,
                    "images_per_s_per_worker": images_per_s / world,
-                   "data_wait_fraction": g["wait"] / max(g["elapsed"], 1e-9), "skipped_images": skipped}
+                   "data_wait_fraction": g["wait"] / max(g["elapsed"], 1e-9), "data_wait_s": g["wait"] / world,
+                   "steady_wait_fraction": steady_wait_fraction(g["wait"], g["first_wait"], g["elapsed"]),
+                   "first_batch_s": g["first_wait"] / world, "skipped_images": skipped}
         metrics.update({f"val_{k}": v for k, v in measure().items()})
         history.append(metrics)
         _log.info("rank %d step %d/%d: %s", rank, step, total, json.dumps(metrics))
@@ -244,7 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "step": step, "skipped": skipped, "history": json.dumps(history), "before": json.dumps(before),
             "resumed_from": json.dumps(resumed), "trainable": json.dumps(trainable)},
             rank=rank, faults=loop_config.get("faults"))
-        loss_sum, wait, seen, bad = torch.zeros((), device=device), 0.0, 0, 0
+        loss_sum, wait, seen, bad, first_wait = torch.zeros((), device=device), 0.0, 0, 0, 0.0
         began = time.perf_counter()
     del batches  # ends this rank's read (leaving early is fine for Ray's streaming split)
 
@@ -284,7 +289,7 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     _log.info("distill: %d training images (%d held out), %d worker(s) (%s, %.2g CPU each), %d steps/epoch, %d steps, "
               "peak lr %.3g, size %d, output %s", len(train_ids), len(val_ids), config.workers, "GPU" if gpu else "CPU",
               cpus, spe, total, config.peak_lr(), size, config.output)
-    dataset = training_dataset(uris, train_ids, size, batch, config.read_cpus, config.decode,
+    dataset = training_dataset(uris, train_ids, size, batch, read_step_options(config), config.decode,
                                passes=passes_needed(len(train_ids), total, config.batch_size), seed=config.seed,
                                index=index, image_column=config.image_column)
     result = fit(train_loop_per_worker,

@@ -13,7 +13,8 @@ reason, and the trainers give them no weight and count them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -110,13 +111,15 @@ def _shard_pass_blocks(index: pa.Table, ids: np.ndarray, rng: np.random.Generato
             for b in rng.permutation(len(blocks))]
 
 
-def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size: int, read_cpus: float = 0.25,
-                     decode: DecodeConfig = DecodeConfig(), *, passes: int = 1, seed: int = 0,
-                     index: pa.Table | None = None, image_column: str = "jpg"):
+def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size: int,
+                     read_options: Mapping[str, Any] | None = None, decode: DecodeConfig = DecodeConfig(), *,
+                     passes: int = 1, seed: int = 0, index: pa.Table | None = None, image_column: str = "jpg"):
     """The Ray Dataset of training images ``uris[ids]``: ``{"pixels", "ok"}`` rows, ``passes`` passes in one stream,
     each a fresh permutation drawn from ``(seed, pass)`` (so the trainers start the pipeline once per run).
 
-    Bytes are fetched by light tasks and decoded by ``read_cpus`` tasks; only ``(3, size, size)`` uint8 pixels
+    Bytes are fetched and decoded by tasks run with ``read_options`` (``map_batches`` options,
+    :func:`pipeline.runtime.ray_train.read_step_options`; default: 0.1 CPU to fetch, 0.25 to decode); only
+    ``(3, size, size)`` uint8 pixels
     travel to the trainers (a quarter of float32), in blocks of a few training batches. With a shard ``index``
     (:func:`pipeline.io.shards.shard_index`, rows aligned with ``uris``) each read task takes a run of one shard's
     members, the runs in random order and the images within a run shuffled (:func:`_shard_pass_blocks`).
@@ -125,16 +128,16 @@ def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size
 
     ids = np.asarray(ids, dtype=np.int64)
     batch = max(1, min(16, batch_size))
+    fetch = dict(read_options or {"num_cpus": 0.1})
+    read = dict(read_options or {"num_cpus": 0.25})
     if index is not None:
         blocks = [b for p in range(passes) for b in _shard_pass_blocks(index, ids, np.random.default_rng([seed, p]))]
         return (ray.data.from_arrow(blocks)
-                .map_batches(read_shard_members, batch_size=None, num_cpus=0.1, fn_kwargs={"image_column": image_column})
-                .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch,
-                             num_cpus=read_cpus))
+                .map_batches(read_shard_members, batch_size=None, fn_kwargs={"image_column": image_column}, **fetch)
+                .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch, **read))
     order = np.concatenate([ids[np.random.default_rng([seed, p]).permutation(len(ids))] for p in range(passes)])
     table = pa.table({"image_id": pa.array(order, pa.int64()), "uri": pa.array([uris[i] for i in order], pa.string())})
     per_block = max(16, 4 * batch_size, -(-table.num_rows // 4096))
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, table.num_rows, per_block)])
-    return (ds.map_batches(fetch_bytes, batch_size=batch, num_cpus=0.1)
-            .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch,
-                         num_cpus=read_cpus))
+    return (ds.map_batches(fetch_bytes, batch_size=batch, **fetch)
+            .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch, **read))
