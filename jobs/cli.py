@@ -81,26 +81,29 @@ def run_job(run, args: argparse.Namespace) -> int:
     from pipeline.runtime.failures import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, exit_status, one_line,
                                    terminate_on_sigterm)
 
-    from pipeline.runtime.ray_session import shutdown_ray
+    from pipeline.runtime.ray_session import end_process, shutdown_ray
 
     log = logging.getLogger("dvt")
     previous = terminate_on_sigterm()
+    status: int | None = None
     try:
-        return int(run(args) or 0)
+        status = int(run(args) or 0)
     except (KeyboardInterrupt, Terminated) as e:
         what = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
         log.error("%s: finished work is kept in the output; re-run the same command to resume", what)
-        return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_TERMINATED
+        status = EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_TERMINATED
     except Exception as e:
         status = exit_status(e)
         if status is None:
             raise
         log.error("%s", one_line(e, limit=2000), exc_info=args.verbose > 0)
-        return status
     finally:
-        shutdown_ray()
+        lost = shutdown_ray()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if lost and status is not None:  # the cluster is gone: a normal exit would hang in Ray's teardown
+            end_process(status)
+    return status
 
 
 def job_main(module_name: str, argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["HeadWatch", "gcs_accepts", "default_grace_s", "lost_head_message", "exit_lost"]
+__all__ = ["HeadWatch", "gcs_accepts", "default_grace_s", "lost_head_message", "exit_lost", "exit_now"]
 
 _log = logging.getLogger("dvt")
 
@@ -102,11 +102,21 @@ class HeadWatch:
 
 
 def exit_lost(message: str, drain: Callable[[], None] | None = None) -> None:
-    """Log ``message`` as the job's one error line and end the process with status 4; ``drain`` runs before the
-    exit (it hands on what a stderr filter still holds)."""
+    """Log ``message`` as the job's one error line and end the process with status 4 (:func:`exit_now`)."""
     from .failures import EXIT_FAULT
 
     _log.error("%s", message)
+    exit_now(EXIT_FAULT, drain)
+
+
+def exit_now(status: int, drain: Callable[[], None] | None = None) -> None:
+    """End the process with ``status`` at once, logs flushed; ``drain`` runs first (it hands on what a stderr filter
+    still holds).
+
+    For a driver whose cluster is gone: its main thread may be blocked in Ray calls that will not return, and a
+    normal exit waits in Ray's teardown until Ray's own timeout ends the process with status 1. Nothing of ours is
+    half-written (every store object and checkpoint is committed atomically), so nothing is lost by not waiting.
+    """
     for handler in logging.getLogger().handlers + _log.handlers:
         try:
             handler.flush()
@@ -114,6 +124,4 @@ def exit_lost(message: str, drain: Callable[[], None] | None = None) -> None:
             pass
     if drain is not None:
         drain()
-    # The main thread is blocked in Ray calls that will not return; nothing of ours is half-written (every store
-    # object and checkpoint is committed atomically), so end the process here.
-    os._exit(EXIT_FAULT)
+    os._exit(status)

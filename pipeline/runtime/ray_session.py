@@ -31,9 +31,9 @@ import sys
 import threading
 from typing import Any
 
-from .head_watch import HeadWatch, exit_lost, gcs_accepts
+from .head_watch import HeadWatch, exit_lost, exit_now, gcs_accepts
 
-__all__ = ["init_ray", "shutdown_ray", "filter_stderr", "restore_stderr", "EXPECTED_RAY_LINES", "LOCAL_GCS_RECONNECT_S"]
+__all__ = ["init_ray", "shutdown_ray", "end_process", "filter_stderr", "restore_stderr", "EXPECTED_RAY_LINES", "LOCAL_GCS_RECONNECT_S"]
 
 _log = logging.getLogger(__name__)
 
@@ -81,12 +81,16 @@ def init_ray(dashboard: bool = False) -> Any:
     return context
 
 
-def shutdown_ray() -> None:
+def shutdown_ray() -> bool:
     """Shut down the Ray :func:`init_ray` started or joined (nothing otherwise), now rather than at interpreter
-    exit, where Ray's threads may still run and the process can end in an abort."""
+    exit, where Ray's threads may still run and the process can end in an abort.
+
+    Returns whether the cluster's head was found gone: then nothing is shut down (Ray would wait on the lost GCS)
+    and the caller should end the process with :func:`end_process`, since a normal exit would wait in Ray's
+    teardown until Ray's own timeout ends it with status 1."""
     global _started, _watch
     if not _started:
-        return
+        return False
     _started = False
     import ray
 
@@ -94,13 +98,19 @@ def shutdown_ray() -> None:
         _watch.stop()
         gone = not gcs_accepts(_watch.address, timeout=1.0)
         _watch = None
-        if gone:  # the head is lost: Ray's shutdown (here or at exit) would wait on it for nothing
-            atexit.unregister(ray.shutdown)
-            return
+        if gone:
+            return True
     try:
         ray.shutdown()
     except Exception:  # noqa: BLE001 - the job is already ending; nothing left to clean up
         pass
+    return False
+
+
+def end_process(status: int) -> None:
+    """End this process with ``status`` now, its logs and console output handed on (after :func:`shutdown_ray`
+    found the cluster gone)."""
+    exit_now(status, drain=restore_stderr)
 
 
 def filter_stderr(patterns: tuple[re.Pattern[bytes], ...]) -> None:
