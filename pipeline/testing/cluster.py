@@ -53,8 +53,7 @@ class ClusterNode:
     cpus: int
     resources: dict[str, float]
     private_dirs: tuple[str, ...] = ()
-    _node: Any = None  # a ray._private.node.Node started in this process
-    _process: subprocess.Popen | None = None  # a `ray start --block` in its own mount namespace
+    _process: subprocess.Popen | None = None  # the process holding the node (its process group is the node)
 
     @property
     def resource(self) -> str:
@@ -148,41 +147,37 @@ class LocalCluster:
         name = name or f"w{len(self.nodes)}-{uuid.uuid4().hex[:4]}"
         node = ClusterNode(name=name, cpus=cpus, resources={**(resources or {}), f"node:{name}": 1.0},
                            private_dirs=tuple(str(Path(d).resolve()) for d in private_dirs))
-        if node.private_dirs:
-            # Ray gives a starting node 30 s to register (hard-coded); on a busy machine that can pass: try again.
-            for attempt in range(3):
-                node._process = self._start_private_node(node)
-                try:
-                    self.wait_alive(node, timeout)
-                    break
-                except RuntimeError as e:
-                    _kill_group(node._process.pid)
-                    if attempt == 2:
-                        raise
-                    _log.warning("node %s did not start (%s); starting it again", name, str(e)[-200:])
-        else:
-            with _no_address_file(), _environment(self.env):
-                node._node = self._cluster.add_node(
-                    num_cpus=cpus, node_ip_address="127.0.0.1", resources=node.resources, temp_dir=self.temp_dir,
-                    object_store_memory=self.object_store_mb * 2 ** 20)
+        # Each node is a process group of its own (killed whole by remove_node). Ray gives a starting node 30 s to
+        # register (hard-coded); on a busy machine that can pass: kill what started and try again.
+        for attempt in range(3):
+            node._process = self._start_node(node)
+            try:
+                self.wait_alive(node, timeout)
+                break
+            except RuntimeError as e:
+                _kill_group(node._process.pid)
+                if attempt == 2:
+                    raise
+                _log.warning("node %s did not start (%s); starting it again", name, str(e)[-200:])
         self.nodes.append(node)
         self.wait_alive(node, timeout)
         _log.info("node %s joined (%d CPU, resources %s)", name, cpus, node.resources)
         return node
 
-    def _start_private_node(self, node: ClusterNode) -> subprocess.Popen:
-        """Start the node in its own mount namespace with a tmpfs over each private folder (a process of this module
-        that builds the node the way ``Cluster.add_node`` does and holds it; its process group is the node)."""
+    def _start_node(self, node: ClusterNode) -> subprocess.Popen:
+        """Start the node in a process of this module that builds it the way ``Cluster.add_node`` does and holds it
+        (its process group is the node); with private folders, in its own mount namespace with a tmpfs over each."""
         spec = json.dumps({"gcs": self.address, "cpus": node.cpus, "resources": node.resources,
-                           "temp_dir": self.temp_dir, "object_store": self.object_store_mb * 2 ** 20})
+                           "temp_dir": self.temp_dir, "object_store": self.object_store_mb * 2 ** 20,
+                           "log_monitor": not node.private_dirs})
         start = [sys.executable, "-m", "pipeline.testing.cluster", spec]
-        mounts = " && ".join(f"mkdir -p {shlex.quote(d)} && mount -t tmpfs tmpfs {shlex.quote(d)}"
-                             for d in node.private_dirs)
-        script = f"{mounts} && exec {shlex.join(start)}"
+        if node.private_dirs:
+            mounts = " && ".join(f"mkdir -p {shlex.quote(d)} && mount -t tmpfs tmpfs {shlex.quote(d)}"
+                                 for d in node.private_dirs)
+            start = ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {shlex.join(start)}"]
         os.makedirs(self.temp_dir, exist_ok=True)
         log = open(os.path.join(self.temp_dir, f"node-{node.name}.log"), "wb")  # noqa: SIM115 - the child holds it
-        return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                                env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(start, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
     def alive(self) -> list[dict[str, Any]]:
@@ -205,9 +200,7 @@ class LocalCluster:
     def remove_node(self, node: ClusterNode, timeout: float = 60) -> None:
         """Kill the node's raylet and every process on it at once (SIGKILL, no graceful shutdown), as a preemption
         does, and wait until the GCS has marked it dead."""
-        if node._node is not None:
-            self._cluster.remove_node(node._node, allow_graceful=False)
-        elif node._process is not None:
+        if node._process is not None:
             _kill_group(node._process.pid)
             node._process.wait(timeout=timeout)
         self.nodes.remove(node)
@@ -269,7 +262,7 @@ def _hold_node(spec: dict[str, Any]) -> None:
     params = ray._private.parameter.RayParams(
         gcs_address=spec["gcs"], node_ip_address="127.0.0.1", num_cpus=spec["cpus"], num_gpus=0,
         resources=spec["resources"], temp_dir=spec["temp_dir"], object_store_memory=spec["object_store"],
-        min_worker_port=0, max_worker_port=0, node_manager_port=0, include_log_monitor=False,
+        min_worker_port=0, max_worker_port=0, node_manager_port=0, include_log_monitor=spec.get("log_monitor", False),
         dashboard_agent_listen_port=None)
     ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
     while True:

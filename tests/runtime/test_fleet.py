@@ -247,7 +247,7 @@ def test_a_lost_head_ends_the_job_in_one_line_and_a_resubmit_resumes(s3_endpoint
     args = [sys.executable, "-m", "jobs.denoise", *TINY, "--model", "tests.faulty_backbone:slow", "--input-size",
             "32", "--images", images, "--output", url, "--workers", "1", "--cpus-per-worker", "1"]
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL_S3": s3_endpoint}
-    ray_timeout = 20  # Ray's own wait for a lost GCS, in the driver: the job must speak before it
+    ray_timeout = 30  # Ray's own wait for a lost GCS, in the driver: the job must speak before it (at 24 s)
     with LocalCluster(env=env) as cluster:
         cluster.add_node(cpus=2)
         proc = subprocess.Popen(args, cwd=ROOT, env=cluster.driver_env(
@@ -308,7 +308,7 @@ def test_a_lost_head_ends_training_in_one_line_and_a_resubmit_resumes(s3_endpoin
         except (FileNotFoundError, ValueError):
             return False
 
-    ray_timeout = 20
+    ray_timeout = 30
     with LocalCluster(env=env) as cluster:
         cluster.add_node(cpus=2)
         proc = subprocess.Popen(args, cwd=ROOT, env=cluster.driver_env(
