@@ -12,6 +12,7 @@ import io
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,12 +137,19 @@ def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # writable, so torch can take it without a copy
 
 
-def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """``(B, S, S, 3)`` uint8 (on any device) -> ``(B, 3, S, S)`` float32 in ``[0, 1]``, contiguous: the numbers
-    :func:`resize_to_tensor` gives (``x / 255`` in float32), computed where the pixels are (on the GPU after a
-    uint8 upload)."""
-    out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
-    out.copy_(pixels.permute(0, 3, 1, 2))  # transpose and convert in one pass into one buffer
+def pixels_to_float(pixels: torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+    """``(B, S, S, 3)`` uint8 (on any device), or a list of ``(S, S, 3)`` uint8 images, -> ``(B, 3, S, S)`` float32
+    in ``[0, 1]``, contiguous: the numbers :func:`resize_to_tensor` gives (``x / 255`` in float32), computed where
+    the pixels are (on the GPU after a uint8 upload). Each image is transposed and converted in one pass into the
+    one output buffer (no stacked uint8 copy first)."""
+    if isinstance(pixels, torch.Tensor):
+        out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
+        out.copy_(pixels.permute(0, 3, 1, 2))
+        return out.div_(255.0)
+    rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in pixels]
+    out = torch.empty((len(rows), 3, *rows[0].shape[:2]), dtype=torch.float32)
+    for j, row in enumerate(rows):
+        out[j].copy_(row.permute(2, 0, 1))
     return out.div_(255.0)
 
 

@@ -296,9 +296,9 @@ class ImageBatchWorker:
         """Decoded uint8 images ``(S, S, 3)`` -> ``(B, 3, S, S)`` float in ``[0, 1]`` on the worker's device. The
         uint8 pixels travel (a quarter of float32's bytes), to a GPU through pinned memory without blocking (the
         copy is queued on the stream that then computes on it), and become floats there."""
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in images]
         if self.device.type != "cuda":
-            return pixels_to_float(torch.stack(tensors))
+            return pixels_to_float(images)
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in images]
         staged = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.uint8, pin_memory=True)
         torch.stack(tensors, out=staged)
         return pixels_to_float(staged.to(self.device, non_blocking=True))
