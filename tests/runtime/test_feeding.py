@@ -107,6 +107,16 @@ def test_the_host_copy_rounds_as_numpy_and_overflows_to_inf():
     assert np.isinf(ours[10_000]) and np.isinf(ours[10_001])
 
 
+def test_results_reach_the_host_in_the_stores_dtype_once_per_tensor(tmp_path):
+    store = _store(str(tmp_path / "dtype.zarr"), ["a.png"])
+    worker = ImageBatchWorker.__new__(PatchMeans)
+    ImageBatchWorker.__init__(worker, store.url, store.layout.geometry(), input_size=32)
+    raw, other = torch.randn(2, 4, 4, 6), torch.randn(2, 4, 4, 6)
+    a, b, c = worker.to_store(raw, raw, other)
+    assert a is b and a is not c and a.dtype == c.dtype == torch.float16 and a.device.type == "cpu"
+    assert torch.equal(a, _host(raw, torch.float16)) and torch.equal(c, _host(other, torch.float16))
+
+
 class DecodedOnly(PatchMeans):
     """Refuses bytes: the job must hand it pixels decoded by the decode stage."""
 
