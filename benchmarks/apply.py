@@ -27,8 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = Path(__file__).resolve().parent
+# benchmarks/ last on the path (Python puts a script's folder first): benchmarks/requests.py must not hide the
+# requests package, which Ray Data imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+sys.path.insert(0, str(_HERE.parent))
 
 import torch  # noqa: E402
 

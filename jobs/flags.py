@@ -73,9 +73,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser, *, images_per_batch: s
     group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
     group.add_argument("--decode-tasks", type=int, default=None,
                        help="decode tasks at once (default: as many as the CPUs the workers leave free; beside GPU "
-                            "workers one per free CPU)")
+                            "workers one per free CPU; none when the workers decode, see --decode-threads)")
     group.add_argument("--decode-cpus", type=float, default=None,
                        help="CPUs each decode task holds (default: 1 beside GPU workers, else a share of the free CPUs)")
+    group.add_argument("--decode-threads", type=int, default=None,
+                       help="decode in each worker with this many threads instead of decode tasks (default: when the "
+                            "workers leave fewer than 2 CPUs free, e.g. CPU workers, one thread per CPU a worker holds)")
     group.add_argument("--fast-decode", action="store_true",
                        help="decode JPEGs at least twice the input size at a reduced scale (PIL draft mode): faster on "
                             "large photos, slightly different pixels (off by default)")

@@ -103,7 +103,8 @@ def warp_back(maps: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size
 @torch.no_grad()
 def average_features(backbone, images: torch.Tensor, config: AverageConfig = AverageConfig(), *,
                      chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(raw, clean)``, each ``(B, gh, gw, C)`` fp32: the image's own features and the copies' average.
+    """``(raw, clean)``, each ``(B, gh, gw, C)`` fp32: the image's own features and the copies' average (with one
+    copy, the same tensor twice: callers may store it once converted).
 
     Args:
         backbone: anything with ``features(pixels) -> (B, gh, gw, C)``, ``patch_size`` and ``stride``.
@@ -112,6 +113,10 @@ def average_features(backbone, images: torch.Tensor, config: AverageConfig = Ave
     """
     size = images.shape[-1]
     patch, stride = backbone.patch_size, backbone.stride
+    if config.copies == 1:  # the image itself only: no copy to render or warp back, the average is the raw map
+        parts = [backbone.features(images[i:i + chunk]).float() for i in range(0, len(images), chunk)]
+        raw = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return raw, raw
     boxes, flips = copy_boxes(config, size, stride)
     copies = torch.cat([render_views(image, boxes, flips, size) for image in images])  # image-major
     maps = torch.cat([backbone.features(copies[i:i + chunk]).float() for i in range(0, len(copies), chunk)])

@@ -57,7 +57,8 @@ class DenoiseConfig(ImageJobConfig):
         input_size: square size images are resized to before the ViT (518 for patch 14 in the paper).
         preset: stage-1 preset (``default``, ``paper``, ``ci``); ``views`` and ``steps`` override it.
         images_per_batch: images per store unit, fitted together; ``None`` chooses per device
-            (:mod:`pipeline.runtime.batching`: 4 on CPUs; on GPUs units of 16 fitted in passes that fit the memory).
+            (:mod:`pipeline.runtime.batching`: 4 on CPUs; on GPUs units of 16 fitted in passes that fit the memory;
+            the forward-only methods ``average`` and ``bias`` take ``dvt apply``'s sizes, 16 and 64).
         seed: fixes every image's views and random draws (with its image id).
         amp: autocast dtype (``"bfloat16"``) for the backbone and the fit on top of the preset's; ``None``
             keeps the preset's (fp32 in every preset).
@@ -126,7 +127,9 @@ class DenoiseConfig(ImageJobConfig):
             images_per_batch=self.images_per_batch, amp=self.amp, keep_raw=True, workers=self.workers,
             gpus_per_worker=self.gpus_per_worker, cpus_per_worker=self.cpus_per_worker, limit=self.limit,
             overwrite=self.overwrite, retry_failed=self.retry_failed, allow_config_change=self.allow_config_change,
-            dtype=self.dtype, progress_every_s=self.progress_every_s, dashboard=self.dashboard, decode=self.decode)
+            dtype=self.dtype, progress_every_s=self.progress_every_s, dashboard=self.dashboard, decode=self.decode,
+            decode_tasks=self.decode_tasks, decode_cpus=self.decode_cpus, decode_threads=self.decode_threads,
+            fast_decode=self.fast_decode)
 
 
 #: What a denoise run did (the shared :class:`pipeline.runtime.image_job.JobSummary`).

@@ -32,6 +32,8 @@ class MethodWorker(JobWorker):
     """One backbone per process; per batch, ``raw`` and the method's ``clean`` into one store unit."""
 
     config: MethodJob
+    #: A forward pass per image (``average`` with a few copies, ``bias``), not a fit: ``dvt apply``'s unit sizes.
+    unit_job = "apply"
 
     def __init__(self, config: MethodJob, layout: dict[str, Any], settings: Mapping[str, Any] | None = None):
         super().__init__(config, layout, settings)
@@ -61,6 +63,6 @@ class MethodWorker(JobWorker):
                 clean = self.artifact.apply(raw)
             else:
                 raw, clean = average_features(self.backbone, images, self.average)
-        raw, clean = raw.float().cpu(), clean.float().cpu()
+        raw, clean = self.to_store(raw, clean)
         seconds = (time.perf_counter() - started) / len(ids)
         return [({"seconds": seconds}, {"raw": raw[j], "clean": clean[j]}) for j in range(len(ids))]

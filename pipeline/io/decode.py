@@ -9,7 +9,10 @@ record as a failed manifest row instead of stopping.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,33 +137,64 @@ def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # writable, so torch can take it without a copy
 
 
-def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """``(B, S, S, 3)`` uint8 (on any device) -> ``(B, 3, S, S)`` float32 in ``[0, 1]``, contiguous: the numbers
-    :func:`resize_to_tensor` gives (``x / 255`` in float32), computed where the pixels are (on the GPU after a
-    uint8 upload)."""
-    return pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255.0)
+def pixels_to_float(pixels: torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+    """``(B, S, S, 3)`` uint8 (on any device), or a list of ``(S, S, 3)`` uint8 images, -> ``(B, 3, S, S)`` float32
+    in ``[0, 1]``, contiguous: the numbers :func:`resize_to_tensor` gives (``x / 255`` in float32), computed where
+    the pixels are (on the GPU after a uint8 upload). Each image is transposed and converted in one pass into the
+    one output buffer (no stacked uint8 copy first)."""
+    if isinstance(pixels, torch.Tensor):
+        out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
+        out.copy_(pixels.permute(0, 3, 1, 2))
+        return out.div_(255.0)
+    rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in pixels]
+    out = torch.empty((len(rows), 3, *rows[0].shape[:2]), dtype=torch.float32)
+    for j, row in enumerate(rows):
+        out[j].copy_(row.permute(2, 0, 1))
+    return out.div_(255.0)
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, config: DecodeConfig = DecodeConfig(),
-                 draft: bool = False) -> dict[str, np.ndarray]:
-    """The jobs' decode step (a Ray Data CPU task): rows ``image_id, uri, bytes, error`` (what
+                 draft: bool = False, threads: int = 1) -> dict[str, np.ndarray]:
+    """The jobs' decode step (a Ray Data CPU task, or a worker's own): rows ``image_id, uri, bytes, error`` (what
     :func:`pipeline.io.listing.fetch_bytes` and shard readers produce) -> ``image_id, uri, pixels`` (``(n, size,
     size, 3)`` uint8, the model's input), ``width, height`` (the image's own, 0 when it failed) and ``error``
-    (empty when it decoded; a failed read's error is kept). ``draft``: :func:`decode_image`'s fast JPEG path."""
+    (empty when it decoded; a failed read's error is kept). ``draft``: :func:`decode_image`'s fast JPEG path.
+    ``threads``: images decoded at once (PIL releases the GIL while it decodes and resizes, so threads of one
+    process use several cores)."""
     ids = np.asarray(batch["image_id"], dtype=np.int64)
     n = len(ids)
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     width, height = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     errors = [str(e) if e else "" for e in batch["error"]]
-    for j, data in enumerate(batch["bytes"]):
-        if errors[j]:
-            continue
+    data = batch["bytes"]
+
+    def one(j: int) -> None:
         try:
-            image = decode_image(bytes(data) if data is not None else b"", config, draft=size if draft else None)
+            image = decode_image(bytes(data[j]) if data[j] is not None else b"", config,
+                                 draft=size if draft else None)
         except ImageDecodeError as e:
             errors[j] = str(e)
-            continue
+            return
         width[j], height[j] = image.width, image.height
         pixels[j] = resize_pixels(image.pixels, size)
+
+    todo = [j for j in range(n) if not errors[j]]
+    if threads > 1 and len(todo) > 1:
+        list(_pool(threads).map(one, todo))
+    else:
+        for j in todo:
+            one(j)
     return {"image_id": ids, "uri": np.asarray(batch["uri"], dtype=object), "pixels": pixels, "width": width,
             "height": height, "error": np.asarray(errors, dtype=object)}
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One decode pool per size and process, shared by the batches a worker has in flight."""
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dvt-decode")
+        return _pools[threads]

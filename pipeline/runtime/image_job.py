@@ -75,6 +75,8 @@ class ImageJobConfig:
         decode_cpus: CPUs each decode task holds (``None``: 1 beside GPU workers, a share of the rest on CPUs).
         fast_decode: decode JPEGs at least twice the input size at a reduced scale (PIL's draft mode): much faster
             on large photos, slightly different pixels than a full decode and resize (off by default).
+        decode_threads: each worker fetches and decodes its own units with this many threads, instead of tasks
+            of their own (``None``: when the workers leave too few CPUs free for decode tasks, :mod:`.feeding`).
     """
 
     images: str
@@ -97,13 +99,14 @@ class ImageJobConfig:
     decode_tasks: int | None = None
     decode_cpus: float | None = None
     fast_decode: bool = False
+    decode_threads: int | None = None
 
     def check_flags(self) -> None:
         """Refuse out-of-range resource and selection settings, naming each flag."""
         check_job_flags(workers=self.workers, images_per_batch=self.images_per_batch, limit=self.limit,
                         progress_every_s=self.progress_every_s, gpus_per_worker=self.gpus_per_worker,
                         cpus_per_worker=self.cpus_per_worker)
-        check_feed_flags(self.decode_tasks, self.decode_cpus)
+        check_feed_flags(self.decode_tasks, self.decode_cpus, self.decode_threads)
 
 
 @dataclass
@@ -145,8 +148,9 @@ class ImageBatchWorker:
     Subclasses set :attr:`stage` (names the step in failure messages), build their model in :meth:`setup` and
     compute a batch in :meth:`process`.
 
-    A batch arrives decoded (``pixels`` uint8 at the input size, from :func:`pipeline.io.decode.decode_batch`) or as
-    bytes (then it is decoded here). Up to two batches run at once in an actor (:func:`run_image_job`): one on the
+    A batch arrives decoded (``pixels`` uint8 at the input size, from :func:`pipeline.io.decode.decode_batch`), as
+    bytes, or as listing rows (``image_id, uri``); then it is fetched and decoded here, ``decode_threads`` images at
+    once. Up to two batches run at once in an actor (:func:`run_image_job`): one on the
     model (a lock keeps the model to one batch) while the other's store unit is converted and written.
 
     Args:
@@ -157,17 +161,25 @@ class ImageBatchWorker:
         cpus_per_worker: CPU threads for torch when running on the CPU.
         gpus_per_worker: GPUs Ray gave the actor; 0 keeps it on the CPU even where a GPU is visible (Ray 2.60
             leaves every GPU visible to actors that asked for none); ``None``: a GPU whenever one is visible.
+        decode_threads: images fetched and decoded at once when a batch arrives undecoded.
+        draft: decode large JPEGs at a reduced scale (:func:`pipeline.io.decode.decode_image`).
     """
 
     stage = "model"
+    #: Which job's unit sizes apply (:func:`pipeline.runtime.batching.unit_size`); ``None``: the job's own.
+    #: Forward-only workers take ``"apply"``'s, whatever job runs them.
+    unit_job: str | None = None
     #: Images per model call; ``None`` is the whole batch. Subclasses set it in :meth:`setup` (see
     #: :mod:`pipeline.runtime.batching`) so a store unit larger than the device's memory allows is done in passes.
     images_per_pass: int | None = None
 
     def __init__(self, output: str, layout: dict[str, Any], *, input_size: int, decode: DecodeConfig = DecodeConfig(),
-                 cpus_per_worker: float | None = None, gpus_per_worker: float | None = None):
+                 cpus_per_worker: float | None = None, gpus_per_worker: float | None = None, decode_threads: int = 1,
+                 draft: bool = False):
         self.input_size = input_size
         self.decode = decode
+        self.decode_threads = max(1, decode_threads)
+        self.draft = draft
         use_gpu = torch.cuda.is_available() and (gpus_per_worker is None or gpus_per_worker > 0)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if self.device.type == "cpu" and cpus_per_worker:
@@ -207,8 +219,11 @@ class ImageBatchWorker:
 
     def _process_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        if "pixels" not in batch:  # bytes (fetch_bytes' rows): decode here
-            batch = decode_batch(batch, size=self.input_size, config=self.decode)
+        if "pixels" not in batch:  # listing rows or bytes (fetch_bytes' rows): fetch and decode here
+            if "bytes" not in batch:
+                batch = fetch_bytes(batch)
+            batch = decode_batch(batch, size=self.input_size, config=self.decode, draft=self.draft,
+                                 threads=self.decode_threads)
         ids, uris = [int(i) for i in batch["image_id"]], [str(u) for u in batch["uri"]]
         rows: dict[int, dict[str, Any]] = {i: {"image_id": i, "uri": u} for i, u in zip(ids, uris)}
         errors: dict[int, str] = {}
@@ -237,6 +252,17 @@ class ImageBatchWorker:
                 "status": np.array(["failed" if i in errors else "ok" for i in ids], dtype=object),
                 "error": np.array([errors.get(i, "") for i in ids], dtype=object),
                 "seconds": np.full(len(ids), elapsed / max(1, len(ids)))}
+
+    def to_store(self, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Results in the store's dtype on the host, for :meth:`process` to return: converted where they were
+        computed (a GPU converts in microseconds, then half the bytes cross to the host), a tensor passed twice
+        (``average`` with one copy: ``raw`` is ``clean``) converted once."""
+        dtype = getattr(torch, self.store.layout.dtype)
+        done: dict[int, torch.Tensor] = {}
+        for a in arrays:
+            if id(a) not in done:
+                done[id(a)] = _host(a, dtype)
+        return tuple(done[id(a)] for a in arrays)
 
     def _run(self, pixels: dict[int, np.ndarray], errors: dict[int, str]) -> dict[int, Any]:
         """Process the batch together; if that fails, one by one so one bad image fails alone."""
@@ -270,9 +296,9 @@ class ImageBatchWorker:
         """Decoded uint8 images ``(S, S, 3)`` -> ``(B, 3, S, S)`` float in ``[0, 1]`` on the worker's device. The
         uint8 pixels travel (a quarter of float32's bytes), to a GPU through pinned memory without blocking (the
         copy is queued on the stream that then computes on it), and become floats there."""
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in images]
         if self.device.type != "cuda":
-            return pixels_to_float(torch.stack(tensors))
+            return pixels_to_float(images)
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in images]
         staged = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.uint8, pin_memory=True)
         torch.stack(tensors, out=staged)
         return pixels_to_float(staged.to(self.device, non_blocking=True))
@@ -282,7 +308,7 @@ def _host(value: Any, dtype: torch.dtype) -> Any:
     """A result array in the store's dtype on the host: torch converts (several times faster than numpy's
     float32 -> float16, with the same round-to-nearest-even and overflow to inf, which the writer then refuses)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device="cpu", dtype=dtype)
+        return value.detach().to(dtype).to("cpu")  # converted on its device: fewer bytes to copy
     return value
 
 
@@ -294,4 +320,5 @@ class JobWorker(ImageBatchWorker):
         self.config = config
         self.settings: Mapping[str, Any] = settings or {}
         super().__init__(config.output, layout, input_size=config.input_size, decode=config.decode,
-                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker)
+                         cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker,
+                         decode_threads=config.decode_threads or 1, draft=config.fast_decode)

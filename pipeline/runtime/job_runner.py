@@ -6,6 +6,9 @@ lease, fold the ledger, summarise.
     listing rows still to do  ->  bytes (fetched by light tasks, or read from shards)  ->  decode tasks (uint8 at
         the input size)  ->  worker actors (model, one store unit per batch)  ->  status rows to the driver
 
+Where the workers leave too few CPUs free for tasks of their own (:mod:`.feeding`), the workers fetch and decode
+their units themselves: listing rows (or shard members' bytes) go straight to the actors.
+
 The settings and the workers are :mod:`.image_job`'s; :func:`pipeline.runtime.plan.run_plan` calls
 :func:`run_store_job` with a checked plan.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,7 +45,7 @@ from ..store.manifest import ROW_OK, ROW_PENDING
 
 from .image_job import ImageJobConfig, JobSummary, JobWorker
 
-__all__ = ["open_job_store", "worker_resources", "job_feed", "run_image_job", "run_store_job"]
+__all__ = ["open_job_store", "worker_resources", "worker_env", "job_feed", "run_image_job", "run_store_job"]
 
 _log = logging.getLogger(__name__)
 
@@ -100,8 +104,8 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
     ``worker`` is an :class:`ImageBatchWorker` subclass built with ``worker_kwargs``. A fault that is not one
     image's (a worker that cannot start or write, Ray losing its actors, ``lease`` taken over) raises
     :class:`JobFailedError` with one line; units committed before it stay in the store. A run with nothing to
-    do leaves the store untouched. ``feed``: decode in CPU tasks of their own (:mod:`.feeding`); ``None`` decodes
-    in the workers.
+    do leaves the store untouched. ``feed``: where to decode (:mod:`.feeding`); ``None``, or a plan that decodes
+    in the workers: no fetch or decode tasks, each worker fetches and decodes its units (its ``decode_threads``).
     """
     started = time.monotonic() if started is None else started
     todo = pending.num_rows
@@ -130,8 +134,11 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
         else:
             blocks = [pending.slice(i, per_block) for i in range(0, todo, per_block)]
             ds = ray.data.from_arrow(blocks)
-            ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=FETCH_CPUS)
-        if feed is not None:
+            if feed is not None and not feed.in_workers:
+                ds = ds.map_batches(fetch_bytes, batch_size=images_per_batch, num_cpus=FETCH_CPUS)
+        # Ray Data samples each task's memory in a thread of its own every second (psutil): CPU the images need.
+        ds.context.memory_usage_poll_interval_s = None
+        if feed is not None and not feed.in_workers:
             # Bytes in, uint8 pixels at the model's size out: the CPU work per image, off the model's process.
             ds = ds.map_batches(decode_batch, batch_size=images_per_batch, num_cpus=feed.decode_cpus,
                                 fn_kwargs={"size": feed.input_size, "config": feed.decode, "draft": feed.draft},
@@ -139,6 +146,7 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
                                                                                   todo // max(1, per_block) + 1))))
         ds = ds.map_batches(
             worker, fn_constructor_kwargs=worker_kwargs, batch_size=images_per_batch, num_gpus=gpus, num_cpus=cpus,
+            runtime_env={"env_vars": worker_env()},
             # --workers N: a fixed pool of what the user asked for (an autoscaling pool shrinks to one actor on a
             # short queue, since one actor with two batches in flight looks busy enough); MIN-MAX: Ray Data's
             # autoscaling pool, which adds actors on nodes that join. Two batches in flight per actor, and both may
@@ -189,6 +197,14 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _log.info("%s", summary.format())
     return summary
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of the worker actors: OpenMP threads that sleep when they have no work
+    (``OMP_WAIT_POLICY=PASSIVE``) unless the caller's environment says otherwise. An actor's torch threads share
+    its cores with its decode and chunk-write threads; left spinning between operations they took ~11 of ~27 ms
+    of CPU per image on 2 cores (``docs/feed.md``). A ViT forward's large operations hardly notice the wake-ups."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def _settle_ledger(folder: LedgerFolder, finished: bool) -> None:
@@ -247,12 +263,13 @@ def run_store_job(job: str, config: ImageJobConfig, layout: StoreLayout, uris: S
         readable = uris.shards() if isinstance(uris, ShardInputs) else uris  # shard inputs: the shard files
         check_reachable(outputs=[("--output", config.output)], inputs=image_job_inputs(config, readable))
         gpus, cpus = worker_resources(config.workers, config.gpus_per_worker, config.cpus_per_worker)
-        config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus)
         feed = job_feed(config, gpus, cpus)
+        config = dataclasses.replace(config, gpus_per_worker=gpus, cpus_per_worker=cpus,
+                                     decode_threads=feed.threads or None)
         return run_image_job(job=job, store=store, covered=covered, pending=pending, worker=worker,
                              worker_kwargs={"config": config, "layout": store.layout.geometry(),
                                             "settings": dict(settings or {})},
-                             images_per_batch=config.images_per_batch or unit_size(job, gpus > 0),
+                             images_per_batch=config.images_per_batch or unit_size(worker.unit_job or job, gpus > 0),
                              workers=config.workers, gpus=gpus, cpus=cpus, progress_every_s=config.progress_every_s,
                              started=started, lease=lease, feed=feed, image_column=config.image_column)
 
@@ -263,7 +280,11 @@ def job_feed(config: ImageJobConfig, gpus: float, cpus: float) -> FeedPlan:
 
     plan = plan_feed(input_size=config.input_size, cluster_cpus=ray.cluster_resources().get("CPU", 1),
                      workers=pool_bounds(config.workers)[1], gpus=gpus, cpus=cpus, decode_tasks=config.decode_tasks,
-                     decode_cpus=config.decode_cpus, decode=config.decode, draft=config.fast_decode)
-    _log.info("decoding in up to %d task(s) of %.3g CPU each%s", plan.decode_tasks, plan.decode_cpus,
-              " (JPEG draft mode)" if plan.draft else "")
+                     decode_cpus=config.decode_cpus, decode_threads=config.decode_threads, decode=config.decode,
+                     draft=config.fast_decode)
+    draft = " (JPEG draft mode)" if plan.draft else ""
+    if plan.in_workers:
+        _log.info("each worker fetches and decodes its units with %d thread(s)%s", plan.threads, draft)
+    else:
+        _log.info("decoding in up to %d task(s) of %.3g CPU each%s", plan.decode_tasks, plan.decode_cpus, draft)
     return plan

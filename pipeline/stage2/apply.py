@@ -85,11 +85,14 @@ class ApplyWorker(JobWorker):
         amp = _AMP[self.config.amp] if self.config.amp else None
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             raw, clean = self.model.features(images, return_raw=True)
-        # One copy per array to the host (a GPU works asynchronously: this also makes the time the model's own).
-        raw, clean = raw.cpu(), clean.cpu()
-        seconds = (time.perf_counter() - started) / len(ids)
+        # One copy per array to the host, in the store's dtype (a GPU works asynchronously: this also makes the
+        # time the model's own).
         if not self.config.keep_raw:
+            clean, = self.to_store(clean)
+            seconds = (time.perf_counter() - started) / len(ids)
             return [({"seconds": seconds}, {"clean": clean[j]}) for j in range(len(ids))]
+        raw, clean = self.to_store(raw, clean)
+        seconds = (time.perf_counter() - started) / len(ids)
         return [({"seconds": seconds}, {"raw": raw[j], "clean": clean[j]}) for j in range(len(ids))]
 
 

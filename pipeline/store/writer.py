@@ -69,7 +69,7 @@ class UnitWriter:
     def commit(self) -> str | None:
         if not self.records:
             return None
-        arrays = {n: np.stack(v) for n, v in self.zarr_arrays.items() if v}
+        arrays = {n: _rows(v) for n, v in self.zarr_arrays.items() if v}
         self.unit_id = self.store.write_unit(self.records, arrays)
         return self.unit_id
 
@@ -165,6 +165,20 @@ def _nonfinite_rows(a: np.ndarray) -> np.ndarray:
     buf = np.empty(bits.shape[1], dtype=uint)
     magnitude = uint(np.iinfo(uint).max >> 1)  # all bits but the sign
     return np.array([np.bitwise_and(row, magnitude, out=buf).max() >= top for row in bits], dtype=bool)
+
+
+def _rows(values: list[np.ndarray]) -> np.ndarray:
+    """``np.stack(values)``, without the copy when the values are consecutive rows of one array already (a worker's
+    batch result split per image, the usual case): a unit's arrays are megabytes per image."""
+    first = values[0]
+    step = first.nbytes
+    start = first.__array_interface__["data"][0]
+    same = all(v.dtype == first.dtype and v.shape == first.shape and v.flags.c_contiguous for v in values)
+    if not same or any(v.__array_interface__["data"][0] != start + j * step for j, v in enumerate(values)):
+        return np.stack(values)
+    # The values keep their memory alive while the writer holds them; the view lives no longer than the commit.
+    return np.lib.stride_tricks.as_strided(first, shape=(len(values), *first.shape),
+                                           strides=(step, *first.strides), writeable=False)
 
 
 def _to_numpy(x: Any, dtype: str) -> np.ndarray:

@@ -73,3 +73,4 @@ def test_pixels_to_float_matches_numpy_division(size):
     u8 = np.random.default_rng(size).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     want = torch.from_numpy(u8.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
     assert torch.equal(pixels_to_float(torch.from_numpy(u8)), want)
+    assert torch.equal(pixels_to_float(list(u8)), want)  # images one by one, as a worker holds them

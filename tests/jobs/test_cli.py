@@ -70,3 +70,16 @@ def test_every_config_job_builds_its_config_from_its_own_flags():
         parser = build_parser()
         args = parser.parse_args([next(k for k, v in JOBS.items() if v == module.__name__), *required])
         assert isinstance(build(config_class, args), config_class)
+
+
+def test_decode_placement_flags_reach_the_config_and_the_denoiser_method():
+    from jobs.flags import image_job_config
+    from pipeline.denoise.job import DenoiseConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["denoise", "--images", "i", "--output", "o", "--decode-threads", "3", "--fast-decode"])
+    config = image_job_config(DenoiseConfig, args)
+    assert (config.decode_threads, config.decode_tasks, config.fast_decode) == (3, None, True)
+    applied = image_job_config(DenoiseConfig, parser.parse_args(
+        ["denoise", "--images", "i", "--output", "o", "--decode-tasks", "2", "--decode-cpus", "0.5"])).apply_config()
+    assert (applied.decode_tasks, applied.decode_cpus, applied.decode_threads) == (2, 0.5, None)

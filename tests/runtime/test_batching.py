@@ -74,3 +74,12 @@ def test_a_unit_is_processed_in_passes_and_stored_whole(tmp_path, sample_images,
     store = FeatureStore.open(store.url)
     assert sorted(store.ids("ok")) == ids
     np.testing.assert_array_equal(store.read("clean", ids)[:, 0, 0, 0], ids)  # each image kept its own result
+
+
+def test_forward_only_workers_take_applys_unit_sizes():
+    from pipeline.denoise.job import Stage1Worker
+    from pipeline.denoise.method_worker import MethodWorker
+
+    assert Stage1Worker.unit_job is None  # a stage-1 fit: the denoise job's own (4 on CPUs)
+    assert unit_size(MethodWorker.unit_job, cluster_has_gpus=False) == 16
+    assert unit_size(MethodWorker.unit_job, cluster_has_gpus=True) == 64

@@ -20,13 +20,29 @@ def test_decode_tasks_fill_the_cpus_the_gpu_workers_leave():
     assert (plan.decode_tasks, plan.decode_cpus) == (14, 1.0)
     plan = plan_feed(input_size=518, cluster_cpus=64, workers=8, gpus=1, cpus=2)
     assert (plan.decode_tasks, plan.decode_cpus) == (47, 1.0)
-    plan = plan_feed(input_size=518, cluster_cpus=2, workers=1, gpus=0, cpus=1.8)  # this 2-core machine
-    assert plan.decode_tasks == 2 and 0 < plan.decode_cpus * 2 <= 2 - 1.8
+    assert not plan.in_workers
+    plan = plan_feed(input_size=518, cluster_cpus=2, workers=1, gpus=0, cpus=1.8, decode_tasks=2)
+    assert plan.decode_tasks == 2 and 0 < plan.decode_cpus * 2 <= 2 - 1.8 and not plan.in_workers
     plan = plan_feed(input_size=224, cluster_cpus=16, workers=1, gpus=1, cpus=1, decode_tasks=3, decode_cpus=2)
     assert (plan.decode_tasks, plan.decode_cpus) == (3, 2.0)
+    plan = plan_feed(input_size=518, cluster_cpus=16, workers=1, gpus=0, cpus=4)  # a CPU node with cores to spare
+    assert (plan.decode_tasks, plan.threads) == (2, 0) and plan.decode_cpus == 1.0
 
 
-@pytest.mark.parametrize("bad, flag", [(dict(decode_tasks=0), "--decode-tasks"), (dict(decode_cpus=0), "--decode-cpus")])
+def test_workers_decode_in_threads_when_too_few_cpus_are_free():
+    plan = plan_feed(input_size=518, cluster_cpus=2, workers=1, gpus=0, cpus=1.8)  # this 2-core machine
+    assert plan.in_workers and (plan.threads, plan.decode_tasks, plan.decode_cpus) == (2, 0, 0.0)
+    plan = plan_feed(input_size=518, cluster_cpus=4, workers=2, gpus=0, cpus=1.8)
+    assert plan.in_workers and plan.threads == 2
+    plan = plan_feed(input_size=518, cluster_cpus=2, workers=1, gpus=1, cpus=1)  # a GPU on a 2-core node
+    assert plan.in_workers and plan.threads == 1
+    plan = plan_feed(input_size=518, cluster_cpus=16, workers=1, gpus=1, cpus=1, decode_threads=3)  # asked for
+    assert plan.in_workers and plan.threads == 3 and plan.decode_tasks == 0
+
+
+@pytest.mark.parametrize("bad, flag", [(dict(decode_tasks=0), "--decode-tasks"), (dict(decode_cpus=0), "--decode-cpus"),
+                                       (dict(decode_threads=0), "--decode-threads"),
+                                       (dict(decode_threads=2, decode_tasks=2), "--decode-threads .* --decode-tasks")])
 def test_bad_decode_flags_are_refused_naming_the_flag(bad, flag):
     with pytest.raises(JobConfigError, match=flag):
         plan_feed(input_size=56, cluster_cpus=2, workers=1, gpus=0, cpus=1, **bad)
@@ -55,25 +71,31 @@ def test_decoded_pixels_and_bytes_give_the_same_store(tmp_path, sample_images):
     uris.append(str(tmp_path / "junk.jpg"))
     rows = {"image_id": np.arange(len(uris)), "uri": np.array(uris)}
     stores = []
-    for name, feed in (("bytes", lambda b: b), ("pixels", lambda b: decode_batch(b, size=32))):
+    feeds = (("bytes", fetch_bytes), ("pixels", lambda r: decode_batch(fetch_bytes(r), size=32, threads=3)),
+             ("rows", lambda r: r))  # listing rows only: the worker fetches and decodes them, in threads
+    for name, feed in feeds:
         store = _store(str(tmp_path / f"{name}.zarr"), uris)
         worker = ImageBatchWorker.__new__(PatchMeans)
-        ImageBatchWorker.__init__(worker, store.url, store.layout.geometry(), input_size=32)
-        out = worker(feed(fetch_bytes(rows)))
+        ImageBatchWorker.__init__(worker, store.url, store.layout.geometry(), input_size=32, decode_threads=2)
+        out = worker(feed(rows))
         status = dict(zip(out["image_id"].tolist(), out["status"]))
         assert status[len(uris) - 1] == status[len(uris) - 2] == "failed"
         assert [status[i] for i in range(len(sample_images))] == ["ok"] * len(sample_images)
         stores.append(store.refresh())
-    a, b = stores
-    assert a.ids().tolist() == b.ids().tolist() == [i for i in range(len(sample_images)) if i != 1]
+    a = stores[0]
+    assert a.ids().tolist() == [i for i in range(len(sample_images)) if i != 1]
     assert "non-finite values in 'clean'" in a.manifest().to_pylist()[1]["error"]
-    for name in ("raw", "clean"):
-        np.testing.assert_array_equal(a.get(a.ids(), (name,), check=False)[name], b.get(b.ids(), (name,), check=False)[name])
-    ma, mb = a.manifest().to_pylist(), b.manifest().to_pylist()
-    for ra, rb in zip(ma, mb):
-        assert (ra["image_id"], ra["status"], ra["error"], ra["width"], ra["height"]) == \
-               (rb["image_id"], rb["status"], rb["error"], rb["width"], rb["height"])
-    for path in ("bytes", "pixels"):
+    for b in stores[1:]:
+        assert b.ids().tolist() == a.ids().tolist()
+        for name in ("raw", "clean"):
+            np.testing.assert_array_equal(a.get(a.ids(), (name,), check=False)[name],
+                                          b.get(b.ids(), (name,), check=False)[name])
+        ma, mb = a.manifest().to_pylist(), b.manifest().to_pylist()
+        assert len(ma) == len(mb) == len(uris)
+        for ra, rb in zip(ma, mb):
+            assert (ra["image_id"], ra["status"], ra["error"], ra["width"], ra["height"]) == \
+                   (rb["image_id"], rb["status"], rb["error"], rb["width"], rb["height"])
+    for path in ("bytes", "pixels", "rows"):
         assert not glob.glob(str(tmp_path / path) + ".zarr/**/*.partial", recursive=True)
 
 
@@ -83,6 +105,16 @@ def test_the_host_copy_rounds_as_numpy_and_overflows_to_inf():
     theirs = x.numpy().astype(np.float16)
     assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16))
     assert np.isinf(ours[10_000]) and np.isinf(ours[10_001])
+
+
+def test_results_reach_the_host_in_the_stores_dtype_once_per_tensor(tmp_path):
+    store = _store(str(tmp_path / "dtype.zarr"), ["a.png"])
+    worker = ImageBatchWorker.__new__(PatchMeans)
+    ImageBatchWorker.__init__(worker, store.url, store.layout.geometry(), input_size=32)
+    raw, other = torch.randn(2, 4, 4, 6), torch.randn(2, 4, 4, 6)
+    a, b, c = worker.to_store(raw, raw, other)
+    assert a is b and a is not c and a.dtype == c.dtype == torch.float16 and a.device.type == "cpu"
+    assert torch.equal(a, _host(raw, torch.float16)) and torch.equal(c, _host(other, torch.float16))
 
 
 class DecodedOnly(PatchMeans):
@@ -101,7 +133,8 @@ def test_the_job_decodes_in_its_own_stage_and_commits_every_unit(ray_local, tmp_
     uris = [str(p) for p in sample_images] + [str(tmp_path / "missing.png")]
     store = _store(str(tmp_path / "job.zarr"), uris)
     store, covered, pending = open_job_store(store.url, store.layout, uris)
-    feed = plan_feed(input_size=32, cluster_cpus=2, workers=1, gpus=0, cpus=0.5)
+    feed = plan_feed(input_size=32, cluster_cpus=2, workers=1, gpus=0, cpus=0.5, decode_tasks=2)
+    assert not feed.in_workers
     summary = run_image_job(job="feed", store=store, covered=covered, pending=pending, worker=DecodedOnly,
                             worker_kwargs={"output": store.url, "layout": store.layout.geometry(), "input_size": 32},
                             images_per_batch=2, workers=1, gpus=0, cpus=0.5, progress_every_s=600, feed=feed)
@@ -111,6 +144,38 @@ def test_the_job_decodes_in_its_own_stage_and_commits_every_unit(ray_local, tmp_
     worker = ImageBatchWorker.__new__(PatchMeans)
     ImageBatchWorker.__init__(worker, reference.url, reference.layout.geometry(), input_size=32)
     worker(fetch_bytes({"image_id": np.arange(len(uris)), "uri": np.array(uris)}))
+    got, want = store.refresh(), reference.refresh()
+    assert got.ids().tolist() == want.ids().tolist()
+    for name in ("raw", "clean"):
+        np.testing.assert_array_equal(got.get(got.ids(), (name,))[name], want.get(want.ids(), (name,))[name])
+
+
+class ListingRowsOnly(PatchMeans):
+    """Refuses bytes and pixels: the job must hand it listing rows, which it fetches and decodes itself."""
+
+    def _process_batch(self, batch):
+        assert "bytes" not in batch and "pixels" not in batch and "uri" in batch, sorted(batch)
+        return super()._process_batch(batch)
+
+
+@pytest.mark.slow
+def test_workers_fetch_and_decode_their_units_where_cpus_are_scarce(ray_local, tmp_path, sample_images):
+    from pipeline.runtime.job_runner import open_job_store, run_image_job
+
+    uris = [str(p) for p in sample_images] + [str(tmp_path / "missing.png")]
+    store = _store(str(tmp_path / "job.zarr"), uris)
+    store, covered, pending = open_job_store(store.url, store.layout, uris)
+    feed = plan_feed(input_size=32, cluster_cpus=2, workers=1, gpus=0, cpus=0.5)
+    assert feed.in_workers
+    summary = run_image_job(job="feed", store=store, covered=covered, pending=pending, worker=ListingRowsOnly,
+                            worker_kwargs={"output": store.url, "layout": store.layout.geometry(), "input_size": 32,
+                                           "decode_threads": feed.threads},
+                            images_per_batch=2, workers=1, gpus=0, cpus=0.5, progress_every_s=600, feed=feed)
+    assert (summary.todo, summary.store_ok, summary.store_failed) == (len(uris), len(uris) - 2, 2)
+    reference = _store(str(tmp_path / "ref.zarr"), uris)
+    worker = ImageBatchWorker.__new__(PatchMeans)
+    ImageBatchWorker.__init__(worker, reference.url, reference.layout.geometry(), input_size=32)
+    worker(decode_batch(fetch_bytes({"image_id": np.arange(len(uris)), "uri": np.array(uris)}), size=32))
     got, want = store.refresh(), reference.refresh()
     assert got.ids().tolist() == want.ids().tolist()
     for name in ("raw", "clean"):

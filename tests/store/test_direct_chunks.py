@@ -113,3 +113,16 @@ def test_a_failed_chunk_write_fails_the_unit(tmp_path, monkeypatch):
     monkeypatch.setattr(DirectChunkWriter, "_put", put)
     store.write_unit(*unit([4, 5]))  # the retry commits it
     np.testing.assert_array_equal(FeatureStore.open(store.url).get([5])["raw"], unit([4, 5])[1]["raw"][1:].astype("float16"))
+
+
+def test_a_units_rows_of_one_batch_travel_without_a_copy():
+    from pipeline.store.writer import _rows
+
+    batch = np.arange(5 * 3 * 4, dtype=np.float16).reshape(5, 3, 4)
+    rows = [batch[j] for j in range(5)]
+    joined = _rows(rows)
+    assert np.shares_memory(joined, batch) and np.array_equal(joined, np.stack(rows))
+    for values in ([batch[j] for j in (0, 2, 3)], [batch[1], batch[0]], [batch[0], batch[0]],
+                   [batch[j].copy() for j in range(5)], [batch[j, :, ::2] for j in range(5)]):
+        got = _rows(values)  # gaps, another order, repeats, separate arrays, strided rows: stacked as before
+        assert not np.shares_memory(got, batch) and np.array_equal(got, np.stack(values))
