@@ -234,28 +234,28 @@ def test_a_node_that_joins_takes_work_from_an_autoscaling_pool(fleet, s3_bucket)
           f"{later} of {n} images in all")
 
 
-def test_a_lost_head_ends_the_job_in_one_line_and_a_resubmit_resumes(s3_endpoint, s3_bucket):
-    """The head (GCS, the driver's node) of a cluster of its own is killed while a denoise job runs: the driver
-    ends with status 4 and one line of ours, well before Ray's own silent exit; the committed units stay, and the
-    same command on a new cluster does only the rest."""
+#: Ray's own wait for a lost GCS in the head-loss tests' drivers: the job must speak before it (its watch, at 24 s).
+RAY_TIMEOUT = 30
+
+
+def lose_the_head(s3_endpoint: str, args: list[str], ready) -> tuple[str, float]:
+    """Run ``args`` (a job's driver) on a cluster of its own with one worker node; once ``ready(log)`` holds (``log``:
+    the driver's :class:`StreamLines` so far; ``ready`` must not wait for the stream to end), kill
+    the head (GCS, the driver's node). The job must end with status 4 and one line of ours, before Ray's own exit.
+    Returns its log and the seconds it took to end after the head died."""
     from pipeline.testing.cluster import LocalCluster
 
-    n = 6
-    images = upload_images(s3_bucket, n, seed=3)
-    url = f"{s3_bucket}/headless.zarr"
-    # the backbone takes 2 s per pass, so the head dies while images remain
-    args = [sys.executable, "-m", "jobs.denoise", *TINY, "--model", "tests.faulty_backbone:slow", "--input-size",
-            "32", "--images", images, "--output", url, "--workers", "1", "--cpus-per-worker", "1"]
-    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL_S3": s3_endpoint}
-    ray_timeout = 30  # Ray's own wait for a lost GCS, in the driver: the job must speak before it (at 24 s)
-    with LocalCluster(env=env) as cluster:
+    with LocalCluster(env=cluster_env(s3_endpoint)) as cluster:
         cluster.add_node(cpus=2)
         proc = subprocess.Popen(args, cwd=ROOT, env=cluster.driver_env(
-            RAY_gcs_rpc_server_reconnect_timeout_s=str(ray_timeout)), stdout=subprocess.DEVNULL,
+            RAY_gcs_rpc_server_reconnect_timeout_s=str(RAY_TIMEOUT)), stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             err = StreamLines(proc.stderr)
-            err.wait_for(r"denoise: [1-9]\d*/\d+ images", timeout=480)
+            deadline = time.monotonic() + 480
+            while not ready(err) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert ready(err) and proc.poll() is None, err.text()[-4000:]
             cluster.remove_head()
             lost = time.monotonic()
             proc.wait(timeout=120)
@@ -268,18 +268,45 @@ def test_a_lost_head_ends_the_job_in_one_line_and_a_resubmit_resumes(s3_endpoint
     errors = [line for line in stderr.splitlines() if " ERROR " in line and "dvt" in line]
     assert proc.returncode == 4, stderr[-4000:]
     assert len(errors) == 1 and "lost the Ray cluster's head node" in errors[0], stderr[-4000:]
-    assert ended_s < ray_timeout, f"the driver took {ended_s:.0f} s, Ray's own timeout is {ray_timeout} s"
+    assert ended_s < RAY_TIMEOUT, f"the driver took {ended_s:.0f} s (Ray's own timeout {RAY_TIMEOUT} s): {stderr[-3000:]}"
+    return stderr, ended_s
+
+
+def resubmit(s3_endpoint: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``args`` again, on a new cluster of one worker node."""
+    from pipeline.testing.cluster import LocalCluster
+
+    with LocalCluster(env=cluster_env(s3_endpoint)) as cluster:
+        cluster.add_node(cpus=2)
+        return subprocess.run(args, cwd=ROOT, env=cluster.driver_env(), capture_output=True, text=True, timeout=900)
+
+
+def cluster_env(s3_endpoint: str) -> dict[str, str]:
+    return {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL_S3": s3_endpoint}
+
+
+def test_a_lost_head_ends_the_job_in_one_line_and_a_resubmit_resumes(s3_endpoint, s3_bucket):
+    """The head (GCS, the driver's node) of a cluster of its own is killed while a denoise job runs: the driver
+    ends with status 4 and one line of ours, well before Ray's own silent exit; the committed units stay, and the
+    same command on a new cluster does only the rest."""
+    n = 12
+    images = upload_images(s3_bucket, n, seed=3)
+    url = f"{s3_bucket}/headless.zarr"
+    # the backbone takes 2 s per pass: the images left when the head dies take longer than the watch's grace (a job
+    # whose workers finish without the GCS ends normally)
+    args = [sys.executable, "-m", "jobs.denoise", *TINY, "--model", "tests.faulty_backbone:slow", "--input-size",
+            "32", "--images", images, "--output", url, "--workers", "1", "--cpus-per-worker", "1"]
+    committing = re.compile(r"denoise: [1-9]\d*/\d+ images")
+    _, ended_s = lose_the_head(s3_endpoint, args, lambda log: any(map(committing.search, list(log.lines))))
     kept = read_manifest(*filesystem(url))
     committed = sum(s == "ok" for s in kept["status"].to_pylist())
     assert 1 <= committed < n, f"{committed} of {n} committed when the head died"
 
-    with LocalCluster(env=env) as cluster:
-        cluster.add_node(cpus=2)
-        again = subprocess.run(args, cwd=ROOT, env=cluster.driver_env(), capture_output=True, text=True, timeout=600)
+    again = resubmit(s3_endpoint, args)
     assert again.returncode == 0, again.stderr[-4000:]
     assert re.search(rf"denoise finished: {n - committed} ok, 0 failed", again.stderr), again.stderr[-3000:]
     assert sorted(read_manifest(*filesystem(url))["image_id"].to_pylist()) == list(range(n))
-    print(f"\nlost head: exit 4 after {ended_s:.0f} s (Ray's timeout {ray_timeout} s), {committed} of {n} kept; "
+    print(f"\nlost head: exit 4 after {ended_s:.0f} s (Ray's timeout {RAY_TIMEOUT} s), {committed} of {n} kept; "
           f"resubmitted on a new cluster: {n - committed} done, exit 0")
 
 
@@ -290,7 +317,6 @@ def test_a_lost_head_ends_training_in_one_line_and_a_resubmit_resumes(s3_endpoin
     import json
 
     from pipeline.runtime.ray_train import RUN_NAME
-    from pipeline.testing.cluster import LocalCluster
     from pipeline.testing.synthetic_pairs import write_synthetic_store
 
     store = write_synthetic_store(f"{s3_bucket}/pairs.zarr", 24, channels=16, grid=(4, 4))
@@ -298,49 +324,22 @@ def test_a_lost_head_ends_training_in_one_line_and_a_resubmit_resumes(s3_endpoin
     args = [sys.executable, "-m", "jobs.train_denoiser", "--stores", store.url, "--output", output, "--max-steps",
             "40", "--eval-every", "4", "--patience", "0", "--batch-size", "4", "--workers", "1", "--no-gpu",
             "--cpus-per-worker", "1"]
-    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL_S3": s3_endpoint}
     fs, snapshot = filesystem(f"{output}/{RUN_NAME}/checkpoint_manager_snapshot.json")
 
-    def registered() -> bool:
+    def registered(log) -> bool:
         fs.invalidate_cache()
         try:
             return bool(json.loads(fs.cat_file(snapshot)).get("latest_checkpoint_result"))
         except (FileNotFoundError, ValueError):
             return False
 
-    ray_timeout = 30
-    with LocalCluster(env=env) as cluster:
-        cluster.add_node(cpus=2)
-        proc = subprocess.Popen(args, cwd=ROOT, env=cluster.driver_env(
-            RAY_gcs_rpc_server_reconnect_timeout_s=str(ray_timeout)), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            err = StreamLines(proc.stderr)
-            deadline = time.monotonic() + 480
-            while not registered() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert registered() and proc.poll() is None, err.text()[-4000:]
-            cluster.remove_head()
-            lost = time.monotonic()
-            proc.wait(timeout=120)
-            ended_s = time.monotonic() - lost
-            stderr = err.text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    errors = [line for line in stderr.splitlines() if " ERROR " in line and "dvt" in line]
-    assert proc.returncode == 4, stderr[-4000:]
-    assert len(errors) == 1 and "lost the Ray cluster's head node" in errors[0], stderr[-4000:]
-    assert ended_s < ray_timeout, f"the driver took {ended_s:.0f} s (Ray's own timeout {ray_timeout} s): {stderr[-3000:]}"
+    stderr, ended_s = lose_the_head(s3_endpoint, args, registered)
     done_before = max((int(m) for m in re.findall(r"rank 0 step (\d+)/40", stderr)), default=0)
 
-    with LocalCluster(env=env) as cluster:
-        cluster.add_node(cpus=2)
-        again = subprocess.run(args, cwd=ROOT, env=cluster.driver_env(), capture_output=True, text=True, timeout=900)
+    again = resubmit(s3_endpoint, args)
     assert again.returncode == 0, again.stderr[-4000:]
     resumed = re.search(r"rank 0 resumes at step (\d+) of 40", again.stderr)
     assert resumed and 4 <= int(resumed.group(1)) <= done_before, again.stderr[-4000:]
     assert re.search(r"rank 0 step 40/40", again.stderr), again.stderr[-3000:]
-    print(f"\nlost head in training: exit 4 after {ended_s:.0f} s (Ray's timeout {ray_timeout} s), steps logged "
+    print(f"\nlost head in training: exit 4 after {ended_s:.0f} s (Ray's timeout {RAY_TIMEOUT} s), steps logged "
           f"{done_before}; resubmitted: resumed at step {resumed.group(1)}, finished 40 steps, exit 0")
