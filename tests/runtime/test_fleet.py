@@ -129,16 +129,24 @@ def compare_with_single_node(url: str, single: str, n: int, keys: tuple[str, ...
     return every.num_rows - latest.num_rows, worst, len(set(every["worker"].to_pylist()))
 
 
-def test_denoise_survives_a_lost_node_and_uses_one_that_joins(fleet, s3_bucket):
+def test_denoise_survives_a_lost_node_and_uses_one_that_joins(fleet, s3_bucket, tmp_path):
     """Single-node run first (one worker node); then two worker nodes, one killed (raylet and every process, as a
     preemption) after a few images are committed, and a fresh node joining 5 s later. The job ends with status 0,
-    every image ``ok`` exactly once after deduplication, every row equal to the single-node run's."""
+    every image ``ok`` exactly once after deduplication, every row equal to the single-node run's.
+
+    The backbone takes 0.5 s a pass (weights from a file, the same in every process), so images finish at most a
+    few a second on any machine and the progress log shows the job midway before it ends."""
+    from tests.custom_backbone import write_custom_denoiser
+
     n = 10
+    model = "tests.faulty_backbone:paced"
+    weights, _ = write_custom_denoiser(str(tmp_path), model)
+    paced = ["--model", model, "--weights", weights, "--input-size", "32"]
     images = upload_images(s3_bucket, n)
     nodes = [fleet.add_node(cpus=2)]
     try:
         started = time.monotonic()
-        base = denoise(fleet, "--images", images, "--output", f"{s3_bucket}/single.zarr", "--workers", "1",
+        base = denoise(fleet, *paced, "--images", images, "--output", f"{s3_bucket}/single.zarr", "--workers", "1",
                        "--cpus-per-worker", "1.5")
         single_s = time.monotonic() - started
         assert base.returncode == 0, base.stderr[-3000:]
@@ -146,7 +154,8 @@ def test_denoise_survives_a_lost_node_and_uses_one_that_joins(fleet, s3_bucket):
         nodes.append(fleet.add_node(cpus=2))
         url = f"{s3_bucket}/fleet.zarr"
         # 1.5 CPUs per actor on nodes of 2: one actor per node, with room on each for the fetch tasks.
-        job = ["jobs.denoise", *TINY, "--images", images, "--output", url, "--workers", "2", "--cpus-per-worker", "1.5"]
+        job = ["jobs.denoise", *TINY, *paced, "--images", images, "--output", url, "--workers", "2",
+               "--cpus-per-worker", "1.5"]
         status, stderr, lost_at, fleet_s = lose_a_node_midway(fleet, job, r"denoise: [3-9]/\d+ images", nodes)
         assert status == 0, stderr[-4000:]
         assert re.search(rf"denoise finished: {n} ok, 0 failed", stderr), stderr[-3000:]
