@@ -98,11 +98,8 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
                        help="one GPU per worker, or --no-gpu to train on CPUs (gloo); default: when the cluster has GPUs")
     group.add_argument("--cpu", dest="use_gpu", action="store_false", help=argparse.SUPPRESS)  # older spelling of --no-gpu
     group.add_argument("--cpus-per-worker", type=float, default=None, help="default: 1 with a GPU, else a share")
-    group.add_argument("--read-cpus", type=float, default=0.0,
-                       help="CPUs Ray accounts per data-reading task (default 0: reads are mostly I/O and never wait "
-                            "for a CPU budget beside the trainers; a positive share needs whole CPUs free on each node)")
-    group.add_argument("--read-tasks", type=int, default=None,
-                       help="data-reading tasks at a time per read step (default: 2 per worker)")
+    group.add_argument("--read-threads", type=int, default=None,
+                       help="reads at a time in each training worker (default: 2 per CPU of the worker, 4 to 16)")
     group.add_argument("--max-failures", type=int, default=3, help="worker failures recovered from checkpoints")
     add_dashboard_argument(group)
 

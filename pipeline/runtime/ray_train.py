@@ -30,7 +30,7 @@ from .head_watch import gcs_accepts
 from ..io.storage import filesystem, is_local, local_path
 
 __all__ = ["RunConfig", "fixed_workers", "RUN_NAME", "STATE_FILE", "denoising_loss", "lr_lambda", "scaled_lr", "per_worker_batch",
-           "Plateau", "uri_fraction", "ray_storage", "read_step_options",
+           "Plateau", "uri_fraction", "ray_storage", "read_threads",
            "steady_wait_fraction", "all_reduce", "previous_record", "refuse_changes", "write_record",
            "trainer_resources", "fit", "read_state", "restored_state", "report", "start_worker"]
 
@@ -54,10 +54,8 @@ class RunConfig:
         workers: training workers (DDP ranks).
         use_gpu: one GPU per worker; ``None`` means yes when the cluster has GPUs.
         cpus_per_worker: CPUs per worker; ``None`` means 1 with a GPU, else a share that leaves room to read.
-        read_cpus: CPUs Ray accounts per data-reading task. 0 (default): the reads (storage I/O, decompression,
-            decoding) hold no CPU slot, so Ray Data never waits for a CPU budget beside the trainers
-            (:func:`read_step_options` says why); a positive share needs whole CPUs left free on every node.
-        read_tasks: data-reading tasks at a time (per read step); ``None`` means 2 per training worker.
+        read_threads: reads at a time in each worker (:mod:`.train_stream`); ``None`` means 2 per torch thread of
+            the worker, at least 4 and at most 16.
         max_failures: worker failures Ray Train recovers from (from the latest checkpoint).
         overwrite: delete ``output`` first instead of resuming from it.
         seed: initialisation and data-order seed.
@@ -72,8 +70,7 @@ class RunConfig:
     workers: int = 1
     use_gpu: bool | None = None
     cpus_per_worker: float | None = None
-    read_cpus: float = 0.0
-    read_tasks: int | None = None
+    read_threads: int | None = None
     max_failures: int = 3
     overwrite: bool = False
     seed: int = 0
@@ -308,36 +305,21 @@ def trainer_resources(config: RunConfig) -> tuple[bool, float, int]:
     return gpu, cpus, max(1, round(cpus))
 
 
-def read_step_options(config: RunConfig) -> dict[str, Any]:
-    """``map_batches`` options of a training stream's read steps: ``num_cpus``, a bounded task pool and, for reads
-    that take no CPU, a label selector that keeps them off nodes with neither CPUs nor GPUs (a cluster's head).
-
-    Why reads take no CPU slot by default: under Ray Train, Ray 2.60 gives a dataset the CPUs its autoscaling
-    coordinator reserved for it, which is what the training workers left on each node *rounded down to whole CPUs*
-    (``DefaultAutoscalingCoordinator._refresh_resource_reservations``: ``share = amount // requesters``). A worker of
-    0.75 CPU on each 1-CPU node, or two on one 2-CPU machine, leave 0.25 and 0.5: a budget of 0, so Ray Data runs
-    one read task at a time and the trainers waited for data 94-98% of the time (docs/cluster.md). Reads are mostly
-    storage I/O; they run beside the trainers, ``read_tasks`` at a time. A 0-CPU task may land on any node,
-    including a head with 0 CPUs that should run no work: the selector excludes such nodes (nodes that join later
-    are not excluded).
-    """
-    import ray
-    import ray.data
-
-    tasks = config.read_tasks or 2 * max(1, config.workers)
-    options: dict[str, Any] = {"num_cpus": config.read_cpus, "compute": ray.data.TaskPoolStrategy(size=max(1, tasks))}
-    if config.read_cpus == 0:
-        idle = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and not n["Resources"].get("CPU")
-                      and not n["Resources"].get("GPU"))
-        if idle:
-            options["label_selector"] = {"ray.io/node-id": f"!in({','.join(idle)})"}
-    return options
+def read_threads(config: RunConfig, torch_threads: int) -> int:
+    """Reads at a time in each training worker: ``config.read_threads``, else 2 per torch thread in [4, 16]. Reads
+    are mostly storage I/O (and image decoding, which releases the GIL), so more threads than cores pay."""
+    if config.read_threads is not None:
+        if config.read_threads < 1:
+            raise ValueError(f"--read-threads must be >= 1 (got {config.read_threads})")
+        return config.read_threads
+    return max(4, min(16, 2 * torch_threads))
 
 
 def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], config: RunConfig, output: str,
-        dataset: Any, gpu: bool, cpus: float, what: str) -> Any:
+        gpu: bool, cpus: float, what: str) -> Any:
     """Run ``loop`` on ``config.workers`` Ray Train workers with checkpoints under ``<output>/run/``; returns the
-    result, whose checkpoint is the latest. The fault points planned in this process go to the workers."""
+    result, whose checkpoint is the latest. The fault points planned in this process go to the workers. The
+    workers read their own data (:mod:`.train_stream`): no dataset is handed to Ray Train."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -351,7 +333,6 @@ def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], con
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset},
     )
     try:
         result = trainer.fit()

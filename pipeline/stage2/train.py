@@ -41,10 +41,11 @@ from .denoiser import Denoiser, DenoiserConfig, DenoiserMismatchError, DenoiserS
 from ..runtime.ray_session import init_ray
 from ..runtime.reachability import check_reachable
 from ..store import FeatureStore, StoreError, StoreLayout
-from .pairs import pair_stream, passes_needed
+from ..store.feature_store import task_options
 from .train_worker import train_loop_per_worker
 from ..runtime.ray_train import (RUN_NAME, RunConfig, denoising_loss, fit, lr_lambda, per_worker_batch, previous_record,
-                       read_state, read_step_options, refuse_changes, trainer_resources, uri_fraction, write_record)
+                                 read_state, read_threads, refuse_changes, trainer_resources, uri_fraction,
+                                 write_record)
 
 __all__ = ["TrainConfig", "TrainSummary", "denoising_loss", "lr_lambda", "step_budget", "split_ids", "open_stores",
            "train_loop_per_worker", "run_training", "export_checkpoint", "DENOISER_FILE", "RUN_NAME"]
@@ -230,6 +231,8 @@ def export_checkpoint(checkpoint_dir: str, path: str, training: dict[str, Any] |
 
 def run_training(config: TrainConfig) -> TrainSummary:
     """Train a denoiser on ``config.stores`` with Ray Train and export it to ``<output>/denoiser.safetensors``."""
+    import ray
+
     began = time.monotonic()
     layout, stores = open_stores(config)
     splits = [split_ids(s, config.val_fraction) for s in stores]
@@ -264,19 +267,18 @@ def run_training(config: TrainConfig) -> TrainSummary:
     check_reachable(outputs=[("--output", config.output)],
                     inputs=[("--stores", [f"{s.url.rstrip('/')}/zarr.json" for s in stores])])
     write_record(config.output, CONFIG_FILE, {"config": config.to_json(), "spec": spec.to_dict()})
-    passes = passes_needed(num_train, total, config.batch_size)
-    train = pair_stream([(s.url, tr) for s, (tr, _) in zip(stores, splits) if len(tr)], passes=passes,
-                        seed=config.seed, rows_per_block=4 * batch, read_options=read_step_options(config))
+    train = [(s.url, tr) for s, (tr, _) in zip(stores, splits) if len(tr)]
     val = [(s.url, v.tolist()) for s, (_, v) in zip(stores, splits) if len(v)]
     gpu, cpus, threads = trainer_resources(config)
     _log.info("train: %d images (%d held out) from %d store(s), global batch %d on %d worker(s) (%s, %.2g CPU each), "
-              "budget %d steps (%.1f epochs, %d passes streamed), held-out check every %d steps, peak lr %.3g, "
-              "output %s", num_train, num_val, len(stores), config.batch_size, config.workers, "GPU" if gpu else "CPU",
-              cpus, total, total / steps_per_epoch, passes, every, config.peak_lr(), config.output)
+              "budget %d steps (%.1f epochs), held-out check every %d steps, peak lr %.3g, output %s", num_train, num_val,
+              len(stores), config.batch_size, config.workers, "GPU" if gpu else "CPU", cpus, total,
+              total / steps_per_epoch, every, config.peak_lr(), config.output)
     result = fit(train_loop_per_worker,
                  {"config": config, "spec": spec.to_dict(), "total_steps": total, "eval_every": every, "batch": batch,
-                  "steps_per_epoch": steps_per_epoch, "threads": threads, "val": val},
-                 config, config.output, train, gpu, cpus, "training")
+                  "steps_per_epoch": steps_per_epoch, "threads": threads, "val": val, "train": ray.put(train),
+                  "storage_options": task_options([u for u, _ in train]), "read_threads": read_threads(config, threads)},
+                 config, config.output, gpu, cpus, "training")
     path = f"{config.output.rstrip('/')}/{DENOISER_FILE}"
     with result.checkpoint.as_directory() as d:
         spec = export_checkpoint(d, path, training)

@@ -1,9 +1,10 @@
 """The stage-2 Ray Train worker: steps over one data stream, held-out evaluations, checkpoints, early stopping.
 
-Each rank takes its share of the global batch from its shard of the run's single stream
-(:mod:`pipeline.stage2.pairs`), so the data pipeline starts once per run. Every ``eval_every`` steps (and at the
+Each rank reads its slice of every global batch of the run's one data order (:mod:`pipeline.runtime.train_stream`,
+:mod:`pipeline.stage2.pairs`) from the step it starts at, so a resumed run trains on the batches an uninterrupted
+one would have. Every ``eval_every`` steps (and at the
 last step) the ranks add up their training loss, data wait (``data_wait_fraction`` of the step time, and
-``steady_wait_fraction`` without the first batch of a (re)started pipeline) and held-out sums, every rank applies the same
+``steady_wait_fraction`` without the first batch of a (re)started worker) and held-out sums, every rank applies the same
 :class:`pipeline.runtime.ray_train.Plateau` to the same held-out loss, and rank 0 reports a checkpoint holding the
 weights, optimiser, schedule, step, history, the plateau state and the best weights so far. A run stops at its
 step budget or when the held-out loss has stopped improving, whichever comes first; what the export holds is the
@@ -22,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import Denoiser, DenoiserMismatchError, DenoiserSpec
+from .pairs import PairRows
 from ..store import FeatureStore
 from ..runtime.ray_train import (Plateau, all_reduce, denoising_loss, lr_lambda, report, restored_state, start_worker,
                                  steady_wait_fraction)
+from ..runtime.train_stream import RankBatches, permutation_order
 
 __all__ = ["train_loop_per_worker", "HeldOut"]
 
@@ -124,26 +127,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if step >= total or plateau.stop:  # a finished run re-run as it was: report its state again, nothing to train
         save_and_report(history[-1] if history else {"step": step})
         return
-    batches = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=batch, drop_last=True, dtypes=torch.float32, device=device, prefetch_batches=4,
-        local_shuffle_buffer_size=4 * batch, local_shuffle_seed=config.seed + step))
+    pairs = PairRows(ray.get(loop_config["train"]), loop_config["storage_options"])
+    batches = RankBatches(permutation_order(len(pairs), config.seed), len(pairs), pairs.read, batch=batch, rank=rank,
+                          world=world, start_step=step, threads=int(loop_config["read_threads"]))
     loss_sum, samples, wait, first_wait = 0.0, 0, 0.0, None
     began = time.perf_counter()
     while step < total and not plateau.stop:
         t = time.perf_counter()
-        data = next(batches, None)
+        data = next(batches)
+        raw, clean = (torch.from_numpy(data[k]).to(device, torch.float32, non_blocking=True) for k in ("raw", "clean"))
         wait += time.perf_counter() - t
         if first_wait is None:
-            first_wait = wait  # the pipeline's start: once per run (and after a restart)
-        if data is None:
-            raise RuntimeError(f"rank {rank}: the training stream ended at step {step} of {total}")
-        loss, _ = denoising_loss(ddp(data["raw"]), data["clean"])
+            first_wait = wait  # the first reads: once per run (and after a restart)
+        loss, _ = denoising_loss(ddp(raw), clean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
-        loss_sum, samples = loss_sum + loss.item() * len(data["raw"]), samples + len(data["raw"])
+        loss_sum, samples = loss_sum + loss.item() * len(raw), samples + len(raw)
         if step % every and step < total:
             continue
         elapsed = time.perf_counter() - began
@@ -169,4 +171,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if plateau.stop:
         _log.info("rank %d: held-out loss stopped improving (best %.4g at step %d); stopping at step %d of %d",
                   rank, plateau.best, plateau.best_step, step, total)
-    del batches  # ends this rank's read of the stream (leaving it early is fine for Ray's streaming split)
+    batches.close()

@@ -2,8 +2,9 @@
 
 ::
 
-    image listing --(driver: hold out images, write the run config)--> Ray Data: fetch bytes, decode, resize
-        to (3, S, S) uint8 --> TorchTrainer: N workers (DDP, gloo on CPU), random horizontal flips,
+    image listing --(driver: hold out images, write the run config)--> TorchTrainer: N workers (DDP, gloo on
+        CPU), each fetching, decoding and resizing its slice of every step to (3, S, S) uint8 in a thread pool
+        (:mod:`pipeline.runtime.train_stream`), random horizontal flips,
         teacher = frozen backbone + denoiser, student = trainable copy of the backbone,
         loss MSE + (1 - cos) on patch tokens, AdamW with warm-up + cosine decay, optional bf16 autocast
         and activation checkpointing on GPU --> checkpoints under <output>/run/ (local path or s3://)
@@ -14,9 +15,10 @@ is measured before the first step (the original backbone), at every checkpoint a
 
 Resume: ``RunConfig(name="run", storage_path=<output>)`` is stable, so a worker failure (``FailureConfig``) or a
 re-run of the same command continues from the latest checkpoint: weights, optimiser, schedule, step counter
-and history. The driver lays out every pass of the run in one data stream (the pipeline starts once per run, not
-per epoch); restarted workers take fresh passes from its start (the flips are seeded by step). A re-run with
-more ``epochs`` continues the same run with a longer schedule.
+and history. The run's data order depends on its seed only (pass ``p`` is the permutation drawn from ``(seed,
+p)``), and restarted workers read it from the checkpoint's step on, so a resumed run trains on the batches an
+uninterrupted one would have (the flips are seeded by step and rank). A re-run with more ``epochs`` continues the
+same run with a longer schedule.
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ import pyarrow as pa
 import torch
 
 from ..io.decode import DecodeConfig
-from .pixels import flip_batch, held_out_pixels, pixel_batches, rows_of_rank, split_listing, training_dataset
+from .pixels import PixelRows, flip_batch, held_out_pixels, pixel_batches, rows_of_rank, split_listing
 from .student import (build_student_and_teacher, distance_from_sums, distance_sums, export_student,
                             select_trainable)
 from ..io.listing import list_uris
 from ..io.shards import ShardOptions, shard_index
 from ..runtime.ray_session import init_ray
 from ..runtime.reachability import check_reachable, image_job_inputs
-from ..stage2.pairs import passes_needed
-from ..runtime.ray_train import (RUN_NAME, STATE_FILE, RunConfig, all_reduce, denoising_loss, fit, lr_lambda, per_worker_batch,
-                       previous_record, read_state, read_step_options, refuse_changes, report, restored_state, start_worker,
-                       steady_wait_fraction, trainer_resources, write_record)
+from ..runtime.ray_train import (RUN_NAME, STATE_FILE, RunConfig, all_reduce, denoising_loss, fit, lr_lambda,
+                                 per_worker_batch, previous_record, read_state, read_threads, refuse_changes, report,
+                                 restored_state, start_worker, steady_wait_fraction, trainer_resources, write_record)
+from ..runtime.train_stream import RankBatches
 
 __all__ = ["DistillConfig", "DistillSummary", "train_loop_per_worker", "run_distillation", "STUDENT_FILE", "STATE_FILE"]
 
@@ -197,23 +199,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history, before = json.loads(state["history"]), json.loads(state["before"])
         resumed = [*json.loads(state["resumed_from"]), step]
         _log.info("rank %d resumes at step %d of %d", rank, step, total)
-    shard = ray.train.get_dataset_shard("train")
+    images = PixelRows(ray.get(loop_config["images"]), loop_config["train_ids"], size, config.decode, seed=config.seed,
+                       image_column=config.image_column, shards=bool(loop_config["shards"]))
+    # The run's one data order, from this step on: a resumed rank trains on what an uninterrupted one would have.
+    batches = RankBatches(images.order, len(images), images.read, batch=per_worker, rank=rank, world=world,
+                          start_step=step, threads=int(loop_config["read_threads"]))
     loss_sum, wait, seen, bad, first_wait = torch.zeros((), device=device), 0.0, 0, 0, None
     began = time.perf_counter()
-    # One stream over every pass of the run (laid out by the driver): the data pipeline starts once, not per epoch.
-    batches = iter(shard.iter_torch_batches(
-        batch_size=per_worker, drop_last=True, prefetch_batches=2,
-        local_shuffle_buffer_size=4 * per_worker, local_shuffle_seed=config.seed + step))
     while step < total:
         t = time.perf_counter()
-        batch = next(batches, None)
+        batch = next(batches)
+        pixels = torch.from_numpy(batch["pixels"]).to(device, non_blocking=True).float().div_(255)
+        ok = torch.from_numpy(batch["ok"])
         wait += time.perf_counter() - t
         if first_wait is None:
-            first_wait = wait  # the pipeline's start: once per run (and after a restart)
-        if batch is None:
-            raise RuntimeError(f"rank {rank}: the training stream ended at step {step} of {total}")
-        pixels = batch["pixels"].to(device, non_blocking=True).float().div_(255)
-        ok = batch["ok"].bool()
+            first_wait = wait  # the first reads: once per run (and after a restart)
         if config.flip:
             pixels = flip_batch(pixels, config.seed * 1_000_003 + step * 1_009 + rank)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -251,7 +251,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rank=rank, faults=loop_config.get("faults"))
         loss_sum, wait, seen, bad, first_wait = torch.zeros((), device=device), 0.0, 0, 0, 0.0
         began = time.perf_counter()
-    del batches  # ends this rank's read (leaving early is fine for Ray's streaming split)
+    batches.close()
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -267,6 +267,8 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     """Distil ``config.denoiser`` into its backbone on ``config.images`` with Ray Train; export the student."""
     from ..vit.backbone import create_backbone
     from ..stage2.denoiser import read_spec
+
+    import ray
 
     began = time.monotonic()
     init_ray(config.dashboard)
@@ -289,13 +291,13 @@ def run_distillation(config: DistillConfig) -> DistillSummary:
     _log.info("distill: %d training images (%d held out), %d worker(s) (%s, %.2g CPU each), %d steps/epoch, %d steps, "
               "peak lr %.3g, size %d, output %s", len(train_ids), len(val_ids), config.workers, "GPU" if gpu else "CPU",
               cpus, spe, total, config.peak_lr(), size, config.output)
-    dataset = training_dataset(uris, train_ids, size, batch, read_step_options(config), config.decode,
-                               passes=passes_needed(len(train_ids), total, config.batch_size), seed=config.seed,
-                               index=index, image_column=config.image_column)
+    images = index if index is not None else pa.table({"uri": pa.array(uris, pa.string())})
+    val = [uris[i] for i in val_ids] if index is None else index.take(pa.array(val_ids, pa.int64()))
     result = fit(train_loop_per_worker,
                  {"config": config, "steps_per_epoch": spe, "total_steps": total, "size": size, "batch": batch,
-                  "checkpoint_every": every, "threads": threads, "val_uris": [uris[i] for i in val_ids] if index is None else index.take(pa.array(val_ids, pa.int64()))},
-                 config, config.output, dataset, gpu, cpus, "distillation")
+                  "checkpoint_every": every, "threads": threads, "val_uris": val, "images": ray.put(images),
+                  "train_ids": train_ids, "shards": index is not None, "read_threads": read_threads(config, threads)},
+                 config, config.output, gpu, cpus, "distillation")
     checkpoint = f"{config.output.rstrip('/')}/{RUN_NAME}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}"
     state = read_state(result.checkpoint)
     student = create_backbone(spec.backbone_config("none", size))

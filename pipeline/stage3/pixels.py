@@ -13,8 +13,7 @@ reason, and the trainers give them no weight and count them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +25,7 @@ from ..io.shard_reads import read_blocks, read_shard_members
 from ..runtime.ray_train import uri_fraction
 
 __all__ = ["split_listing", "decode_batch", "flip_batch", "held_out_pixels", "pixel_batches", "rows_of_rank",
-           "training_dataset"]
+           "PixelRows"]
 
 _log = logging.getLogger(__name__)
 
@@ -102,42 +101,40 @@ def pixel_batches(pixels: torch.Tensor, batch_size: int, device: torch.device) -
 
 
 
-def _shard_pass_blocks(index: pa.Table, ids: np.ndarray, rng: np.random.Generator) -> list[pa.Table]:
-    """One pass over shard inputs: the read blocks of ``ids`` (runs of one shard's members) in random order, each
-    block's rows shuffled (a shuffle buffer of a block: reads stay sequential within a shard)."""
-    rows = index.take(pa.array(np.sort(ids), pa.int64())).append_column("image_id", pa.array(np.sort(ids), pa.int64()))
-    blocks = read_blocks(rows)
-    return [blocks[b].take(pa.array(rng.permutation(blocks[b].num_rows), pa.int64()))
-            for b in rng.permutation(len(blocks))]
+class PixelRows:
+    """The training images ``ids`` of a listing as rows for :class:`pipeline.runtime.train_stream.RankBatches`: a pass's
+    order of their listing positions, and ``{"pixels": (N, 3, size, size) uint8, "ok": (N,) bool}`` of a few of them.
 
-
-def training_dataset(uris: Sequence[str], ids: np.ndarray, size: int, batch_size: int,
-                     read_options: Mapping[str, Any] | None = None, decode: DecodeConfig = DecodeConfig(), *,
-                     passes: int = 1, seed: int = 0, index: pa.Table | None = None, image_column: str = "jpg"):
-    """The Ray Dataset of training images ``uris[ids]``: ``{"pixels", "ok"}`` rows, ``passes`` passes in one stream,
-    each a fresh permutation drawn from ``(seed, pass)`` (so the trainers start the pipeline once per run).
-
-    Bytes are fetched and decoded by tasks run with ``read_options`` (``map_batches`` options,
-    :func:`pipeline.runtime.ray_train.read_step_options`; default: 0.1 CPU to fetch, 0.25 to decode); only
-    ``(3, size, size)`` uint8 pixels
-    travel to the trainers (a quarter of float32), in blocks of a few training batches. With a shard ``index``
-    (:func:`pipeline.io.shards.shard_index`, rows aligned with ``uris``) each read task takes a run of one shard's
-    members, the runs in random order and the images within a run shuffled (:func:`_shard_pass_blocks`).
+    ``images``: a table with a ``uri`` column aligned with the listing, or a shard index
+    (:func:`pipeline.io.shards.shard_index`). With shards, a pass takes runs of one shard's members (the runs in random
+    order, each run's images shuffled), so a read of consecutive rows stays within one shard: one ranged read.
     """
-    import ray
 
-    ids = np.asarray(ids, dtype=np.int64)
-    batch = max(1, min(16, batch_size))
-    fetch = dict(read_options or {"num_cpus": 0.1})
-    read = dict(read_options or {"num_cpus": 0.25})
-    if index is not None:
-        blocks = [b for p in range(passes) for b in _shard_pass_blocks(index, ids, np.random.default_rng([seed, p]))]
-        return (ray.data.from_arrow(blocks)
-                .map_batches(read_shard_members, batch_size=None, fn_kwargs={"image_column": image_column}, **fetch)
-                .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch, **read))
-    order = np.concatenate([ids[np.random.default_rng([seed, p]).permutation(len(ids))] for p in range(passes)])
-    table = pa.table({"image_id": pa.array(order, pa.int64()), "uri": pa.array([uris[i] for i in order], pa.string())})
-    per_block = max(16, 4 * batch_size, -(-table.num_rows // 4096))
-    ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, table.num_rows, per_block)])
-    return (ds.map_batches(fetch_bytes, batch_size=batch, **fetch)
-            .map_batches(decode_batch, fn_kwargs={"size": size, "decode": decode}, batch_size=batch, **read))
+    def __init__(self, images: pa.Table, ids: np.ndarray, size: int, decode: DecodeConfig = DecodeConfig(), *,
+                 seed: int = 0, image_column: str = "jpg", shards: bool = False):
+        self.images, self.ids = images, np.sort(np.asarray(ids, np.int64))
+        self.size, self.decode, self.seed, self.image_column, self.shards = size, decode, seed, image_column, shards
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def order(self, p: int) -> np.ndarray:
+        """The listing positions of pass ``p``, drawn from ``(seed, p)``."""
+        rng = np.random.default_rng([self.seed, p])
+        if not self.shards:
+            return self.ids[rng.permutation(len(self.ids))]
+        rows = self.images.take(pa.array(self.ids, pa.int64())).append_column("image_id", pa.array(self.ids, pa.int64()))
+        blocks = read_blocks(rows)
+        return np.concatenate([blocks[b]["image_id"].to_numpy()[rng.permutation(blocks[b].num_rows)]
+                               for b in rng.permutation(len(blocks))])
+
+    def read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """Fetch and decode the images at ``positions`` (undecodable ones: zero rows with ``ok`` False)."""
+        rows = self.images.take(pa.array(positions, pa.int64()))
+        if self.shards:
+            rows = rows.append_column("image_id", pa.array(positions, pa.int64()))
+            batch = {c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}
+            fetched = read_shard_members(batch, self.image_column)
+        else:
+            fetched = fetch_bytes({"uri": rows["uri"].to_numpy(zero_copy_only=False)})
+        return decode_batch(fetched, self.size, self.decode)

@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.io.decode import DecodeConfig
 from pipeline.io.shards import index_shards
-from pipeline.stage3.pixels import _shard_pass_blocks, held_out_pixels, rows_of_rank, training_dataset
+from pipeline.runtime.train_stream import RankBatches
+from pipeline.stage3.pixels import PixelRows, held_out_pixels, rows_of_rank
 from pipeline.testing.shard_writers import make_items, write_shard
 
 
@@ -19,14 +20,12 @@ def index(tmp_path):
 
 def test_a_pass_visits_each_training_image_once_in_runs_of_one_shard(index):
     ids = np.array([0, 1, 2, 4, 5, 6, 9, 10, 11, 12, 15, 16, 17, 18])
-    blocks = _shard_pass_blocks(index, ids, np.random.default_rng([0, 0]))
-    seen = np.concatenate([b["image_id"].to_numpy() for b in blocks])
-    assert sorted(seen) == sorted(ids)
-    assert all(len(set(b["shard"].to_pylist())) == 1 for b in blocks)
-    again = _shard_pass_blocks(index, ids, np.random.default_rng([0, 0]))
-    assert [b["image_id"].to_pylist() for b in again] == [b["image_id"].to_pylist() for b in blocks]
-    other = _shard_pass_blocks(index, ids, np.random.default_rng([0, 1]))
-    assert [b["image_id"].to_pylist() for b in other] != [b["image_id"].to_pylist() for b in blocks]
+    rows = PixelRows(index, ids, 16, shards=True)
+    order = rows.order(0)
+    assert sorted(order) == sorted(ids)
+    shards = index["shard"].to_numpy(zero_copy_only=False)[order]
+    assert sum(shards[1:] != shards[:-1]) + 1 == len(set(shards)), "a shard's members are not one run"
+    assert (rows.order(0) == order).all() and not (rows.order(1) == order).all()
 
 
 def test_held_out_rows_are_read_from_their_shards(index):
@@ -37,10 +36,14 @@ def test_held_out_rows_are_read_from_their_shards(index):
         rows["uri"][0].as_py(), rows["uri"][2].as_py()]
 
 
-@pytest.mark.slow
-def test_the_training_stream_reads_shards_through_ray(ray_local, index):
+def test_the_ranks_read_decoded_pixels_of_every_image_from_their_shards(index):
     ids = np.arange(index.num_rows)
-    uris = index["uri"].to_pylist()
-    ds = training_dataset(uris, ids, 16, 4, passes=2, index=index)
-    oks = [b["ok"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-    assert sum(len(o) for o in oks) == 2 * index.num_rows and all(o.all() for o in oks)
+    rows = PixelRows(index, ids, 16, shards=True)
+    seen = []
+    for rank in range(2):
+        with RankBatches(rows.order, len(rows), rows.read, batch=3, rank=rank, world=2, threads=2) as batches:
+            for _ in range(3):  # 3 steps of 2 x 3 rows: the first 18 of pass 0's 19
+                batch = next(batches)
+                assert batch["pixels"].shape == (3, 3, 16, 16) and batch["ok"].all()
+                seen.append(batch["pixels"])
+    assert len({p.tobytes() for p in np.concatenate(seen)}) == 18
