@@ -3,7 +3,7 @@ waiting for data (target: below 5%).
 
 Writes a store of ``--images`` synthetic (raw, clean) pairs at a realistic size (default ViT-S: 37 x 37 x 384,
 float16, 2.1 MiB per image for both arrays), then trains ``--passes`` passes over them with each worker count
-through :func:`pipeline.stage2.train.run_training` (one Ray Data stream for the whole run, DDP on gloo for
+through :func:`pipeline.stage2.train.run_training` (each worker reads its slice of the run's data order, DDP on gloo for
 CPUs) and reports over the whole run:
 
 * samples/s: training images over the slowest worker's time, after the first held-out check (the first interval

@@ -90,7 +90,7 @@ def fixed_workers(workers: int | tuple[int, int]) -> int:
     """The number of training workers; a ``MIN-MAX`` range is refused in one line.
 
     Ray 2.60 has elastic training (``ScalingConfig(num_workers=(min, max))``), but these loops fix each worker's
-    share of the global batch and of the data stream when they start, and the step budget counts global batches:
+    share of the global batch and of each step's rows when they start, and the step budget counts global batches:
     a worker group that resized would change the run. A range is therefore not accepted here (yet).
     """
     from .checks import JobConfigError

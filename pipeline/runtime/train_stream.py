@@ -89,6 +89,7 @@ class RankBatches(Iterator[Batch]):
         self._cache: dict[int, np.ndarray] = {}
         self._pending: deque[list[Future[Batch]]] = deque()
         self._next_submit = start_step
+        self._closed = False
 
     def rows(self, step: int) -> np.ndarray:
         """This rank's row positions at ``step``."""
@@ -109,7 +110,7 @@ class RankBatches(Iterator[Batch]):
             try:
                 return self.read(rows)
             except Exception as e:  # noqa: BLE001 - re-raised after the last attempt
-                if attempt == READ_ATTEMPTS - 1:
+                if attempt == READ_ATTEMPTS - 1 or self._closed:
                     raise
                 _log.warning("rank %d: reading %d training rows failed (%s: %s); trying again", self.rank, len(rows),
                              type(e).__name__, e)
@@ -127,6 +128,7 @@ class RankBatches(Iterator[Batch]):
 
     def close(self) -> None:
         """Stop reading ahead (reads already running finish in the background)."""
+        self._closed = True
         for futures in self._pending:
             for f in futures:
                 f.cancel()

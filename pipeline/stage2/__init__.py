@@ -1,7 +1,7 @@
 """Stage 2 of DVT: one Transformer block that maps raw ViT features to stage-1 clean features, for any image.
 
 * :mod:`.denoiser`: the model, its file format (safetensors + spec) and :class:`DenoisedViT` (ViT + denoiser).
-* :mod:`.pairs`: the (raw, clean) training stream read from feature stores.
+* :mod:`.pairs`: the (raw, clean) training pairs of feature stores as rows the trainers read.
 * :mod:`.train_worker`: the Ray Train loop each worker runs.
 * :mod:`.train`: ``dvt train`` on the driver (stores, splits, step budget, export).
 * :mod:`.apply`: ``dvt apply``: ViT + denoiser over a corpus into a feature store.

@@ -2,9 +2,9 @@
 
 ::
 
-    feature stores --(driver: check geometry, split ids, lay out every pass of the run)--> one Ray Data stream
-        (store reads as Ray tasks, :mod:`pipeline.stage2.pairs`)
-        --> TorchTrainer: N workers, DDP (gloo on CPU), AdamW + warm-up/cosine, loss MSE + (1 - cos)
+    feature stores --(driver: check geometry, split ids)--> TorchTrainer: N workers, each reading its slice of
+        every step of the run's seeded data order from the stores (:mod:`pipeline.runtime.train_stream`,
+        :mod:`pipeline.stage2.pairs`), DDP (gloo on CPU), AdamW + warm-up/cosine, loss MSE + (1 - cos)
         --> a held-out evaluation and a checkpoint every ``eval_every`` steps under <output>/run/
             (Ray Train storage: local path or s3://), early stop when the held-out loss stops improving
         --> <output>/denoiser.safetensors (best held-out weights + spec, loadable without Ray)

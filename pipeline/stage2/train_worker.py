@@ -1,4 +1,4 @@
-"""The stage-2 Ray Train worker: steps over one data stream, held-out evaluations, checkpoints, early stopping.
+"""The stage-2 Ray Train worker: steps over the run's data order, held-out evaluations, checkpoints, early stopping.
 
 Each rank reads its slice of every global batch of the run's one data order (:mod:`pipeline.runtime.train_stream`,
 :mod:`pipeline.stage2.pairs`) from the step it starts at, so a resumed run trains on the batches an uninterrupted
