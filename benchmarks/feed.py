@@ -8,11 +8,19 @@ present, repeated). Parts:
   resize (to 518 px, as ``--input-size 518``), upload (stack + uint8 -> float on the worker's device), forward
   (:mod:`pipeline.testing.zero_vit` at 518 px, normalisation included), host copy + float16 + finiteness check,
   write (two 37x37x768 float16 arrays through zarr, and as direct chunk objects when the store allows it), ledger
-  (one manifest part per unit of ``--unit`` images, per image), and stage 1's own CPU work (view sampling and
-  crop extraction of the ``default`` preset, on a zero-cost backbone).
+  (one manifest part per unit of ``--unit`` images, per image), and stage 1's own work per step (``default``
+  preset, zero-cost backbone): what stays on the host, and the device work (views, closed-form solve, read-out).
 * ``denoise``: ``dvt denoise --method average --copies 1`` with the zero-cost backbone at 518 px, one worker.
-* ``apply``: ``dvt apply`` with the zero-cost backbone and a random 768-channel denoiser at 518 px (the
-  denoiser block is real compute: its in-memory rate is reported beside the job's).
+* ``apply``: ``dvt apply`` with the zero-cost backbone and a zero-cost denoiser at 518 px: a real denoiser file
+  (768 channels, positional embedding on 37x37, one transformer block with random weights), read and checked as
+  ``dvt apply`` does, whose block the workers replace by the identity (:mod:`pipeline.testing.zero_denoiser`);
+  the embedding is still added, so ``raw`` and ``clean`` differ and both are converted and written.
+* ``apply-block``: the same with the real block (about 0.5 s per image on a CPU; its in-memory rate is reported).
+* ``dvt``: ``dvt denoise`` with its default method (stage 1, ``default`` preset) and the zero-cost backbone,
+  ``--dvt-images`` images (stage 1's solve takes seconds per image on a CPU).
+
+Job parts also give CPU milliseconds per committed image in the steady part of the run (between the commits of
+20% and 80% of the images), per kind of process (from /proc, sampled every 0.2 s).
 
 Job rates are steady rates from the store's manifest (commit times after each worker's first unit, so the
 start-up is left out), with the whole job's images/s beside them.
@@ -21,6 +29,8 @@ start-up is left out), with the whole job's images/s beside them.
   :mod:`pipeline.testing.artifact_vit` at 224 px on 512 px photos.
 
     python benchmarks/feed.py --parts steps,draft,denoise,apply --images 256
+    python benchmarks/feed.py --parts apply --images 512
+    python benchmarks/feed.py --parts dvt --dvt-images 16
 """
 
 from __future__ import annotations
@@ -38,8 +48,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if sys.argv[1:2] == ["apply-job"]:
+    # The job's driver: benchmarks/ must not be on its path (benchmarks/requests.py would shadow the package, and
+    # Ray hands the driver's path to its workers).
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+    sys.path.insert(0, str(ROOT))
+else:
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 for _k, _v in {"HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_AUTH_MODE": "disabled"}.items():
     os.environ.setdefault(_k, _v)
@@ -149,32 +165,73 @@ def part_steps(paths: list[Path], work: Path, unit: int) -> dict[str, float]:
         direct.close()
     out["ledger: one manifest part per unit"] = _ms(lambda k: write_part(store.fs, store.root, recs, f"bench{k}"),
                                                     batches) / unit
-    out.update(stage1_steps(images[:4]))
+    out.update(stage1_steps(images[:2]))
     return {k: round(v, 2) for k, v in out.items()}
 
 
 def stage1_steps(images: list[np.ndarray]) -> dict[str, float]:
-    """Stage 1's own CPU work per image, ``default`` preset, zero-cost backbone at 518 px: the bookkeeping that
-    stays on the CPU whatever the device (view boxes, patch coordinates), then what runs on the device (here the
-    CPU): rendering the views. (The fit itself is device work: at 518 px it takes CPU-minutes per image.)"""
+    """Stage 1's own work per image, ``default`` preset, zero-cost backbone at 518 px, one CPU core: the host work
+    that stays on the CPU whatever the device (view boxes, the fit's random starts), then the device work (here
+    the CPU): views rendered and through the backbone, the closed-form solve (per iteration and all of them),
+    the read-out."""
     from pipeline.io.decode import resize_to_tensor
-    from pipeline.stage1.fit import Stage1Config
+    from pipeline.stage1.fit import Stage1Config, _readout, fit_generator
+    from pipeline.stage1.noise_model import NoiseModel
+    from pipeline.stage1.view_features import extract_batch
     from pipeline.vit import views as V
+    from pipeline.vit.backbone import create_backbone
 
     config = Stage1Config.preset("default")
     vc = config.views
+    backbone = create_backbone(MODEL, weights="none", img_size=SIZE)
     x = torch.stack([resize_to_tensor(a, SIZE) for a in images])
+    b = len(images)
+    ids = list(range(b))
     out = {}
-    ids = list(range(len(images)))
 
     def bookkeeping(i: int) -> None:
         boxes, flips = V.sample_boxes(vc.num_views, vc, V.view_generator(i, 0))
         V.patch_coords(boxes, flips, SIZE, 14)
 
-    out[f"stage 1: view boxes + patch coordinates ({vc.num_views} views; CPU whatever the device)"] = _ms(bookkeeping, ids)
+    n_views = vc.num_views + 1
+    out[f"stage 1 host: view boxes + patch coordinates ({vc.num_views} views)"] = _ms(bookkeeping, ids)
+    batch = extract_batch(backbone, x, vc, image_ids=ids, seed=0, chunk=config.view_chunk)
+    full = batch.full_coords
+
+    def model() -> NoiseModel:  # as fit_views builds it
+        closed = config.linear_solve_iters > 0 and config.steps == 0
+        gens = [fit_generator(i, 0) for i in ids]
+        return NoiseModel(config.field, 768, full, full, gens, g_init_std=0.0 if closed else config.g_init_std,
+                          residual=config.residual and config.steps > 0)
+
+    out["stage 1 host: fit set-up (generators, random starts; F's zero grid too, as the device is the CPU)"] = _ms(
+        lambda _: model(), range(3)) / b
+    out["stage 1 host: fit set-up as it was (G's and h's starts drawn, F's zero grid on the host)"] = _ms(
+        lambda _: NoiseModel(config.field, 768, full, full, [fit_generator(i, 0) for i in ids],
+                             g_init_std=config.g_init_std, residual=config.residual), range(3)) / b
     boxes, flips = V.sample_boxes(vc.num_views, vc, V.view_generator(0, 0))
-    out["stage 1: render the views (device work; CPU here)"] = _ms(lambda i: V.render_views(x[i], boxes, flips, SIZE),
-                                                                   ids[:2])
+    out[f"stage 1 device: render {n_views} views"] = _ms(lambda i: V.render_views(x[i], boxes, flips, SIZE), ids)
+    rendered = V.render_views(x[0], boxes, flips, SIZE)
+    with torch.inference_mode():
+        out[f"stage 1 device: zero-cost backbone over {n_views} views"] = _ms(
+            lambda _: backbone.features(rendered), range(2))
+    out["stage 1 device: view features in all (render, backbone, checks, stacking)"] = _ms(
+        lambda _: extract_batch(backbone, x, vc, image_ids=ids, seed=0, chunk=config.view_chunk), range(1)) / b
+    solve = {}
+    for iters in (1, 3):
+        solve[iters] = _ms(lambda _: model().solve_linear(
+            batch.raw, batch.xy, batch.views, iters, full_weight=config.full_view_weight,
+            high_norm=config.high_norm, smooth=config.field_smooth), range(1)) / b
+    per_iter = (solve[3] - solve[1]) / 2
+    out["stage 1 device: closed-form solve, one iteration"] = per_iter
+    out["stage 1 device: closed-form solve, set-up (high-norm mask, interpolation operator)"] = solve[1] - per_iter
+    out[f"stage 1 device: closed-form solve, all {config.linear_solve_iters} iterations + set-up"] = \
+        solve[1] + (config.linear_solve_iters - 1) * per_iter
+    fitted = model()
+    fitted.solve_linear(batch.raw, batch.xy, batch.views, 1)
+    out["stage 1 device: read-out (F on the full grid, losses and residual norms over every token)"] = _ms(
+        lambda _: _readout(fitted, batch.raw, batch.xy, full, batch.views, config, ids, use_residual=False),
+        range(1)) / b
     return out
 
 
@@ -199,8 +256,9 @@ def part_draft(paths: list[Path], size: int = 224, n: int = 16) -> dict[str, flo
             "features_relative_l2": round(float((a - b).norm() / a.norm()), 5), "input_size": size, "images": n}
 
 
-def _tree_cpu(root: int) -> dict[int, float]:
-    """CPU seconds (user + system) of ``root`` and every process below it, from /proc."""
+def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """Name (the start of its command line, Ray's process title for workers) and CPU seconds (user + system) of
+    ``root`` and every process below it, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     stats: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc"):
@@ -219,29 +277,80 @@ def _tree_cpu(root: int) -> dict[int, float]:
             if ppid == parent and pid not in tree:
                 tree.add(pid)
                 frontier.append(pid)
-    return {pid: stats[pid][1] for pid in tree if pid in stats}
+    out = {}
+    for pid in tree & set(stats):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            name = "?"
+        out[pid] = (name, stats[pid][1])
+    return out
+
+
+def _process_kind(pid: int, name: str, root: int) -> str:
+    """Which part of a job a process is, for the per-process CPU table."""
+    if pid == root:
+        return "driver"
+    if name.startswith("ray::") and "Worker" in name:
+        return "model worker"
+    if name.startswith("ray::"):
+        return "other Ray workers (fetch/decode tasks, stats and autoscaling actors, idle)"
+    return "Ray's processes (raylet, GCS, dashboard agent, log monitor)"
 
 
 def run_job(name: str, args: list[str], work: Path, timeout: float) -> dict:
-    """Run ``python -m args`` (its own local Ray); wall seconds and the CPU seconds of its whole process tree
+    """Run ``python args`` (its own local Ray); wall seconds and the CPU seconds of its whole process tree
     (the job, Ray's processes and workers, sampled every 0.2 s: a machine shared with other work changes this
-    figure far less than wall time). Two runs of different sizes give the CPU cost of one more image."""
+    figure far less than wall time). The samples stay in ``_samples`` for :func:`steady_cpu`."""
     log = work / f"{name}.log"
     began = time.monotonic()
     cpu: dict[int, float] = {}
+    samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             if time.monotonic() - began > timeout:
                 proc.kill()
                 raise RuntimeError(f"{name} timed out after {timeout:.0f} s; see {log}")
-            for pid, seconds in _tree_cpu(proc.pid).items():
+            tree = _tree_cpu(proc.pid)
+            samples.append((time.time(), tree))
+            for pid, (_, seconds) in tree.items():
                 cpu[pid] = max(cpu.get(pid, 0.0), seconds)
             time.sleep(0.2)
     wall = time.monotonic() - began
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"{name} exited {proc.returncode}; see {log}")
-    return {"wall_s": round(wall, 1), "cpu_s_process_tree": round(sum(cpu.values()), 1)}
+    return {"wall_s": round(wall, 1), "cpu_s_process_tree": round(sum(cpu.values()), 1),
+            "_samples": samples, "_root": proc.pid}
+
+
+def steady_cpu(job: dict, url: str) -> dict[str, float]:
+    """CPU milliseconds per committed image in the steady part of a run (between the commits of 20% and 80% of
+    its images), per kind of process: what one image costs once the job runs, start-up and tail left out."""
+    from pipeline.store import FeatureStore
+
+    samples, root = job.pop("_samples"), job.pop("_root")
+    rows = FeatureStore.open(url).manifest().to_pylist()
+    times = sorted(r["written_at"].timestamp() for r in rows)
+    lo, hi = times[int(0.2 * len(times))], times[int(0.8 * len(times)) - 1]
+    images = sum(lo < t <= hi for t in times)
+    if images == 0 or not samples:
+        return {}
+
+    def at(t: float) -> dict[int, tuple[str, float]]:
+        return min(samples, key=lambda s: abs(s[0] - t))[1]
+
+    before, after = at(lo), at(hi)
+    out: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        kind = _process_kind(pid, name, root)
+        out[kind] = out.get(kind, 0.0) + seconds - (before.get(pid, (name, 0.0))[1])
+    out = {k: round(1e3 * v / images, 1) for k, v in sorted(out.items())}
+    out["total"] = round(sum(out.values()), 1)
+    out["window_images"] = images
+    out["window_images_per_s"] = round(images / (hi - lo), 1)
+    return out
 
 
 def job_stats(url: str) -> dict:
@@ -254,13 +363,27 @@ def job_stats(url: str) -> dict:
 
 def part_denoise(folder: Path, n: int, work: Path, extra: list[str]) -> dict:
     url = str(work / "denoise.zarr")
-    job = run_job("denoise", ["jobs.denoise", "--method", "average", "--copies", "1", "--model", MODEL, "--weights",
-                              "none", "--input-size", str(SIZE), "--images", str(folder), "--limit", str(n),
-                              "--output", url, "--overwrite", "--progress-every", "600", *extra], work, 900)
-    return {**job, **job_stats(url)}
+    job = run_job("denoise", ["-m", "jobs.denoise", "--method", "average", "--copies", "1", "--model", MODEL,
+                              "--weights", "none", "--input-size", str(SIZE), "--images", str(folder), "--limit",
+                              str(n), "--output", url, "--overwrite", "--progress-every", "600", *extra], work, 900)
+    cpu = steady_cpu(job, url)
+    return {**job, **job_stats(url), "steady_cpu_ms_per_image": cpu}
 
 
-def part_apply(folder: Path, n: int, work: Path, extra: list[str]) -> dict:
+def part_dvt(folder: Path, n: int, work: Path, extra: list[str]) -> dict:
+    """``dvt denoise`` with its default method (stage 1, ``default`` preset) and the zero-cost backbone: what
+    stage 1's own work costs per image when the backbone costs nothing."""
+    url = str(work / "dvt.zarr")
+    job = run_job("dvt", ["-m", "jobs.denoise", "--model", MODEL, "--weights", "none", "--input-size", str(SIZE),
+                          "--images", str(folder), "--limit", str(n), "--output", url, "--overwrite",
+                          "--progress-every", "600", *extra], work, 1800)
+    cpu = steady_cpu(job, url)
+    return {**job, **job_stats(url), "steady_cpu_ms_per_image": cpu}
+
+
+def _denoiser_file(work: Path) -> tuple[str, float]:
+    """A denoiser file with the real shapes (768 channels, positional embedding on 37x37, one block; random
+    weights) for the zero-cost backbone, and the block's in-memory rate (images/s, all threads)."""
     from pipeline.stage2.denoiser import Denoiser, DenoiserConfig, DenoiserSpec, save_denoiser
 
     path = str(work / "denoiser.safetensors")
@@ -274,19 +397,61 @@ def part_apply(folder: Path, n: int, work: Path, extra: list[str]) -> dict:
         denoiser(feats)
         began = time.perf_counter()
         denoiser(feats)
-        denoiser_rate = 8 / (time.perf_counter() - began)
+        rate = 8 / (time.perf_counter() - began)
+    return path, rate
+
+
+def part_apply(folder: Path, n: int, work: Path, extra: list[str], *, real_block: bool = False) -> dict:
+    """``dvt apply`` with the zero-cost backbone and a denoiser file of the real shapes. By default the
+    denoiser's transformer block is replaced by the identity in the workers
+    (:mod:`pipeline.testing.zero_denoiser`), so the run measures the machinery; ``real_block`` runs the block
+    (about 0.5 s per image on a CPU)."""
+    path, rate = _denoiser_file(work)
     url = str(work / "apply.zarr")
-    job = run_job("apply", ["jobs.apply_denoiser", "--denoiser", path, "--weights", "none", "--images", str(folder),
-                            "--limit", str(n), "--output", url, "--overwrite", "--progress-every", "600", *extra],
-                  work, 1800)
-    return {**job, **job_stats(url), "denoiser_in_memory_images_per_s_all_threads": round(denoiser_rate, 2)}
+    flags = ["--denoiser", path, "--weights", "none", "--images", str(folder), "--limit", str(n), "--output", url,
+             "--overwrite", "--progress-every", "600", *extra]
+    entry = ["-m", "jobs.apply_denoiser"] if real_block else [str(Path(__file__).resolve()), "apply-job"]
+    job = run_job("apply", entry + flags, work, 1800)
+    cpu = steady_cpu(job, url)
+    out = {**job, **job_stats(url), "steady_cpu_ms_per_image": cpu,
+           "denoiser_block": "real (random weights)" if real_block else "identity (zero-cost)"}
+    if real_block:
+        out["denoiser_in_memory_images_per_s_all_threads"] = round(rate, 2)
+    return out
+
+
+def apply_job(argv: list[str]) -> int:
+    """``dvt apply`` as the command line runs it (same flags, same checks, same job), with
+    :class:`pipeline.testing.zero_denoiser.ZeroBlockApplyWorker` as the worker."""
+    from jobs import apply_denoiser
+    from jobs.cli import _configure_logging, run_job as cli_run_job
+    from jobs.flags import image_job_config
+    from pipeline.runtime.failures import EXIT_SOME_FAILED
+    from pipeline.runtime.plan import run_plan
+    from pipeline.stage2.apply import ApplyConfig
+    from pipeline.testing.zero_denoiser import zero_block_plan
+
+    parser = argparse.ArgumentParser(prog="feed.py apply-job", description=apply_job.__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    apply_denoiser.add_arguments(parser)
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+
+    def run(args: argparse.Namespace) -> int:
+        summary = run_plan(zero_block_plan(image_job_config(ApplyConfig, args)))
+        return EXIT_SOME_FAILED if summary.failed else 0
+
+    return cli_run_job(run, args)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["apply-job"]:
+        sys.exit(apply_job(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="steps,denoise,apply")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--apply-images", type=int, default=None, help="default: --images")
+    parser.add_argument("--dvt-images", type=int, default=48, help="images of the dvt part (stage 1 on a CPU is slow)")
     parser.add_argument("--unit", type=int, default=16, help="images per unit in the steps part")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--job-args", default="", help="extra flags for both jobs, e.g. '--cpus-per-worker 1'")
@@ -306,6 +471,11 @@ def main() -> None:
         results["denoise"] = part_denoise(work / "images", args.images, work, extra)
     if "apply" in parts:
         results["apply"] = part_apply(work / "images", args.apply_images or args.images, work, extra)
+    if "apply-block" in parts:
+        results["apply_block"] = part_apply(work / "images", args.apply_images or args.images, work, extra,
+                                            real_block=True)
+    if "dvt" in parts:
+        results["dvt"] = part_dvt(work / "images", min(args.dvt_images, args.images), work, extra)
     results["load_after"] = os.getloadavg()[0]
     text = json.dumps(results, indent=1)
     print(text)

@@ -176,12 +176,15 @@ class BatchedGrid(nn.Module):
 
     def __init__(self, channels: int, shape: tuple[int, int], generators: Sequence[torch.Generator],
                  span: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 1.0), (0.0, 1.0)),
-                 init_std: float = 0.0):
+                 init_std: float = 0.0, device: torch.device | str | None = None):
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.span = span
-        init = _normal((channels, *self.shape), init_std, generators) if init_std > 0 else \
-            torch.zeros(len(generators), channels, *self.shape)
+        # Random starts come from the images' CPU generators (the same on every device); a zero start is made
+        # where the fit runs (for F that is 16 MB an image at 518 px: filling and copying it cost the host more
+        # than the rest of the set-up).
+        init = _normal((channels, *self.shape), init_std, generators).to(device) if init_std > 0 else \
+            torch.zeros(len(generators), channels, *self.shape, device=device)
         self.grid = nn.Parameter(init)
 
     def to_unit(self, coords: torch.Tensor) -> torch.Tensor:
@@ -245,23 +248,24 @@ class GridField(BatchedGrid):
     linear = True
 
     def __init__(self, config: FieldConfig, channels: int, generators: Sequence[torch.Generator],
-                 full_coords: torch.Tensor):
+                 full_coords: torch.Tensor, device: torch.device | str | None = None):
         k = config.grid_factor
         gh, gw = full_coords.shape[:2]
         span = ((float(full_coords[0, 0, 0]), float(full_coords[0, -1, 0])),
                 (float(full_coords[0, 0, 1]), float(full_coords[-1, 0, 1])))
-        super().__init__(channels, (k * (gh - 1) + 1, k * (gw - 1) + 1), generators, span=span)
+        super().__init__(channels, (k * (gh - 1) + 1, k * (gw - 1) + 1), generators, span=span, device=device)
 
 
 def create_field(config: FieldConfig, channels: int, generators: Sequence[torch.Generator],
-                 full_coords: torch.Tensor) -> nn.Module:
+                 full_coords: torch.Tensor, device: torch.device | str | None = None) -> nn.Module:
     """Build ``F`` for ``len(generators)`` images of ``channels`` features.
 
-    ``full_coords`` is the full view's ``(gh, gw, 2)`` patch-centre grid (used by ``kind="grid"``).
+    ``full_coords`` is the full view's ``(gh, gw, 2)`` patch-centre grid (used by ``kind="grid"``). ``device``:
+    where a grid ``F``'s zero start is made (a hash ``F``'s random start is drawn on the CPU; move it after).
     """
     if config.kind == "hash":
         return HashField(config, channels, generators)
-    return GridField(config, channels, generators, full_coords)
+    return GridField(config, channels, generators, full_coords, device=device)
 
 
 class GridInterp:

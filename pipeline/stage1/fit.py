@@ -273,9 +273,14 @@ def fit_views(batch: ViewBatch, config: Stage1Config, *, seed: int = 0,
     per_view = n // views
     amp = _DTYPES[config.amp_dtype] if config.amp_dtype else None
     gens = [fit_generator(i, seed) for i in batch.image_ids]
-    model = NoiseModel(config.field, channels, full_coords, full_coords, gens, g_init_std=config.g_init_std,
+    # Without gradient steps (the closed-form presets) the solve overwrites G's start before reading it and h is
+    # never used: neither is drawn (host work of about 8 ms an image at ViT-B/14's shapes). Nothing is drawn from
+    # the generators after them, so every other value is the same as with the draws.
+    closed_form = config.linear_solve_iters > 0 and config.steps == 0
+    model = NoiseModel(config.field, channels, full_coords, full_coords, gens,
+                       g_init_std=0.0 if closed_form else config.g_init_std,
                        g_init=None if g_init is None else g_init.to(device, torch.float32),
-                       residual=config.residual).to(device)
+                       residual=config.residual and config.steps > 0, device=device).to(device)
     if config.linear_solve_iters:
         model.solve_linear(raw, xy, views, config.linear_solve_iters, full_weight=config.full_view_weight,
                            high_norm=config.high_norm, smooth=config.field_smooth)

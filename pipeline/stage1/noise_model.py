@@ -55,17 +55,20 @@ class NoiseModel(nn.Module):
         generators: one CPU generator per image; all initial values of image ``b`` come from ``generators[b]``.
         g_init_std: ``G`` starts as ``N(0, std^2)`` (reference: 0.02), or from ``g_init`` if given.
         g_init: optional ``(C, gh, gw)`` or ``(B, C, gh, gw)`` starting ``G`` (e.g. a model-level estimate).
+        residual: build ``h`` (its random start is drawn after ``F``'s and ``G``'s).
+        device: where zero starts are made; random ones are drawn on the CPU. Move the model there after.
     """
 
     def __init__(self, field: FieldConfig, channels: int, full_coords: torch.Tensor, view_coords: torch.Tensor,
                  generators: Sequence[torch.Generator], *, g_init_std: float = 0.02,
-                 g_init: torch.Tensor | None = None, residual: bool = True):
+                 g_init: torch.Tensor | None = None, residual: bool = True,
+                 device: torch.device | str | None = None):
         super().__init__()
         gh, gw = view_coords.shape[:2]
-        self.field = create_field(field, channels, generators, full_coords)
+        self.field = create_field(field, channels, generators, full_coords, device=device)
         span = ((float(view_coords[0, 0, 0]), float(view_coords[0, -1, 0])),
                 (float(view_coords[0, 0, 1]), float(view_coords[-1, 0, 1])))
-        self.artifact = BatchedGrid(channels, (gh, gw), generators, span=span, init_std=g_init_std)
+        self.artifact = BatchedGrid(channels, (gh, gw), generators, span=span, init_std=g_init_std, device=device)
         if g_init is not None:
             with torch.no_grad():
                 self.artifact.grid.copy_(g_init.expand_as(self.artifact.grid))
