@@ -129,3 +129,25 @@ def test_apply_runs_a_denoiser_trained_on_a_custom_backbone(tmp_path, sample_ima
     data = FeatureStore.open(config.output).get(pending["image_id"].to_numpy())
     np.testing.assert_allclose(data["clean"].astype(np.float32), clean.numpy(), atol=2e-2, rtol=1e-2)
     np.testing.assert_allclose(data["raw"].astype(np.float32), raw.numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_the_zero_cost_block_worker_writes_raw_plus_the_positional_embedding(tmp_path, sample_images, one_torch_thread):
+    """The benchmarks' apply worker (``pipeline.testing.zero_denoiser``) keeps everything but the block: ``clean`` is
+    ``raw`` plus the denoiser's positional embedding, the same map for every image."""
+    from pipeline.testing.zero_denoiser import ZeroBlockApplyWorker
+
+    weights, path = write_custom_denoiser(str(tmp_path))
+    config = ApplyConfig(images=str(sample_images[0].parent), output=str(tmp_path / "zero.zarr"), denoiser=path,
+                         weights=weights, model="tests.custom_backbone:create", limit=2)
+    store, _, pending, config = prepare_apply_store(config)
+    worker = ZeroBlockApplyWorker(config, store.layout.geometry())
+    out = worker(fetch_bytes({"image_id": pending["image_id"].to_numpy(), "uri": np.array(pending["uri"].to_pylist())}))
+    assert out["status"].tolist() == ["ok", "ok"], out["error"]
+    assert isinstance(worker.model.denoiser.blocks, torch.nn.Identity)
+    data = FeatureStore.open(config.output).get(pending["image_id"].to_numpy())
+    added = data["clean"].astype(np.float32) - data["raw"].astype(np.float32)
+    denoiser, _ = load_denoiser(path)
+    pos = denoiser.pos_embed_for(added.shape[1:3]).detach().reshape(added.shape[1:]).numpy()
+    assert np.abs(data["raw"]).max() > 0 and np.abs(pos).max() > 0
+    for image in added:
+        np.testing.assert_allclose(image, pos, atol=2e-2)
