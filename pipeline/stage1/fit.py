@@ -146,11 +146,11 @@ PRESETS: dict[str, Stage1Config] = {
     "paper": Stage1Config(),
     "default": Stage1Config(
         views=ViewConfig(num_views=24, scale=(0.3, 0.7)), field=FieldConfig(kind="grid", grid_factor=2), steps=0,
-        linear_solve_iters=30, full_view_weight=10.0, high_norm=2.5, field_smooth=0.03),
+        linear_solve_iters=30, full_view_weight=10.0, high_norm=3.0, field_smooth=0.03),
     # A tiny schedule for tests and smoke runs (seconds on a CPU).
     "ci": Stage1Config(
         views=ViewConfig(num_views=10), field=FieldConfig(kind="grid", grid_factor=2), steps=0,
-        linear_solve_iters=20, full_view_weight=5.0, high_norm=2.5, field_smooth=0.03),
+        linear_solve_iters=20, full_view_weight=5.0, high_norm=3.0, field_smooth=0.03),
 }
 
 
