@@ -20,7 +20,7 @@ ALLOWED = {
     "stage2": {"vit", "runtime", "store", "io"},
     "stage3": {"stage2", "vit", "runtime", "store", "io"},
     "denoise": {"stage1", "stage2", "vit", "runtime", "store", "io"},
-    "testing": {"vit", "stage1", "store", "runtime", "io"},
+    "testing": {"vit", "stage1", "stage2", "store", "runtime", "io"},  # stage2: the zero-cost apply worker
     "analysis": {"stage1", "stage2", "stage3", "denoise", "vit", "runtime", "store", "io"},
     "eval": {"analysis", "stage1", "stage2", "stage3", "denoise", "vit", "runtime", "store", "io"},
 }
