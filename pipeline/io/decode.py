@@ -131,39 +131,52 @@ def resize_to_tensor(pixels: np.ndarray, size: int) -> torch.Tensor:
 
 
 def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` uint8: the resize of :func:`resize_to_tensor` (antialiased bicubic,
-    stretched to a square), before the conversion to float, so a quarter of the bytes travel to the model."""
-    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
-    return np.array(image, dtype=np.uint8)  # writable, so torch can take it without a copy
+    """``(H, W, 3)`` uint8 -> ``(3, size, size)`` uint8, channels first: the resize of :func:`resize_to_tensor`
+    (antialiased bicubic, stretched to a square) before the conversion to float, so a quarter of the bytes travel
+    to the model, already in the layout it takes.
+
+    Torch's uint8 kernel for PIL's filter (bicubic with ``a = -0.5``, antialiased when shrinking), reading the
+    pixels in place as a channels-last image: within 2 grey levels of PIL's ``Image.resize`` (mean difference
+    under 0.01) for 5-8x less CPU (``benchmarks/feed.py --parts steps``), and it releases the GIL, so decode
+    threads resize in parallel.
+    """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"resize_pixels: expected (H, W, 3) uint8 pixels, got {pixels.shape} {pixels.dtype}")
+    if not pixels.flags.writeable:  # torch.from_numpy wants a writable array; the pixels are only read
+        pixels = np.array(pixels)
+    source = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) view, channels-last in memory
+    if pixels.shape[:2] == (size, size):
+        return source.contiguous().numpy()
+    out = torch.nn.functional.interpolate(source[None], size=(size, size), mode="bicubic", antialias=True,
+                                          align_corners=False)
+    return out[0].contiguous().numpy()
 
 
 def pixels_to_float(pixels: torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-    """``(B, S, S, 3)`` uint8 (on any device), or a list of ``(S, S, 3)`` uint8 images, -> ``(B, 3, S, S)`` float32
+    """``(B, 3, S, S)`` uint8 (on any device), or a list of ``(3, S, S)`` uint8 images, -> ``(B, 3, S, S)`` float32
     in ``[0, 1]``, contiguous: the numbers :func:`resize_to_tensor` gives (``x / 255`` in float32), computed where
-    the pixels are (on the GPU after a uint8 upload). Each image is transposed and converted in one pass into the
-    one output buffer (no stacked uint8 copy first)."""
+    the pixels are (on the GPU after a uint8 upload). A list is converted image by image into the one output
+    buffer (no stacked uint8 copy first)."""
     if isinstance(pixels, torch.Tensor):
-        out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
-        out.copy_(pixels.permute(0, 3, 1, 2))
-        return out.div_(255.0)
+        return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
     rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in pixels]
-    out = torch.empty((len(rows), 3, *rows[0].shape[:2]), dtype=torch.float32)
+    out = torch.empty((len(rows), *rows[0].shape), dtype=torch.float32)
     for j, row in enumerate(rows):
-        out[j].copy_(row.permute(2, 0, 1))
+        out[j].copy_(row)
     return out.div_(255.0)
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, config: DecodeConfig = DecodeConfig(),
                  draft: bool = False, threads: int = 1) -> dict[str, np.ndarray]:
     """The jobs' decode step (a Ray Data CPU task, or a worker's own): rows ``image_id, uri, bytes, error`` (what
-    :func:`pipeline.io.listing.fetch_bytes` and shard readers produce) -> ``image_id, uri, pixels`` (``(n, size,
-    size, 3)`` uint8, the model's input), ``width, height`` (the image's own, 0 when it failed) and ``error``
+    :func:`pipeline.io.listing.fetch_bytes` and shard readers produce) -> ``image_id, uri, pixels`` (``(n, 3, size,
+    size)`` uint8, the model's input), ``width, height`` (the image's own, 0 when it failed) and ``error``
     (empty when it decoded; a failed read's error is kept). ``draft``: :func:`decode_image`'s fast JPEG path.
     ``threads``: images decoded at once (PIL releases the GIL while it decodes and resizes, so threads of one
     process use several cores)."""
     ids = np.asarray(batch["image_id"], dtype=np.int64)
     n = len(ids)
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
     width, height = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     errors = [str(e) if e else "" for e in batch["error"]]
     data = batch["bytes"]

@@ -234,7 +234,7 @@ class ImageBatchWorker:
                 continue
             rows[i].update(width=int(batch["width"][j]), height=int(batch["height"][j]))
             pixels[i] = batch["pixels"][j]
-        if pixels and batch["pixels"].shape[1:] != (self.input_size, self.input_size, 3):
+        if pixels and batch["pixels"].shape[1:] != (3, self.input_size, self.input_size):
             raise ValueError(f"decoded pixels of shape {batch['pixels'].shape[1:]} reached a worker for "
                              f"{self.input_size} px input")
         with self._model_lock:  # the model takes one batch at a time; another batch's writes go on meanwhile
@@ -293,7 +293,7 @@ class ImageBatchWorker:
         return results
 
     def _to_device(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Decoded uint8 images ``(S, S, 3)`` -> ``(B, 3, S, S)`` float in ``[0, 1]`` on the worker's device. The
+        """Decoded uint8 images ``(3, S, S)`` -> ``(B, 3, S, S)`` float in ``[0, 1]`` on the worker's device. The
         uint8 pixels travel (a quarter of float32's bytes), to a GPU through pinned memory without blocking (the
         copy is queued on the stream that then computes on it), and become floats there."""
         if self.device.type != "cuda":

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_to_tensor
+from ..io.decode import DecodeConfig, ImageDecodeError, decode_image, resize_pixels
 from ..io.listing import fetch_bytes
 from ..io.shard_reads import read_blocks, read_shard_members
 from ..runtime.ray_train import uri_fraction
@@ -60,7 +60,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int,
         except ImageDecodeError as e:
             _log.warning("skipping %s: %s", uri, e)
             continue
-        pixels[i] = (resize_to_tensor(image.pixels, size) * 255).round_().to(torch.uint8).numpy()
+        pixels[i] = resize_pixels(image.pixels, size)
         ok[i] = True
     return {"pixels": pixels, "ok": ok}
 
