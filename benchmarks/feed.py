@@ -460,7 +460,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dvt-bench-feed-"))
     paths = photo_corpus(work / "images", args.images)
-    results: dict = {"images": args.images, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
+    results: dict = {"images": args.images, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
+                     # the steps part runs in this process: with torch's huge-page allocations or without
+                     "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}
     parts = args.parts.split(",")
     extra = args.job_args.split()
     if "steps" in parts:

@@ -200,11 +200,18 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
 
 
 def worker_env() -> dict[str, str]:
-    """Environment of the worker actors: OpenMP threads that sleep when they have no work
-    (``OMP_WAIT_POLICY=PASSIVE``) unless the caller's environment says otherwise. An actor's torch threads share
-    its cores with its decode and chunk-write threads; left spinning between operations they took ~11 of ~27 ms
-    of CPU per image on 2 cores (``docs/feed.md``). A ViT forward's large operations hardly notice the wake-ups."""
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    """Environment of the worker actors, each setting kept when the caller's environment has its own:
+
+    * ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads sleep when they have no work. An actor's torch threads share
+      its cores with its decode and chunk-write threads; left spinning between operations they took ~11 of ~27 ms
+      of CPU per image on 2 cores (``docs/feed.md``). A ViT forward's large operations hardly notice the wake-ups.
+    * ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator asks for transparent huge pages on allocations of 2 MiB
+      and more. A batch's buffers (float pixels, features, float16 copies: tens of MB) are fresh memory every
+      batch, and faulting them in 4 KiB pages cost ~1.3 ms of kernel time per 3 MB image buffer; with 2 MiB
+      pages, a quarter of that (``docs/feed.md``). Without THP in the kernel (``never``) it changes nothing.
+    """
+    return {name: os.environ.get(name, default)
+            for name, default in (("OMP_WAIT_POLICY", "PASSIVE"), ("THP_MEM_ALLOC_ENABLE", "1"))}
 
 
 def _settle_ledger(folder: LedgerFolder, finished: bool) -> None:
