@@ -156,7 +156,8 @@ PRESETS: dict[str, Stage1Config] = {
 
 @dataclass
 class Stage1Result:
-    """One image's stage-1 output (tensors on the CPU, fp32, channels last).
+    """One image's stage-1 output (fp32 tensors, channels last, on the CPU unless the fit was asked to keep them on
+    its device: a job converts them to its store's dtype there, and half the bytes cross to the host).
 
     Attributes:
         clean: ``F`` on the full image's patch grid ``(gh, gw, C)``: the denoised features.
@@ -243,7 +244,7 @@ def _adam(model: torch.nn.Module, config: Stage1Config) -> torch.optim.Adam:
 
 def fit_images(backbone: FeatureBackbone, images: torch.Tensor, config: Stage1Config, *, image_ids: Sequence[int],
                seed: int = 0, progress: Callable[[int, int, dict[str, float]], None] | None = None,
-               g_init: torch.Tensor | None = None) -> list[Stage1Result]:
+               g_init: torch.Tensor | None = None, keep_on_device: bool = False) -> list[Stage1Result]:
     """Fit stage 1 to ``images`` ``(B, 3, S, S)`` in ``[0, 1]`` together; one result per image.
 
     Args:
@@ -252,6 +253,7 @@ def fit_images(backbone: FeatureBackbone, images: torch.Tensor, config: Stage1Co
         image_ids: one distinct id per image; with ``seed`` they fix the image's views and random draws.
         progress: called as ``progress(step, steps, losses)`` every ~5% of the schedule.
         g_init: optional starting ``G`` ``(C, gh, gw)`` shared by all images (a model-level estimate).
+        keep_on_device: leave the result tensors where the fit ran instead of copying them to the CPU.
     """
     _validate(backbone, images, image_ids, config)
     amp = _DTYPES[config.amp_dtype] if config.amp_dtype else None
@@ -260,12 +262,12 @@ def fit_images(backbone: FeatureBackbone, images: torch.Tensor, config: Stage1Co
                               chunk=config.view_chunk, dtype=_DTYPES[config.feature_dtype], autocast_dtype=amp)
     except ValueError as e:
         raise Stage1Error(str(e)) from None
-    return fit_views(batch, config, seed=seed, progress=progress, g_init=g_init)
+    return fit_views(batch, config, seed=seed, progress=progress, g_init=g_init, keep_on_device=keep_on_device)
 
 
 def fit_views(batch: ViewBatch, config: Stage1Config, *, seed: int = 0,
               progress: Callable[[int, int, dict[str, float]], None] | None = None,
-              g_init: torch.Tensor | None = None) -> list[Stage1Result]:
+              g_init: torch.Tensor | None = None, keep_on_device: bool = False) -> list[Stage1Result]:
     """Fit stage 1 to view features already extracted (:func:`pipeline.stage1.view_features.extract_batch`)."""
     t0 = time.perf_counter()
     raw, xy, views, full_coords = batch.raw, batch.xy, batch.views, batch.full_coords
@@ -319,7 +321,7 @@ def fit_views(batch: ViewBatch, config: Stage1Config, *, seed: int = 0,
     model.fix_gauge()  # the stated split: G has zero mean over the view grid, F keeps the image mean
     del interp
     results = _readout(model, raw, xy, full_coords, views, config, batch.image_ids,
-                       use_residual=config.residual and config.steps > freeze_step)
+                       use_residual=config.residual and config.steps > freeze_step, keep_on_device=keep_on_device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     fit_seconds = time.perf_counter() - t0
@@ -334,7 +336,7 @@ def fit_views(batch: ViewBatch, config: Stage1Config, *, seed: int = 0,
 @torch.no_grad()
 def _readout(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, full_coords: torch.Tensor,
              views: int, config: Stage1Config, image_ids: Sequence[int], *, use_residual: bool,
-             chunk: int = 16384) -> list[Stage1Result]:
+             keep_on_device: bool = False, chunk: int = 16384) -> list[Stage1Result]:
     b, n, c = raw.shape
     gh, gw = full_coords.shape[:2]
     chunk = max(1, chunk // (gh * gw)) * gh * gw  # whole views per chunk
@@ -372,14 +374,18 @@ def _readout(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, full_coords
         full_norm = model.residual(raw_full.reshape(b, -1, c).float()).float().norm(dim=-1).reshape(b, gh, gw)
     else:
         full_norm = tok_norm[:, : gh * gw].reshape(b, gh, gw)
+    host = (lambda t: t) if keep_on_device else (lambda t: t.cpu())
+    # the scalars of every image in one device read each, not one per image
+    norm_mean, norm_max = tok_norm.mean(1).tolist(), tok_norm.amax(1).tolist()
+    per_image_losses = {k: v.float().tolist() for k, v in losses.items()}
     out = []
     for i, image_id in enumerate(image_ids):
         out.append(Stage1Result(
-            image_id=int(image_id), clean=clean[i].cpu(), raw=raw_full[i].float().cpu(), artifact=artifact[i].cpu(),
-            artifact_native=native[i].detach().float().cpu(), residual_norm=full_norm[i].cpu(),
-            residual_norm_mean=float(tok_norm[i].mean()), residual_norm_max=float(tok_norm[i].max()),
-            losses={k: float(v[i]) for k, v in losses.items()}, seconds=0.0,
-            clean_fine=None if fine is None else fine[i].cpu()))
+            image_id=int(image_id), clean=host(clean[i]), raw=host(raw_full[i].float()), artifact=host(artifact[i]),
+            artifact_native=host(native[i].detach().float()), residual_norm=host(full_norm[i]),
+            residual_norm_mean=norm_mean[i], residual_norm_max=norm_max[i],
+            losses={k: v[i] for k, v in per_image_losses.items()}, seconds=0.0,
+            clean_fine=None if fine is None else host(fine[i])))
     return out
 
 
