@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -109,6 +110,8 @@ def main() -> None:
     both.append(after[1])
     load.append(os.getloadavg()[0])
     ray.shutdown()
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
     base = sum(plain) / len(plain)
     print(f"\nApply speed: {args.model} at {args.size} px, {args.images} images, batch {args.batch}, "
           f"{threads} torch threads ({os.cpu_count()} CPUs; 1-minute load average {load[0]:.1f} before, "
