@@ -145,7 +145,8 @@ class NoiseModel(nn.Module):
 
     @torch.no_grad()
     def solve_linear(self, raw: torch.Tensor, coords: torch.Tensor, views: int, iters: int, *,
-                     full_weight: float = 1.0, high_norm: float = 0.0, smooth: float = 0.0) -> torch.Tensor:
+                     full_weight: float | torch.Tensor = 1.0, high_norm: float = 0.0,
+                     smooth: float = 0.0) -> torch.Tensor:
         """Alternate exact ``G`` and Jacobi ``F`` updates of the weighted least-squares problem
         ``min sum_tokens w ||F(x) + G(p) - raw||^2 + smooth * ||grad F||^2``; returns the token weights.
 
@@ -154,7 +155,8 @@ class NoiseModel(nn.Module):
 
         * ``G(p)`` is the mean over views of ``raw - F`` (every view counts the same: each is one more
           observation of the same artifact).
-        * ``F``'s tokens weigh ``full_weight`` in the full view and 1 elsewhere. A crop's patch covers less of
+        * ``F``'s tokens weigh ``full_weight`` (a number, or one per image ``(B,)``) in the full view and 1
+          elsewhere. A crop's patch covers less of
           the image than a full-view patch, so its content differs from the full view's at the same place;
           the full view is the scale the clean map is read at, so it leads ``F`` while crops, where the
           artifact sits at other image places, separate ``F`` from ``G``.
@@ -181,7 +183,10 @@ class NoiseModel(nn.Module):
             dev = (raw - raw.mean(1, keepdim=True)).norm(dim=-1, keepdim=True)
             keep = (dev <= high_norm * dev.median(1, keepdim=True).values).float()
         f_w = keep.clone()
-        f_w[:, :p] *= full_weight
+        if isinstance(full_weight, torch.Tensor):
+            f_w[:, :p] *= full_weight.to(f_w).view(-1, 1, 1)
+        else:
+            f_w[:, :p] *= full_weight
         weight = interp.splat(f_w).view(b * rh * rw, 1)  # per node: sum of its tokens' bilinear weights
         lam = smooth * weight.view(b, -1).mean(1).repeat_interleave(rh * rw)[:, None]
         for _ in range(iters):

@@ -79,3 +79,29 @@ def test_closed_form_solve_recovers_a_known_f_and_g():
     err_f = (got_f - clean(full.reshape(-1, 2))).norm() / clean(full.reshape(-1, 2)).norm()
     assert err_g < 0.02 and err_f < 0.02, (float(err_g), float(err_f))
     assert F.cosine_similarity(got_f, clean(full.reshape(-1, 2)), dim=-1).min() > 0.99
+
+
+def test_a_full_view_weight_per_image_is_each_image_solved_with_its_own():
+    """``full_weight`` may be one number per image: image i's fit is the one a batch of it alone gets with
+    ``full_weight[i]`` (the images of a batch never mix), and a weight of W for every image is the number W."""
+    b, c, g, views = 3, 4, 5, 6
+    torch.manual_seed(1)
+    coords = torch.rand(b, views * g * g, 2)
+    coords[:, : g * g] = _coords(g).reshape(1, -1, 2)  # view 0 is the full view
+    raw = torch.randn(b, views * g * g, c)
+    weights = torch.tensor([1.0, 7.5, 40.0])
+
+    def fit(model: NoiseModel, rows: slice, weight) -> torch.Tensor:
+        model.field.grid.data.zero_()
+        model.artifact.grid.data.zero_()
+        model.solve_linear(raw[rows], coords[rows], views, iters=15, full_weight=weight, high_norm=3.0, smooth=0.03)
+        return torch.cat([model.field.grid.data.flatten(1), model.artifact.grid.data.flatten(1)], 1)
+
+    batch = fit(_model("grid", b=b, c=c, g=g), slice(0, b), weights)
+    for i in range(b):
+        alone = fit(_model("grid", b=1, c=c, g=g), slice(i, i + 1), float(weights[i]))
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    same = fit(_model("grid", b=b, c=c, g=g), slice(0, b), torch.full((b,), 7.5))
+    torch.testing.assert_close(same, fit(_model("grid", b=b, c=c, g=g), slice(0, b), 7.5))
+    unweighted = fit(_model("grid", b=1, c=c, g=g), slice(2, 3), 1.0)
+    assert (batch[2:] - unweighted).abs().max() > 1e-3  # the weight does change the fit
