@@ -183,10 +183,7 @@ class NoiseModel(nn.Module):
             dev = (raw - raw.mean(1, keepdim=True)).norm(dim=-1, keepdim=True)
             keep = (dev <= high_norm * dev.median(1, keepdim=True).values).float()
         f_w = keep.clone()
-        if isinstance(full_weight, torch.Tensor):
-            f_w[:, :p] *= full_weight.to(f_w).view(-1, 1, 1)
-        else:
-            f_w[:, :p] *= full_weight
+        f_w[:, :p] *= torch.as_tensor(full_weight, dtype=f_w.dtype, device=f_w.device).reshape(-1, 1, 1)
         weight = interp.splat(f_w).view(b * rh * rw, 1)  # per node: sum of its tokens' bilinear weights
         lam = smooth * weight.view(b, -1).mean(1).repeat_interleave(rh * rw)[:, None]
         for _ in range(iters):
