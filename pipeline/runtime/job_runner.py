@@ -199,19 +199,37 @@ def run_image_job(*, job: str, store: FeatureStore, covered: int, pending: pa.Ta
     return summary
 
 
+#: Environment of the worker actors (:func:`worker_env`), each setting a default the caller's environment overrides.
+WORKER_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "THP_MEM_ALLOC_ENABLE": "1",
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+}
+
+
 def worker_env() -> dict[str, str]:
-    """Environment of the worker actors, each setting kept when the caller's environment has its own:
+    """Environment of the worker actors (:data:`WORKER_ENV`), each setting kept when the caller's environment has
+    its own:
 
     * ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads sleep when they have no work. An actor's torch threads share
       its cores with its decode and chunk-write threads; left spinning between operations they took ~11 of ~27 ms
       of CPU per image on 2 cores (``docs/feed.md``). A ViT forward's large operations hardly notice the wake-ups.
     * ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator asks for transparent huge pages on allocations of 2 MiB
-      and more. A batch's buffers (float pixels, features, float16 copies: tens of MB) are fresh memory every
-      batch, and faulting them in 4 KiB pages cost ~1.3 ms of kernel time per 3 MB image buffer; with 2 MiB
-      pages, a quarter of that (``docs/feed.md``). Without THP in the kernel (``never``) it changes nothing.
+      and more, so a buffer that is new memory faults in 2 MiB pages rather than 4 KiB ones. Without THP in the
+      kernel (``never``) it changes nothing.
+    * ``MALLOC_ARENA_MAX=1``, ``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_=16 GiB``: glibc's allocator keeps
+      freed memory for the next batch instead of giving it back. A batch's buffers (float pixels, normalised
+      pixels, features, float16 results: 140-240 MB a batch of 16 at 518 px) are above glibc's largest mmap
+      threshold (32 MB) and larger than a thread arena's heap (64 MB), so with the defaults every batch mapped
+      them afresh and the kernel zeroed and faulted in ~9 MB per image: 11-14 ms of a worker's ~23 ms of CPU
+      per image on 2 cores, and more on a virtual machine whose host reclaims freed memory (``docs/feed.md``).
+      One arena (the main heap) serves Ray's call threads alike, so its free blocks are reused by whichever call
+      runs next. The cost: a worker keeps its peak heap until it exits (1.7 GB for two calls in flight at 518 px,
+      measured), as torch's GPU caching allocator keeps its blocks. Other C libraries ignore the variables.
     """
-    return {name: os.environ.get(name, default)
-            for name, default in (("OMP_WAIT_POLICY", "PASSIVE"), ("THP_MEM_ALLOC_ENABLE", "1"))}
+    return {name: os.environ.get(name, default) for name, default in WORKER_ENV.items()}
 
 
 def _settle_ledger(folder: LedgerFolder, finished: bool) -> None:

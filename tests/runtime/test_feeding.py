@@ -182,15 +182,18 @@ def test_workers_fetch_and_decode_their_units_where_cpus_are_scarce(ray_local, t
         np.testing.assert_array_equal(got.get(got.ids(), (name,))[name], want.get(want.ids(), (name,))[name])
 
 
-def test_worker_env_sleeps_openmp_and_asks_for_huge_pages_unless_the_caller_says_otherwise(monkeypatch):
+def test_worker_env_sets_threads_pages_and_allocator_unless_the_caller_says_otherwise(monkeypatch):
     from pipeline.runtime.job_runner import worker_env
 
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    assert worker_env() == {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert worker_env() == {"OMP_WAIT_POLICY": "ACTIVE", "THP_MEM_ALLOC_ENABLE": "0"}
+    defaults = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1", "MALLOC_ARENA_MAX": "1",
+                "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+    for name in defaults:
+        monkeypatch.delenv(name, raising=False)
+    assert worker_env() == defaults
+    mine = {"THP_MEM_ALLOC_ENABLE": "0", "OMP_WAIT_POLICY": "ACTIVE", "MALLOC_ARENA_MAX": "8"}
+    for name, value in mine.items():
+        monkeypatch.setenv(name, value)
+    assert worker_env() == {**defaults, **mine}
 
 
 _FAULTS = """
@@ -219,3 +222,43 @@ def test_torch_honours_the_huge_page_setting_of_the_workers():
         out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
         faults[value] = int(out.stdout.split()[-1])
     assert faults["1"] * 4 < faults["0"], faults
+
+
+_BATCHES = """
+import resource, threading, torch
+faults = []
+def batches():  # in a thread of its own, as Ray runs an actor's calls: glibc gives it an arena of its own
+    for _ in range(24):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        pixels = torch.empty(16, 3, 518, 518).fill_(0.5)  # a batch's float pixels at 518 px (52 MB)
+        normalised = (pixels - 0.5).div_(0.25)
+        del pixels
+        features = normalised[:, 0, :37, :37, None].expand(16, 37, 37, 768).to(torch.float16)  # 34 MB
+        del normalised, features
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+torch.empty(1)
+thread = threading.Thread(target=batches)
+thread.start()
+thread.join()
+print(sum(faults[-8:]))
+"""
+
+
+def test_worker_allocator_settings_reuse_a_batch_buffer_instead_of_faulting_it_in_again():
+    """What the workers' ``MALLOC_*`` settings buy: once the heap has grown to a batch's buffers (a few batches), a
+    batch faults in (almost) nothing, where glibc's defaults fault every buffer in again (a C library that stopped
+    honouring the variables would show here)."""
+    import subprocess
+    import sys
+
+    from pipeline.runtime.job_runner import WORKER_ENV
+
+    faults = {}
+    for label, extra in (("glibc defaults", {}),
+                         ("worker settings", {k: v for k, v in WORKER_ENV.items() if k.startswith("MALLOC_")})):
+        env = {"THP_MEM_ALLOC_ENABLE": "0", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **extra}
+        out = subprocess.run([sys.executable, "-c", _BATCHES], env=env, capture_output=True, text=True, check=True)
+        faults[label] = int(out.stdout.split()[-1])
+    pages = 16 * 3 * 518 * 518 * 4 // 4096  # one float pixel buffer in 4 KiB pages; the last 8 batches fault
+    assert faults["glibc defaults"] > 8 * pages, faults  # ~2.7 buffers' worth each
+    assert faults["worker settings"] < pages // 10, faults
