@@ -115,6 +115,41 @@ def test_a_failed_chunk_write_fails_the_unit(tmp_path, monkeypatch):
     np.testing.assert_array_equal(FeatureStore.open(store.url).get([5])["raw"], unit([4, 5])[1]["raw"][1:].astype("float16"))
 
 
+def test_local_chunks_reach_the_disk_before_their_rename_and_before_the_units_part(tmp_path, monkeypatch):
+    """A committed unit survives a power cut: each chunk is synced (then dropped from the page cache) before it
+    is renamed into place, and all of them before the unit's manifest part is written."""
+    store = FeatureStore.create(str(tmp_path / "s.zarr"), LAYOUT, URIS)
+    events = []
+    sync, replace, write_part = getattr(os, "fdatasync", os.fsync), os.replace, store_writer.write_part
+
+    def recording_sync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        sync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    def recording_part(*args, **kwargs):
+        events.append(("part",))
+        return write_part(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync", recording_sync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(store_writer, "write_part", recording_part)
+    store.write_unit(*unit([2, 3]))
+    monkeypatch.undo()
+
+    chunks = [e for e in events if e[0] == "replace" and "/c/" in e[2]]
+    assert len(chunks) == 2 * len(LAYOUT.arrays)
+    for _, tmp, _ in chunks:  # synced as the temporary file, before the rename
+        synced = [j for j, e in enumerate(events) if e == ("sync", os.path.realpath(tmp))]
+        assert synced and synced[0] < events.index(("replace", tmp, _)), events
+    assert events.index(("part",)) > max(events.index(e) for e in chunks)
+    np.testing.assert_array_equal(FeatureStore.open(store.url).get([3])["raw"],
+                                  unit([2, 3])[1]["raw"][1:].astype("float16"))
+
+
 def test_a_units_rows_of_one_batch_travel_without_a_copy():
     from pipeline.store.writer import _rows
 
