@@ -20,7 +20,11 @@ present, repeated). Parts:
   ``--dvt-images`` images (stage 1's solve takes seconds per image on a CPU).
 
 Job parts also give CPU milliseconds per committed image in the steady part of the run (between the commits of
-20% and 80% of the images), per kind of process (from /proc, sampled every 0.2 s).
+20% and 80% of the images), per kind of process (from /proc, sampled every 0.2 s), and the model worker's by
+thread: its pools by name (``dvt-decode``, ``dvt-chunks``; Ray runs the actor's calls in ``Dummy-*`` threads),
+named with ``py-spy dump`` where py-spy is installed, and its native threads (torch's intra-op pool). They also
+give the share of the machine's CPU time its host took for other guests while the job ran (``steal_share``, from
+/proc/stat): on a shared virtual machine the rates move with it, CPU per image far less.
 
 Job rates are steady rates from the store's manifest (commit times after each worker's first unit, so the
 start-up is left out), with the whole job's images/s beside them.
@@ -41,6 +45,8 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -291,6 +297,48 @@ def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+_PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+_THREAD_LINE = re.compile(r'^Thread (\d+) \(\w+\): "(.*)"', re.M)
+
+
+def _python_thread_names(pid: int) -> dict[int, str]:
+    """OS thread id -> Python thread name of a running process (``py-spy dump``; empty without py-spy). Threads
+    not in it are native: torch's intra-op pool, Ray's core-worker threads."""
+    if _PY_SPY is None:
+        return {}
+    try:
+        text = subprocess.run([_PY_SPY, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                              timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(tid): name for tid, name in _THREAD_LINE.findall(text)}
+
+
+def _thread_group(name: str | None) -> str:
+    """A thread pool's name without its index (``dvt-decode_3`` -> ``dvt-decode``)."""
+    if name is None:
+        return "native threads (torch intra-op, Ray core worker)"
+    return re.sub(r"_\d+$", "", name)
+
+
 def _process_kind(pid: int, name: str, root: int) -> str:
     """Which part of a job a process is, for the per-process CPU table."""
     if pid == root:
@@ -302,14 +350,26 @@ def _process_kind(pid: int, name: str, root: int) -> str:
     return "Ray's processes (raylet, GCS, dashboard agent, log monitor)"
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(steal, all) ticks of the machine's CPUs since boot (/proc/stat): on a virtual machine, time its host gave
+    to others, which slows every figure here by more than the load average shows."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return values[7] if len(values) > 7 else 0, sum(values[:8])
+
+
 def run_job(name: str, args: list[str], work: Path, timeout: float) -> dict:
     """Run ``python args`` (its own local Ray); wall seconds and the CPU seconds of its whole process tree
     (the job, Ray's processes and workers, sampled every 0.2 s: a machine shared with other work changes this
     figure far less than wall time). The samples stay in ``_samples`` for :func:`steady_cpu`."""
     log = work / f"{name}.log"
+    steal_before, ticks_before = _cpu_ticks()
     began = time.monotonic()
     cpu: dict[int, float] = {}
     samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+    threads: list[tuple[float, dict[int, dict[int, float]]]] = []  # model workers' threads, per sample
+    names: dict[int, str] = {}
+    next_names = began + 5.0
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         while proc.poll() is None:
@@ -317,15 +377,24 @@ def run_job(name: str, args: list[str], work: Path, timeout: float) -> dict:
                 proc.kill()
                 raise RuntimeError(f"{name} timed out after {timeout:.0f} s; see {log}")
             tree = _tree_cpu(proc.pid)
-            samples.append((time.time(), tree))
+            now = time.time()
+            samples.append((now, tree))
+            workers = [pid for pid, (name, _) in tree.items() if _process_kind(pid, name, proc.pid) == "model worker"]
+            threads.append((now, {pid: _thread_cpu(pid) for pid in workers}))
+            if workers and time.monotonic() > next_names:  # pools start lazily: name the threads every 5 s
+                for pid in workers:
+                    names.update(_python_thread_names(pid))
+                next_names = time.monotonic() + 5.0
             for pid, (_, seconds) in tree.items():
                 cpu[pid] = max(cpu.get(pid, 0.0), seconds)
             time.sleep(0.2)
     wall = time.monotonic() - began
+    steal, ticks = (a - b for a, b in zip(_cpu_ticks(), (steal_before, ticks_before)))
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"{name} exited {proc.returncode}; see {log}")
     return {"wall_s": round(wall, 1), "cpu_s_process_tree": round(sum(cpu.values()), 1),
-            "_samples": samples, "_root": proc.pid}
+            "steal_share": round(steal / max(ticks, 1), 3), "load_after": round(os.getloadavg()[0], 2),
+            "_samples": samples, "_root": proc.pid, "_threads": threads, "_thread_names": names}
 
 
 def steady_cpu(job: dict, url: str) -> dict[str, float]:
@@ -334,6 +403,7 @@ def steady_cpu(job: dict, url: str) -> dict[str, float]:
     from pipeline.store import FeatureStore
 
     samples, root = job.pop("_samples"), job.pop("_root")
+    threads, names = job.pop("_threads"), job.pop("_thread_names")
     rows = FeatureStore.open(url).manifest().to_pylist()
     times = sorted(r["written_at"].timestamp() for r in rows)
     lo, hi = times[int(0.2 * len(times))], times[int(0.8 * len(times)) - 1]
@@ -351,6 +421,17 @@ def steady_cpu(job: dict, url: str) -> dict[str, float]:
         out[kind] = out.get(kind, 0.0) + seconds - (before.get(pid, (name, 0.0))[1])
     out = {k: round(1e3 * v / images, 1) for k, v in sorted(out.items())}
     out["total"] = round(sum(out.values()), 1)
+    # the model worker's CPU by thread (pool), so run-to-run differences show where they are
+    t_before = min(threads, key=lambda s: abs(s[0] - lo))[1]
+    t_after = min(threads, key=lambda s: abs(s[0] - hi))[1]
+    by_thread: dict[str, float] = {}
+    for pid, per_tid in t_after.items():
+        for tid, seconds in per_tid.items():
+            group = "MainThread" if tid == pid else _thread_group(names.get(tid))
+            by_thread[group] = by_thread.get(group, 0.0) + seconds - t_before.get(pid, {}).get(tid, 0.0)
+    if by_thread:
+        out["model_worker_by_thread"] = {k: round(1e3 * v / images, 2)
+                                         for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1])}
     out["window_images"] = images
     out["window_images_per_s"] = round(images / (hi - lo), 1)
     return out
