@@ -177,7 +177,7 @@ def store_layout(config: DenoiseConfig, backbone: Backbone, weights: dict[str, A
     stage-1 settings for ``dvt``; for ``bias`` this also checks the artifact file against the geometry and
     weights). :func:`plan_denoise` builds the arguments once."""
     if config.method == "dvt":
-        record, version = dataclasses.asdict(stage1), STAGE1_VERSION
+        record, version = stage1.record(), STAGE1_VERSION
     else:  # the method's own record; the geometry it is checked against is the layout's
         geometry = StoreLayout.from_backbone(backbone, config.input_size, arrays=config.arrays()).geometry()
         record, version = method_record(config, geometry, weights), None

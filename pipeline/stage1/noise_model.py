@@ -197,6 +197,40 @@ class NoiseModel(nn.Module):
         self.artifact.grid.data.copy_(g_nodes.transpose(1, 2).reshape_as(self.artifact.grid))
         return keep[..., 0]
 
+    @torch.no_grad()
+    def full_view_weights(self, raw: torch.Tensor, coords: torch.Tensor, views: int, keep: torch.Tensor,
+                          k: float, *, limit: float = 1000.0) -> torch.Tensor:
+        """A full-view weight per image ``(B,)`` for :meth:`solve_linear`, from the residuals of the solve this
+        model holds (one at a fixed weight; ``keep`` is what it returned).
+
+        The weight that minimises ``F``'s error at one place is ``1 + m b^2 / s^2``: ``m`` crop observations there,
+        ``b^2`` the crops' coherent disagreement with the full view (a crop's patch covers less of the image),
+        ``s^2`` the token noise. Per image, with ``E_full`` and ``E_crop`` the mean squared residuals of the full
+        view's and the crops' kept tokens, ``b^2 = (E_full - E_crop)(m + 1)/(m - 1)`` and
+        ``s^2 = (E_crop - b^2/(m + 1)^2)(m + 1)/m`` (``m`` from the bilinear splats of both onto ``F``'s nodes);
+        the weight is ``clamp(1 + k m b^2 / s^2, 1, limit)``. ``k`` corrects the estimate's bias (the first
+        solve's ``F`` and ``G`` absorb part of both energies): 10, chosen on the tuning images
+        (``docs/stage1.md``), picks 1 on smooth images and 10-90 on photographs.
+        """
+        b, n, c = raw.shape
+        p = self.artifact.grid.shape[-2] * self.artifact.grid.shape[-1]
+        rh, rw = self.field.grid.shape[-2:]
+        interp = GridInterp(self.field, coords)
+        flat = self.field.grid.data.float().flatten(2).transpose(1, 2).reshape(b * rh * rw, c)
+        g = self.artifact.grid.data.float().flatten(2).transpose(1, 2)  # (B, P, C)
+        resid = (raw.float() - interp.apply(flat)).view(b, views, p, c) - g[:, None]
+        kept = keep.view(b, views, p)
+        energy = resid.pow(2).sum(-1) * kept
+        e_full = energy[:, 0].sum(1) / kept[:, 0].sum(1).clamp_min(1)
+        e_crop = energy[:, 1:].sum((1, 2)) / kept[:, 1:].sum((1, 2)).clamp_min(1)
+        only_full = torch.cat([kept[:, :1], torch.zeros_like(kept[:, 1:])], 1).reshape(b, n, 1)
+        only_crops = torch.cat([torch.zeros_like(kept[:, :1]), kept[:, 1:]], 1).reshape(b, n, 1)
+        full_w, crop_w = interp.splat(only_full).view(b, -1), interp.splat(only_crops).view(b, -1)
+        m = (crop_w * full_w).sum(1) / full_w.pow(2).sum(1).clamp_min(1e-12)  # crop observations per full-view one
+        b2 = (e_full - e_crop).clamp_min(0) * (m + 1) / (m - 1).clamp_min(1e-3)
+        s2 = ((e_crop - b2 / (m + 1) ** 2) * (m + 1) / m).clamp_min(1e-12)
+        return (1 + k * m * b2 / s2).clamp(1, limit)
+
 
 def _laplacian(flat: torch.Tensor, b: int, rh: int, rw: int) -> torch.Tensor:
     """Graph Laplacian (4-neighbour, free boundary) of channels-last grid nodes ``flat (B * R, C)``."""

@@ -111,8 +111,11 @@ def stage1_lines(record: dict[str, Any]) -> list[str]:
                      f"+ MLP")
     solve = record.get("linear_solve_iters") or 0
     if solve:
+        rule = record.get("full_view_rule") or 0
+        weight = (f"per image (rule k={_num(rule)}, from a first solve at {_num(record.get('full_view_weight', 1))})"
+                  if rule else _num(record.get("full_view_weight", 1)))
         lines.append(f"solve:  closed form, {solve} alternating F/G least-squares solves; full view weight "
-                     f"{_num(record.get('full_view_weight', 1))}, high-norm tokens above "
+                     f"{weight}, high-norm tokens above "
                      f"{_num(record.get('high_norm', 0))}x the median left to the residual, smoothing "
                      f"{_num(record.get('field_smooth', 0))}")
     steps = record.get("steps") or 0

@@ -177,3 +177,55 @@ def test_presets_are_the_reference_and_a_cheaper_default():
     assert default.field.kind == "grid" and default.linear_solve_iters > 0
     assert paper.lr_at(0) < paper.lr_at(2000) == pytest.approx(0.01, rel=1e-3)
     assert paper.lr_at(19999) == pytest.approx(0.001, rel=1e-2)
+
+
+def test_a_full_view_weight_per_image_follows_the_full_views_disagreement_with_the_crops(backbone, images):
+    """The rule (``full_view_rule``): a first solve's residuals choose each image's full-view weight in [1, limit]:
+    1 where the full view and the crops agree up to noise, more where the full view holds what the crops do not.
+    On smooth images it keeps the fixed weight's fit. Bad values are refused by name."""
+    torch.manual_seed(0)
+    g, views, c = 5, 8, 4
+    centres = (torch.arange(g) + 0.5) / g
+    full = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)
+    xy = [full]
+    for _ in range(1, views):
+        scale = 0.5 + 0.3 * torch.rand(())
+        xy.append(full * scale + torch.rand(2) * (1 - scale))
+    coords = torch.cat(xy)[None].repeat(2, 1, 1)
+    raw = 0.05 * torch.randn(2, views * g * g, c)
+    raw[1, : g * g] += 0.5 * torch.randn(g * g, c)  # image 1: its full view holds detail no crop sees
+    model = NoiseModel(FieldConfig(kind="grid", grid_factor=2), c, full.reshape(g, g, 2), full.reshape(g, g, 2),
+                       [torch.Generator().manual_seed(i) for i in range(2)])
+    keep = model.solve_linear(raw, coords, views, 10)
+    weights = model.full_view_weights(raw, coords, views, keep, k=10.0, limit=50.0)
+    assert weights[0] == 1.0 and weights[1] == 50.0, weights
+
+    fixed = PRESETS["ci"].replace(full_view_weight=1.0)
+    true = backbone.clean_map(images[:2])
+    scores = {name: clean_scores(torch.stack([r.clean for r in fit_images(backbone, images[:2], config,
+                                                                              image_ids=[0, 1], seed=0)]), true)
+              for name, config in (("fixed", fixed), ("rule", fixed.replace(full_view_rule=10.0)))}
+    assert scores["rule"]["uncentred"] <= scores["fixed"]["uncentred"] * 1.02, scores
+    assert scores["rule"]["cosine"] > 0.99 and 0.9 <= scores["rule"]["mean_norm_ratio"] <= 1.1, scores
+
+    with pytest.raises(ValueError, match="full_view_rule"):
+        PRESETS["ci"].replace(full_view_rule=-1.0)
+    with pytest.raises(ValueError, match="full_view_rule"):
+        PRESETS["paper"].replace(full_view_rule=10.0)  # Adam only: no closed-form solve to weigh
+
+
+def test_stores_recorded_before_the_rule_existed_record_the_same_settings():
+    """A field added later is left out of a store's record while it holds the value that behaves as before, so a
+    store written before it existed resumes under the same preset; a preset that uses it records it."""
+    import dataclasses
+
+    from pipeline.stage1.fit import ADDED_LATER
+
+    for name in ("default", "ci", "paper"):
+        before = dataclasses.asdict(PRESETS[name])
+        for field in ADDED_LATER:
+            del before[field]  # what a store written before these fields existed holds
+        assert PRESETS[name].record() == before
+    assert PRESETS["quality"].record()["full_view_rule"] == 10.0
+    quality = PRESETS["quality"]
+    assert quality.views.num_views + 1 <= 96 and quality.linear_solve_iters and quality.steps == 0

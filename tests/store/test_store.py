@@ -458,3 +458,6 @@ def test_info_prints_the_settings_each_stage1_preset_really_uses():
     paper = "\n".join(stage1_lines(dataclasses.asdict(PRESETS["paper"])))
     assert "768 random crops of 10-50%" in paper and "hash grid (16 levels" in paper and "20000 steps" in paper
     assert "closed form" not in paper
+    quality = "\n".join(stage1_lines(PRESETS["quality"].record()))
+    assert "95 random crops" in quality and "full view weight per image (rule k=10, from a first solve at 1)" in quality
+    assert "per image" not in default
