@@ -265,20 +265,24 @@ def part_draft(paths: list[Path], size: int = 224, n: int = 16) -> dict[str, flo
             "features_relative_l2": round(float((a - b).norm() / a.norm()), 5), "input_size": size, "images": n}
 
 
+def _stat(path: str) -> tuple[int, float] | None:
+    """Parent pid and CPU seconds (user + system) from a /proc ``stat`` file (a process's or a thread's), or
+    ``None`` when it is gone."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
     """Name (the start of its command line, Ray's process title for workers) and CPU seconds (user + system) of
     ``root`` and every process below it, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
     stats: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        if entry.isdigit() and (stat := _stat(f"/proc/{entry}/stat")) is not None:
+            stats[int(entry)] = stat
     tree, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()
@@ -299,20 +303,12 @@ def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
 
 def _thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of ``pid``, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+        return {}
+    stats = {int(tid): _stat(f"/proc/{pid}/task/{tid}/stat") for tid in tids}
+    return {tid: stat[1] for tid, stat in stats.items() if stat is not None}
 
 
 _PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
