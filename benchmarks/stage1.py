@@ -13,6 +13,7 @@ paper preset on a short schedule, extrapolated (the table says which). Everythin
     python benchmarks/stage1.py --paper-steps 20000 --save-reference outputs/benchmarks/paper_ref.pt
     python benchmarks/stage1.py --reference outputs/benchmarks/paper_ref.pt --paper-time-steps 500  # default vs it
     python benchmarks/stage1.py --reference REF --candidate views=48 --candidate full_view_weight=20  # a sweep
+    python benchmarks/stage1.py --reference REF --preset quality  # another preset beside the default
     python benchmarks/stage1.py --families none --vit vit_small_patch14_dinov2 --vit-paper-steps 2000
 """
 
@@ -72,6 +73,8 @@ def parse_overrides(text: str) -> dict:
             v = out.get("views", base.views)
             lo, hi = v.scale
             out["views"] = replace(v, scale=(float(value), hi) if key == "scale_min" else (lo, float(value)))
+        elif key == "near_full_share":
+            out["views"] = replace(out.get("views", base.views), near_full_share=float(value))
         elif key == "grid_factor":
             out["field"] = FieldConfig(kind="grid", grid_factor=int(value))
         else:
@@ -80,9 +83,15 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
+def picked(args) -> list[int]:
+    """Indices of the seed's ``--images`` images this run fits (``--pick``; all by default). They keep their index as
+    image id, so a picked image gets the same views as in a run over all of them."""
+    return args.pick or list(range(args.images))
+
+
 def problem(family: str, args) -> tuple:
     bb, images = make_problem(family, args.images, args.size, embed_dim=args.dim, seed=args.seed)
-    return bb.to(args.device), images.to(args.device)
+    return bb.to(args.device), images[picked(args)].to(args.device)
 
 
 def sync(device: torch.device) -> None:
@@ -94,7 +103,7 @@ def run(config: Stage1Config, family: str, args, ids: list[int] | None = None) -
     """Fit ``config`` to a family's images, ``--batch`` at a time: scores, s/image (views + fit), peak memory."""
     device = torch.device(args.device)
     bb, images = problem(family, args)
-    ids = ids or list(range(args.images))
+    ids = ids or picked(args)
     reset_peak(device)
     sync(device)
     t = time.perf_counter()
@@ -120,7 +129,7 @@ def paper_reference(families: list[str], steps: int, args, budget: float = 0.0) 
         bb, images = problem(family, args)
         truths[family] = bb.clean_map(images).cpu()
         batches.append(extract_batch(bb, images, paper.views, seed=args.seed, chunk=paper.view_chunk,
-                                     image_ids=[1000 * k + i for i in range(args.images)]))
+                                     image_ids=[1000 * k + i for i in picked(args)]))
     batch = ViewBatch.concat(batches)
     if budget:  # time a short schedule, then run as many steps as the budget allows (at most `steps`)
         t = time.perf_counter()
@@ -141,7 +150,8 @@ def paper_reference(families: list[str], steps: int, args, budget: float = 0.0) 
     per_image = (batch.seconds + time.perf_counter() - t0) / len(res)
     out = {}
     for k, family in enumerate(families):
-        clean = torch.stack([r.clean for r in res[k * args.images:(k + 1) * args.images]])
+        n = len(picked(args))
+        clean = torch.stack([r.clean for r in res[k * n:(k + 1) * n]])
         out[family] = dict(clean=clean, seconds=per_image, peak_mib=peak_memory(device), steps=steps,
                            device=args.device, batch=len(res), scores=clean_scores(clean, truths[family]))
     return out
@@ -166,7 +176,7 @@ def paper_time(family: str, steps: int, args) -> dict:
 
 
 def save_reference(path: Path, args, results: dict) -> None:
-    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed)
+    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed, pick=picked(args))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(dict(meta=meta, families={f: {k: v for k, v in r.items() if k != "scores"}
                                          for f, r in results.items()}), path)
@@ -174,10 +184,11 @@ def save_reference(path: Path, args, results: dict) -> None:
 
 def load_reference(path: Path, args) -> dict:
     ref = torch.load(path, map_location="cpu", weights_only=False)
-    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed)
-    if ref["meta"] != meta:
+    meta = dict(images=args.images, size=args.size, dim=args.dim, seed=args.seed, pick=picked(args))
+    saved = {"pick": list(range(ref["meta"]["images"])), **ref["meta"]}  # files from before --pick hold every image
+    if saved != meta:
         raise SystemExit(f"--reference {path} was fitted on {ref['meta']}, this run uses {meta}: pass matching "
-                         "--images/--size/--dim/--seed.")
+                         "--images/--size/--dim/--seed/--pick.")
     return ref["families"]
 
 
@@ -284,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pick", type=lambda t: [int(i) for i in t.split(",")], default=None,
+                   help="fit only these of the seed's --images images, e.g. 0,3 (they keep their views)")
     p.add_argument("--batch", type=int, default=2, help="images fitted together (default and candidates)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--paper-steps", type=int, default=0, help="fit the paper preset for this many steps "
@@ -295,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference", type=Path, action="append", default=[], help="saved paper-preset fits to score "
                    "against (repeatable: files of different families)")
     p.add_argument("--save-reference", type=Path, help="save the paper-preset fits here")
+    p.add_argument("--preset", action="append", default=[], help="also score this named preset (repeatable: "
+                   "quality, ci)")
     p.add_argument("--candidate", action="append", default=[], help="default preset with overrides, e.g. "
                    "views=48,steps=600 (repeatable)")
     p.add_argument("--json", type=Path, help="write every row here")
@@ -307,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     families = [f for f in args.families.split(",") if f and f != "none"]
-    configs = {"default": Stage1Config.preset("default")}
+    configs = {name: Stage1Config.preset(name) for name in ["default", *args.preset]}
     configs.update({c: Stage1Config.preset("default", **parse_overrides(c)) for c in args.candidate})
     reference = {f: r for path in args.reference for f, r in load_reference(path, args).items()}
     if args.paper_steps:
@@ -332,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
             rows[name] = run(cfg, family, args)
         for name, r in rows.items():
             _log.info("%s %s: %s | %.3f s/image", family, name, fmt(r), r["seconds"])
-    lines = [f"{args.images} images per family, {args.size} px, patch 16, C={args.dim}, device {args.device}.", "",
+    lines = [f"{len(picked(args))} images per family (seed {args.seed}), {args.size} px, patch 16, C={args.dim}, "
+             f"device {args.device}.", "",
              "| family | method | uncentred | cosine | mean-norm ratio | centred | s/image | peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for family, rows in table.items():
