@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stage1  # noqa: E402  (benchmarks/stage1.py)
 
-SPLITS = {"tuning": (0,), "eval": (1, 2, 3)}
+SPLITS = {"tuning": (0, 4, 5, 6), "eval": (1, 2, 3)}
 IMAGES_PER_SEED = 5
 KEYS = ("uncentred", "cosine", "mean_norm_ratio")
 

@@ -80,6 +80,14 @@ class Stage1Config:
         linear_solve_iters: alternating closed-form ``F``/``G`` iterations before Adam (needs
             ``field.kind == "grid"``; 0 disables).
         full_view_weight: in that solve, weight of a full-view token in ``F``'s fit relative to a crop's.
+        near_full_weight: in that solve, weight of a token of a near-full view (``views.near_full_share``)
+            relative to a zoomed-in crop's.
+        near_full_rule: ``k`` of a per-image share of the near-full and full-view weights: a first solve at weight
+            1 for every view, then ``s = clamp(k d, 0, 1)`` from the zoomed-in crops' extra disagreement ``d``
+            (:meth:`pipeline.stage1.noise_model.NoiseModel.zoomed_crop_disagreement`), and the solve again from
+            its start with the weights ``1 + s (w - 1)``: every view counts the same where zoomed-in crops see
+            the same content (they then average noise too), the full weights where they do not. 0 keeps the
+            weights for every image.
         full_view_rule: ``k`` of a full-view weight chosen per image
             (:meth:`pipeline.stage1.noise_model.NoiseModel.full_view_weights`): the solve runs at
             ``full_view_weight``, then again from its start at each image's weight (twice the solve's cost).
@@ -110,6 +118,8 @@ class Stage1Config:
     g_init_std: float = 0.02
     linear_solve_iters: int = 0
     full_view_weight: float = 1.0
+    near_full_weight: float = 1.0
+    near_full_rule: float = 0.0
     full_view_rule: float = 0.0
     high_norm: float = 0.0
     field_smooth: float = 0.0
@@ -128,6 +138,16 @@ class Stage1Config:
         if self.full_view_rule < 0 or (self.full_view_rule and not self.linear_solve_iters):
             raise ValueError("Stage1Config.full_view_rule must be 0 or more, and needs linear_solve_iters > 0 (it "
                              "chooses the closed-form solve's full-view weight).")
+        both = 0 < self.views.near_full_views < self.views.num_views  # near-full views and zoomed-in crops
+        if self.near_full_rule < 0 or (self.near_full_rule and not (self.linear_solve_iters and both)):
+            raise ValueError("Stage1Config.near_full_rule must be 0 or more, and needs linear_solve_iters > 0 and "
+                             "both near-full views and zoomed-in crops (0 < views.near_full_share < 1).")
+        if self.near_full_rule and self.full_view_rule:
+            raise ValueError("Stage1Config: near_full_rule and full_view_rule both choose the full view's weight; "
+                             "set one of them.")
+        if self.near_full_weight <= 0 or (self.near_full_weight != 1 and not self.linear_solve_iters):
+            raise ValueError("Stage1Config.near_full_weight must be above 0, and needs linear_solve_iters > 0 to "
+                             "differ from 1 (it weighs the closed-form solve's tokens).")
         for name in (self.feature_dtype, self.amp_dtype or "float32"):
             if name not in _DTYPES:
                 raise ValueError(f"Stage1Config: unknown dtype {name!r}; use one of {sorted(_DTYPES)}.")
@@ -147,9 +167,13 @@ class Stage1Config:
         first written while they hold the value that reproduces the older behaviour (:data:`ADDED_LATER`): a
         store written before such a field existed still resumes with the same settings."""
         out = asdict(self)
-        for name, old in ADDED_LATER.items():
-            if out.get(name) == old:
-                del out[name]
+        for path, old in ADDED_LATER.items():
+            *parents, name = path.split(".")
+            holder = out
+            for key in parents:
+                holder = holder[key]
+            if holder.get(name) == old:
+                del holder[name]
         return out
 
     def lr_at(self, step: int) -> float:
@@ -160,19 +184,23 @@ class Stage1Config:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-#: Fields added to :class:`Stage1Config` after stores recorded it, with the value that behaves as before.
-ADDED_LATER: dict[str, object] = {"full_view_rule": 0.0}
+#: Fields added to :class:`Stage1Config` (dotted: of its parts) after stores recorded it, with the value that
+#: behaves as before.
+ADDED_LATER: dict[str, object] = {"full_view_rule": 0.0, "near_full_weight": 1.0, "near_full_rule": 0.0,
+                                  "views.near_full_share": 0.0, "views.near_full_scale": (0.9, 1.0)}
 
 PRESETS: dict[str, Stage1Config] = {
     "paper": Stage1Config(),
     "default": Stage1Config(
         views=ViewConfig(num_views=24, scale=(0.3, 0.7)), field=FieldConfig(kind="grid", grid_factor=2), steps=0,
         linear_solve_iters=30, full_view_weight=10.0, high_norm=3.0, field_smooth=0.03),
-    # More views, a finer F and a full-view weight chosen per image: better than the default on every family of
-    # the evaluation images, at 96 ViT passes an image instead of 25 (docs/stage1.md).
+    # More views, 40% of them near the full view's scale to average its noise, and a finer F: better than the
+    # paper preset's full schedule on every family of the evaluation images, at 96 ViT passes an image instead
+    # of 769 (docs/stage1.md).
     "quality": Stage1Config(
-        views=ViewConfig(num_views=95, scale=(0.3, 0.7)), field=FieldConfig(kind="grid", grid_factor=3), steps=0,
-        linear_solve_iters=30, full_view_weight=1.0, full_view_rule=10.0, high_norm=3.0, field_smooth=0.03),
+        views=ViewConfig(num_views=95, scale=(0.3, 0.7), near_full_share=0.4),
+        field=FieldConfig(kind="grid", grid_factor=3), steps=0, linear_solve_iters=30, full_view_weight=10.0,
+        near_full_weight=3.0, near_full_rule=3.0, high_norm=3.0, field_smooth=0.03),
     # A tiny schedule for tests and smoke runs (seconds on a CPU).
     "ci": Stage1Config(
         views=ViewConfig(num_views=10), field=FieldConfig(kind="grid", grid_factor=2), steps=0,
@@ -310,15 +338,7 @@ def fit_views(batch: ViewBatch, config: Stage1Config, *, seed: int = 0,
                        g_init=None if g_init is None else g_init.to(device, torch.float32),
                        residual=config.residual and config.steps > 0, device=device).to(device)
     if config.linear_solve_iters:
-        start = (model.field.grid.data.clone(), model.artifact.grid.data.clone()) if config.full_view_rule else None
-        keep = model.solve_linear(raw, xy, views, config.linear_solve_iters, full_weight=config.full_view_weight,
-                                  high_norm=config.high_norm, smooth=config.field_smooth)
-        if start is not None:  # again from the same start, at each image's own full-view weight
-            weight = model.full_view_weights(raw, xy, views, keep, config.full_view_rule)
-            model.field.grid.data.copy_(start[0])
-            model.artifact.grid.data.copy_(start[1])
-            model.solve_linear(raw, xy, views, config.linear_solve_iters, full_weight=weight,
-                               high_norm=config.high_norm, smooth=config.field_smooth)
+        _solve_closed_form(model, raw, xy, views, config)
         model.fix_gauge()
     opt = _adam(model, config) if config.steps else None
     freeze_step = int(config.freeze_artifact_at * config.steps)
@@ -364,6 +384,41 @@ def fit_views(batch: ViewBatch, config: Stage1Config, *, seed: int = 0,
     _log.info("stage 1: %d images, %d views, %d steps in %.2fs (views %.2fs)", b, views, config.steps,
               batch.seconds + fit_seconds, batch.seconds)
     return results
+
+
+def _solve_closed_form(model: NoiseModel, raw: torch.Tensor, xy: torch.Tensor, views: int,
+                       config: Stage1Config) -> None:
+    """The closed-form weighted least-squares solve of ``F`` and ``G`` with the config's view weights, and the
+    per-image rules that choose them from a first solve (``near_full_rule``, ``full_view_rule``)."""
+    device, b = raw.device, raw.shape[0]
+    rule = config.full_view_rule or config.near_full_rule
+    start = (model.field.grid.data.clone(), model.artifact.grid.data.clone()) if rule else None
+    near = config.views.near_full_views  # the last views (views.sample_boxes)
+    full_weight, view_weights, artifact_views = config.full_view_weight, None, None
+    if near:  # they weigh in F's fit; G is left to the full view and the zoomed-in crops
+        artifact_views = torch.ones(views, device=device)
+        artifact_views[views - near:] = 0
+        view_weights = torch.ones(views, device=device)
+        view_weights[views - near:] = config.near_full_weight
+    if config.near_full_rule:  # a first solve at weight 1, then each image's share of the weights above 1
+        keep = model.solve_linear(raw, xy, views, config.linear_solve_iters, high_norm=config.high_norm,
+                                  smooth=config.field_smooth, artifact_views=artifact_views)
+        share = (config.near_full_rule * model.zoomed_crop_disagreement(raw, xy, views, keep, near)).clamp(0, 1)
+        full_weight = 1 + share * (config.full_view_weight - 1)
+        view_weights = torch.ones(b, views, device=device)
+        view_weights[:, views - near:] = (1 + share * (config.near_full_weight - 1))[:, None]
+        model.field.grid.data.copy_(start[0])
+        model.artifact.grid.data.copy_(start[1])
+    keep = model.solve_linear(raw, xy, views, config.linear_solve_iters, full_weight=full_weight,
+                              high_norm=config.high_norm, smooth=config.field_smooth, view_weights=view_weights,
+                              artifact_views=artifact_views)
+    if config.full_view_rule:  # again from the same start, at each image's own full-view weight
+        weight = model.full_view_weights(raw, xy, views, keep, config.full_view_rule)
+        model.field.grid.data.copy_(start[0])
+        model.artifact.grid.data.copy_(start[1])
+        model.solve_linear(raw, xy, views, config.linear_solve_iters, full_weight=weight,
+                           high_norm=config.high_norm, smooth=config.field_smooth, view_weights=view_weights,
+                           artifact_views=artifact_views)
 
 
 @torch.no_grad()

@@ -146,7 +146,8 @@ class NoiseModel(nn.Module):
     @torch.no_grad()
     def solve_linear(self, raw: torch.Tensor, coords: torch.Tensor, views: int, iters: int, *,
                      full_weight: float | torch.Tensor = 1.0, high_norm: float = 0.0,
-                     smooth: float = 0.0) -> torch.Tensor:
+                     smooth: float = 0.0, view_weights: torch.Tensor | None = None,
+                     artifact_views: torch.Tensor | None = None) -> torch.Tensor:
         """Alternate exact ``G`` and Jacobi ``F`` updates of the weighted least-squares problem
         ``min sum_tokens w ||F(x) + G(p) - raw||^2 + smooth * ||grad F||^2``; returns the token weights.
 
@@ -154,9 +155,12 @@ class NoiseModel(nn.Module):
         view 0 being the full view.
 
         * ``G(p)`` is the mean over views of ``raw - F`` (every view counts the same: each is one more
-          observation of the same artifact).
+          observation of the same artifact), or over the views ``artifact_views`` (``(V,)``, 0 or 1) marks:
+          a near-full view puts each grid position at nearly the image place the full view does, so it cannot
+          tell ``G`` from ``F`` and, counted in, lets ``F`` keep part of the artifact.
         * ``F``'s tokens weigh ``full_weight`` (a number, or one per image ``(B,)``) in the full view and 1
-          elsewhere. A crop's patch covers less of
+          elsewhere, or ``view_weights[v]`` in view ``v`` when given (``(V,)``; the full view's still times
+          ``full_weight``). A crop's patch covers less of
           the image than a full-view patch, so its content differs from the full view's at the same place;
           the full view is the scale the clean map is read at, so it leads ``F`` while crops, where the
           artifact sits at other image places, separate ``F`` from ``G``.
@@ -183,19 +187,45 @@ class NoiseModel(nn.Module):
             dev = (raw - raw.mean(1, keepdim=True)).norm(dim=-1, keepdim=True)
             keep = (dev <= high_norm * dev.median(1, keepdim=True).values).float()
         f_w = keep.clone()
+        if view_weights is not None:
+            f_w = (f_w.view(b, views, p) * view_weights.to(f_w).view(-1, views, 1)).view(b, n, 1)
         f_w[:, :p] *= torch.as_tensor(full_weight, dtype=f_w.dtype, device=f_w.device).reshape(-1, 1, 1)
         weight = interp.splat(f_w).view(b * rh * rw, 1)  # per node: sum of its tokens' bilinear weights
         lam = smooth * weight.view(b, -1).mean(1).repeat_interleave(rh * rw)[:, None]
+        g_keep = keep if artifact_views is None else \
+            (keep.view(b, views, p) * artifact_views.to(keep).view(1, views, 1)).view(b, n, 1)
         for _ in range(iters):
             resid = raw - interp.apply(flat)
-            g_nodes = _weighted_view_mean(resid, keep, views, p)
+            g_nodes = _weighted_view_mean(resid, g_keep, views, p)
             resid = resid.view(b, views, p, c).sub_(g_nodes[:, None]).view(b, n, c)
             acc = interp.splat(resid * f_w) - lam * _laplacian(flat, b, rh, rw)
             flat = flat + torch.where(weight + lam > 1e-6, acc / (weight + 8 * lam).clamp_min(1e-6), 0)
-        g_nodes = _weighted_view_mean(raw - interp.apply(flat), keep, views, p)
+        g_nodes = _weighted_view_mean(raw - interp.apply(flat), g_keep, views, p)
         grid.data.copy_(flat.view(b, rh * rw, c).transpose(1, 2).reshape(b, c, rh, rw))
         self.artifact.grid.data.copy_(g_nodes.transpose(1, 2).reshape_as(self.artifact.grid))
         return keep[..., 0]
+
+    @torch.no_grad()
+    def zoomed_crop_disagreement(self, raw: torch.Tensor, coords: torch.Tensor, views: int, keep: torch.Tensor,
+                                 near: int) -> torch.Tensor:
+        """How much more the zoomed-in crops disagree with the solve this model holds than the ``near`` near-full
+        views (the last ones) do, per image ``(B,)``: ``(E_zoom - E_near) / E_near`` from the mean squared residuals
+        of their kept tokens. About 0 where content does not change with the crop's scale (the crops then average
+        the noise as well as near-full views do); large on photographs, where a zoomed-in patch sees finer content
+        than the clean map is read at."""
+        b, n, c = raw.shape
+        p = self.artifact.grid.shape[-2] * self.artifact.grid.shape[-1]
+        rh, rw = self.field.grid.shape[-2:]
+        interp = GridInterp(self.field, coords)
+        flat = self.field.grid.data.float().flatten(2).transpose(1, 2).reshape(b * rh * rw, c)
+        g = self.artifact.grid.data.float().flatten(2).transpose(1, 2)
+        resid = (raw.float() - interp.apply(flat)).view(b, views, p, c) - g[:, None]
+        kept = keep.view(b, views, p)
+        energy = (resid.pow(2).sum(-1) * kept).sum(2)  # (B, V)
+        zoom = slice(1, views - near)
+        e_zoom = energy[:, zoom].sum(1) / kept[:, zoom].sum((1, 2)).clamp_min(1)
+        e_near = energy[:, views - near:].sum(1) / kept[:, views - near:].sum((1, 2)).clamp_min(1)
+        return (e_zoom - e_near) / e_near.clamp_min(1e-12)
 
     @torch.no_grad()
     def full_view_weights(self, raw: torch.Tensor, coords: torch.Tensor, views: int, keep: torch.Tensor,

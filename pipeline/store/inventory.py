@@ -98,8 +98,15 @@ def stage1_lines(record: dict[str, Any]) -> list[str]:
     views, fld = record.get("views") or {}, record.get("field") or {}
     lo, hi = views.get("scale", (0.1, 0.5))
     full = " + the full view" if views.get("include_full", True) else ""
-    lines = [f"views:  {views.get('num_views', '?')} random crops of {_num(100 * lo)}-{_num(100 * hi)}% of the area"
-             f"{full}, flipped with p={_num(views.get('flip_prob', 0.5))}"]
+    count = views.get("num_views", "?")
+    near = round((views.get("near_full_share") or 0) * count) if isinstance(count, int) else 0
+    if near:
+        nlo, nhi = views.get("near_full_scale", (0.9, 1.0))
+        crops = (f"{count - near} random crops of {_num(100 * lo)}-{_num(100 * hi)}% of the area and {near} of "
+                 f"{_num(100 * nlo)}-{_num(100 * nhi)}%")
+    else:
+        crops = f"{count} random crops of {_num(100 * lo)}-{_num(100 * hi)}% of the area"
+    lines = [f"views:  {crops}{full}, flipped with p={_num(views.get('flip_prob', 0.5))}"]
     if not fld:
         lines.append("F:      not recorded")
     elif fld.get("kind") == "grid":
@@ -114,6 +121,12 @@ def stage1_lines(record: dict[str, Any]) -> list[str]:
         rule = record.get("full_view_rule") or 0
         weight = (f"per image (rule k={_num(rule)}, from a first solve at {_num(record.get('full_view_weight', 1))})"
                   if rule else _num(record.get("full_view_weight", 1)))
+        near_weight = record.get("near_full_weight", 1)
+        if near and near_weight != 1:
+            weight += f", near-full views {_num(near_weight)}"
+        if near and record.get("near_full_rule"):
+            weight += (f", both scaled per image by the zoomed-in crops' disagreement (rule k="
+                       f"{_num(record['near_full_rule'])}, from a first solve at 1)")
         lines.append(f"solve:  closed form, {solve} alternating F/G least-squares solves; full view weight "
                      f"{weight}, high-norm tokens above "
                      f"{_num(record.get('high_norm', 0))}x the median left to the residual, smoothing "

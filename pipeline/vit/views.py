@@ -31,20 +31,37 @@ __all__ = ["ViewConfig", "Views", "grid_shape", "make_views", "patch_coords", "r
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """How random views are drawn (defaults are the DVT reference: scale 0.1-0.5, ratio 3/4-4/3)."""
+    """How random views are drawn (defaults are the DVT reference: scale 0.1-0.5, ratio 3/4-4/3).
+
+    ``near_full_share`` of the ``num_views`` (rounded) are drawn instead at ``near_full_scale`` of the area, after
+    the others: views close to the full view's scale whose patches sit at other places than its patches. Their
+    tokens see nearly what a full-view token sees, with their own noise, so they can average a clean map's noise
+    where zoomed-in crops cannot (their content is at a finer scale); the zoomed-in crops still tell the artifact
+    from the content.
+    """
 
     num_views: int = 768
     scale: tuple[float, float] = (0.1, 0.5)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
     include_full: bool = True
+    near_full_share: float = 0.0
+    near_full_scale: tuple[float, float] = (0.9, 1.0)
+
+    @property
+    def near_full_views(self) -> int:
+        """How many of the random views are drawn at ``near_full_scale`` (the last ones)."""
+        return round(self.near_full_share * self.num_views)
 
     def __post_init__(self) -> None:
         if self.num_views < 0:
             raise ValueError(f"ViewConfig.num_views must be >= 0, got {self.num_views}.")
-        lo, hi = self.scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"ViewConfig.scale must satisfy 0 < min <= max <= 1, got {self.scale}.")
+        for name in ("scale", "near_full_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"ViewConfig.{name} must satisfy 0 < min <= max <= 1, got {getattr(self, name)}.")
+        if not 0 <= self.near_full_share <= 1:
+            raise ValueError(f"ViewConfig.near_full_share must be in [0, 1], got {self.near_full_share}.")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ViewConfig.ratio must satisfy 0 < min <= max, got {self.ratio}.")
         if not 0 <= self.flip_prob <= 1:
@@ -94,10 +111,22 @@ def sample_boxes(n: int, config: ViewConfig, generator: torch.Generator) -> tupl
     """Draw ``n`` random resized crop boxes ``(x0, y0, w, h)`` and flips, torchvision-style.
 
     The area fraction is uniform in ``config.scale`` and the aspect ratio log-uniform in ``config.ratio``;
-    draws that do not fit the unit square are redrawn (ten tries, then the box is shrunk to fit).
+    draws that do not fit the unit square are redrawn (ten tries, then the box is shrunk to fit). With
+    ``config.near_full_share``, the last ``round(share * n)`` boxes are drawn the same way at
+    ``config.near_full_scale`` (from the same generator, after the others, so the others do not change).
     """
+    near = round(config.near_full_share * n)
+    if near:
+        boxes, flips = _sample_boxes(n - near, config.scale, config, generator)
+        more, more_flips = _sample_boxes(near, config.near_full_scale, config, generator)
+        return torch.cat([boxes, more]), torch.cat([flips, more_flips])
+    return _sample_boxes(n, config.scale, config, generator)
+
+
+def _sample_boxes(n: int, scale: tuple[float, float], config: ViewConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     tries = 10
-    area = torch.empty(n, tries).uniform_(*config.scale, generator=generator)
+    area = torch.empty(n, tries).uniform_(*scale, generator=generator)
     log_r = torch.empty(n, tries).uniform_(math.log(config.ratio[0]), math.log(config.ratio[1]), generator=generator)
     r = torch.exp(log_r)
     w, h = torch.sqrt(area * r), torch.sqrt(area / r)

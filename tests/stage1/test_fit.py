@@ -3,6 +3,8 @@ batching, high-norm tokens, errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from pipeline.stage1.field import FieldConfig, HashGridConfig
 from pipeline.stage1.noise_model import NoiseModel
 from pipeline.stage1.fit import PRESETS, Stage1Config, Stage1Error, fit_generator, fit_images
 from pipeline.testing.synthetic import SyntheticBackbone, clean_scores, make_problem, recovery_error, smooth_images
-from pipeline.stage1.view_features import view_boxes
+from pipeline.stage1.view_features import extract_batch, view_boxes
 from pipeline.vit.views import ViewConfig, make_views
 
 SIZE, PATCH, DIM = 160, 16, 16  # a 10 x 10 patch grid
@@ -223,9 +225,61 @@ def test_stores_recorded_before_the_rule_existed_record_the_same_settings():
 
     for name in ("default", "ci", "paper"):
         before = dataclasses.asdict(PRESETS[name])
-        for field in ADDED_LATER:
-            del before[field]  # what a store written before these fields existed holds
+        for path in ADDED_LATER:  # what a store written before these fields existed holds
+            *parents, field = path.split(".")
+            holder = before
+            for key in parents:
+                holder = holder[key]
+            del holder[field]
         assert PRESETS[name].record() == before
-    assert PRESETS["quality"].record()["full_view_rule"] == 10.0
+    record = PRESETS["quality"].record()
+    assert record["near_full_weight"] == 3.0 and record["views"]["near_full_share"] == 0.4
+    assert record["near_full_rule"] == 3.0 and "full_view_rule" not in record
+    assert "near_full_scale" not in record["views"]  # at the value it has always had: implied
     quality = PRESETS["quality"]
     assert quality.views.num_views + 1 <= 96 and quality.linear_solve_iters and quality.steps == 0
+
+
+def test_near_full_views_average_the_noise_the_zoomed_crops_cannot(backbone, images):
+    """Views near the full view's scale (``views.near_full_share``) see nearly what the full view sees, with their
+    own noise: weighted in (``near_full_weight``) they lower the clean map's error on noisy photographs, where
+    zoomed-in crops (finer content) cannot be averaged in without bias. Bad values are refused by name."""
+    bb, photos = make_problem("noise-0.1", 1, 224, embed_dim=32, patch_size=PATCH, seed=0)
+    near = PRESETS["quality"].replace(near_full_rule=0.0)
+    base = near.replace(views=dataclasses.replace(near.views, near_full_share=0.0), near_full_weight=1.0)
+    assert near.views.near_full_views == 38
+    true = bb.clean_map(photos)
+
+    def score(config: Stage1Config) -> dict[str, float]:
+        return clean_scores(fit_images(bb, photos, config, image_ids=[0], seed=0)[0].clean[None], true)
+
+    scores = {"crops": score(base), "near": score(near)}
+    assert scores["near"]["uncentred"] < 0.8 * scores["crops"]["uncentred"], scores
+    assert 0.95 <= scores["near"]["mean_norm_ratio"] <= 1.05, scores
+
+    # the rule: the zoomed-in crops disagree with the fit far more than the near-full views on photographs, and
+    # about as much on smooth images (point content: every view sees the same colour at a place)
+    ruled = near.replace(near_full_rule=3.0)
+    disagreement = {}
+    for name, (model, pixels) in (("photo", (bb, photos)), ("smooth", (backbone, images[:1]))):
+        batch = extract_batch(model, pixels, ruled.views, image_ids=[0], seed=0)
+        noise = NoiseModel(ruled.field, batch.raw.shape[-1], batch.full_coords, batch.full_coords,
+                           [torch.Generator()])
+        zoomed = (torch.arange(batch.views) < batch.views - 38).float()  # G from the full view and zoomed crops
+        keep = noise.solve_linear(batch.raw, batch.xy, batch.views, 30, high_norm=3.0, smooth=0.03,
+                                  artifact_views=zoomed)
+        disagreement[name] = noise.zoomed_crop_disagreement(batch.raw, batch.xy, batch.views, keep, 38)
+    assert (disagreement["photo"] > 1 / 3).all() and (disagreement["smooth"] < 0.1).all(), disagreement
+    rule_scores = score(ruled)
+    assert rule_scores["uncentred"] == pytest.approx(scores["near"]["uncentred"], rel=1e-3), (rule_scores, scores)
+
+    with pytest.raises(ValueError, match="near_full_weight"):
+        PRESETS["ci"].replace(near_full_weight=0.0)
+    with pytest.raises(ValueError, match="near_full_weight"):
+        PRESETS["paper"].replace(near_full_weight=3.0)  # Adam only: no closed-form solve to weigh
+    with pytest.raises(ValueError, match="near_full_share"):
+        ViewConfig(near_full_share=1.5)
+    with pytest.raises(ValueError, match="near_full_rule"):
+        base.replace(near_full_rule=3.0)  # no near-full views to weigh
+    with pytest.raises(ValueError, match="set one of them"):
+        ruled.replace(full_view_rule=10.0)

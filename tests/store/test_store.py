@@ -459,5 +459,8 @@ def test_info_prints_the_settings_each_stage1_preset_really_uses():
     assert "768 random crops of 10-50%" in paper and "hash grid (16 levels" in paper and "20000 steps" in paper
     assert "closed form" not in paper
     quality = "\n".join(stage1_lines(PRESETS["quality"].record()))
-    assert "95 random crops" in quality and "full view weight per image (rule k=10, from a first solve at 1)" in quality
-    assert "per image" not in default
+    assert "57 random crops of 30-70% of the area and 38 of 90-100% + the full view" in quality
+    assert "full view weight 10, near-full views 3, both scaled per image" in quality and "rule k=3" in quality
+    rule = "\n".join(stage1_lines(PRESETS["default"].replace(full_view_weight=1.0, full_view_rule=10.0).record()))
+    assert "full view weight per image (rule k=10, from a first solve at 1)" in rule
+    assert "per image" not in default and "near-full" not in default

@@ -77,11 +77,29 @@ def test_boxes_follow_scale_ratio_and_flip_probability():
     assert abs(area.mean().item() - 0.3) < 0.02  # uniform in [0.1, 0.5]
 
 
+def test_near_full_views_are_the_last_boxes_at_their_own_scale():
+    cfg = ViewConfig(num_views=1000, scale=(0.3, 0.7), near_full_share=0.4, near_full_scale=(0.9, 1.0))
+    assert cfg.near_full_views == 400
+    boxes, flips = sample_boxes(cfg.num_views, cfg, view_generator(0, 0))
+    area = boxes[:, 2] * boxes[:, 3]
+    assert boxes.shape == (1000, 4) and flips.shape == (1000,)
+    assert area[:600].min() >= 0.3 - 1e-5 and area[:600].max() <= 0.7 + 1e-5
+    # near the full area most aspect ratios do not fit: redrawn, and after ten tries shrunk to fit (never below
+    # sqrt(0.9 * 3/4) of the area for ratios within 3/4-4/3)
+    assert area[600:].min() >= 0.82 and area[600:].max() <= 1.0 + 1e-5
+    assert (area[600:] >= 0.9 - 1e-5).float().mean() > 0.9
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 1 + 1e-6).all() and (y0 + h <= 1 + 1e-6).all()
+    assert 0.4 < flips[600:].float().mean() < 0.6
+
+
 def test_bad_sizes_and_configs_fail_clearly():
     with pytest.raises(ValueError, match="does not fit patch 14"):
         grid_shape(100, 14)
     with pytest.raises(ValueError, match="scale"):
         ViewConfig(scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="near_full_scale"):
+        ViewConfig(near_full_scale=(0.9, 1.2))
     with pytest.raises(ValueError, match="one image"):
         render_views(torch.rand(1, 3, 8, 8), torch.zeros(1, 4), torch.zeros(1, dtype=torch.bool), 8)
     assert grid_shape((28, 42), 14) == (2, 3)
