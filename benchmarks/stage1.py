@@ -256,6 +256,42 @@ def real_vit_rows(args, device) -> tuple[list[str], object]:
     return rows, res[0]
 
 
+def save_panel(image: torch.Tensor, truth: torch.Tensor, maps: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    """One image's clean maps side by side, coloured by the truth's first three principal components, and under
+    each the error of every token (relative to the truth's typical centred norm): where a method is wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = truth.reshape(-1, truth.shape[-1]).float()
+    mean = flat.mean(0)
+    _, _, v = torch.pca_lowrank(flat - mean, q=3, center=False)
+    ref = (flat - mean) @ v
+    lo, hi = ref.quantile(0.01, 0), ref.quantile(0.99, 0)
+    scale = (flat - mean).norm(dim=-1).mean()
+    columns = {"truth": truth, **maps}
+    fig, ax = plt.subplots(2, len(columns) + 1, figsize=(3 * (len(columns) + 1), 6.4), squeeze=False)
+    ax[0, 0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax[0, 0].set_title("image")
+    for i, (name, m) in enumerate(columns.items(), start=1):
+        m = m.float()
+        rgb = (((m.reshape(-1, m.shape[-1]) - mean) @ v - lo) / (hi - lo)).clamp(0, 1)
+        ax[0, i].imshow(rgb.reshape(*m.shape[:2], 3).numpy(), interpolation="nearest")
+        ax[0, i].set_title(name.split(" (")[0], fontsize=10)
+        ax[1, i].imshow(((m - truth).norm(dim=-1) / scale).numpy(), vmin=0, vmax=0.5, cmap="magma",
+                        interpolation="nearest")
+        error = float((m - truth).norm() / (truth - truth.mean((0, 1))).norm())
+        ax[1, i].set_title(f"token error (uncentred {error:.3f})", fontsize=9)
+    for a in ax.flat:
+        a.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def save_png(result, path: Path, title: str) -> None:
     import matplotlib
 
@@ -334,11 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         rows = table.setdefault(family, {})
         bb, images = problem(family, args)
         truth = bb.clean_map(images).cpu()
-        rows["raw"] = dict(scores=clean_scores(bb.features(images).cpu(), truth), seconds=0.0, peak_mib=0.0)
+        raw = bb.features(images).cpu()
+        rows["raw"] = dict(scores=clean_scores(raw, truth), seconds=0.0, peak_mib=0.0, clean=raw)
         if family in reference:
             ref = reference[family]
             how = f"{ref['steps']} steps, {ref['batch']} images fitted together on {ref['device']}"
-            rows[f"paper ({how})"] = dict(scores=clean_scores(ref["clean"], truth), seconds=ref["seconds"],
+            rows[f"paper ({how})"] = dict(scores=clean_scores(ref["clean"], truth), seconds=ref["seconds"], clean=ref["clean"],
                                           peak_mib=ref["peak_mib"])
         if args.paper_time_steps and family == families[0]:  # the time does not depend on the family
             rows[f"paper, 1 image (time from {args.paper_time_steps} steps)"] = \
@@ -347,6 +384,10 @@ def main(argv: list[str] | None = None) -> None:
             rows[name] = run(cfg, family, args)
         for name, r in rows.items():
             _log.info("%s %s: %s | %.3f s/image", family, name, fmt(r), r["seconds"])
+        save_panel(images[0].cpu(), truth[0], {n: r["clean"][0] for n, r in rows.items() if "clean" in r},
+                   args.png / f"stage1_{family}_seed{args.seed}_image{picked(args)[0]}.png",
+                   f"{family}, seed {args.seed}, image {picked(args)[0]}: clean maps (PCA of the truth) and each "
+                   "token's error")
     lines = [f"{len(picked(args))} images per family (seed {args.seed}), {args.size} px, patch 16, C={args.dim}, "
              f"device {args.device}.", "",
              "| family | method | uncentred | cosine | mean-norm ratio | centred | s/image | peak MiB |",
