@@ -285,11 +285,7 @@ def save_panel(image: torch.Tensor, truth: torch.Tensor, maps: dict[str, torch.T
         ax[1, i].set_title(f"token error (uncentred {error:.3f})", fontsize=9)
     for a in ax.flat:
         a.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _finish(fig, path, title, dpi=80)
 
 
 def save_png(result, path: Path, title: str) -> None:
@@ -317,10 +313,17 @@ def save_png(result, path: Path, title: str) -> None:
         a.imshow(img, interpolation="nearest")
         a.set_title(name)
         a.axis("off")
+    _finish(fig, path, title, dpi=100)
+
+
+def _finish(fig, path: Path, title: str, dpi: int) -> None:
+    """Title, lay out and save a figure as a PNG, then free it."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
