@@ -205,6 +205,17 @@ class NoiseModel(nn.Module):
         self.artifact.grid.data.copy_(g_nodes.transpose(1, 2).reshape_as(self.artifact.grid))
         return keep[..., 0]
 
+    def _view_residuals(self, raw: torch.Tensor, coords: torch.Tensor, views: int,
+                        interp: "GridInterp | None" = None) -> torch.Tensor:
+        """``raw - F - G`` of every token under the grid ``F`` and ``G`` this model holds: ``(B, V, P, C)``."""
+        b, _, c = raw.shape
+        p = self.artifact.grid.shape[-2] * self.artifact.grid.shape[-1]
+        rh, rw = self.field.grid.shape[-2:]
+        interp = interp or GridInterp(self.field, coords)
+        flat = self.field.grid.data.float().flatten(2).transpose(1, 2).reshape(b * rh * rw, c)
+        g = self.artifact.grid.data.float().flatten(2).transpose(1, 2)  # (B, P, C)
+        return (raw.float() - interp.apply(flat)).view(b, views, p, c) - g[:, None]
+
     @torch.no_grad()
     def zoomed_crop_disagreement(self, raw: torch.Tensor, coords: torch.Tensor, views: int, keep: torch.Tensor,
                                  near: int) -> torch.Tensor:
@@ -213,14 +224,9 @@ class NoiseModel(nn.Module):
         of their kept tokens. About 0 where content does not change with the crop's scale (the crops then average
         the noise as well as near-full views do); large on photographs, where a zoomed-in patch sees finer content
         than the clean map is read at."""
-        b, n, c = raw.shape
-        p = self.artifact.grid.shape[-2] * self.artifact.grid.shape[-1]
-        rh, rw = self.field.grid.shape[-2:]
-        interp = GridInterp(self.field, coords)
-        flat = self.field.grid.data.float().flatten(2).transpose(1, 2).reshape(b * rh * rw, c)
-        g = self.artifact.grid.data.float().flatten(2).transpose(1, 2)
-        resid = (raw.float() - interp.apply(flat)).view(b, views, p, c) - g[:, None]
-        kept = keep.view(b, views, p)
+        b = raw.shape[0]
+        resid = self._view_residuals(raw, coords, views)
+        kept = keep.view(b, views, -1)
         energy = (resid.pow(2).sum(-1) * kept).sum(2)  # (B, V)
         zoom = slice(1, views - near)
         e_zoom = energy[:, zoom].sum(1) / kept[:, zoom].sum((1, 2)).clamp_min(1)
@@ -242,13 +248,10 @@ class NoiseModel(nn.Module):
         solve's ``F`` and ``G`` absorb part of both energies): 10, chosen on the tuning images
         (``docs/stage1.md``), picks 1 on smooth images and 10-90 on photographs.
         """
-        b, n, c = raw.shape
+        b, n, _ = raw.shape
         p = self.artifact.grid.shape[-2] * self.artifact.grid.shape[-1]
-        rh, rw = self.field.grid.shape[-2:]
         interp = GridInterp(self.field, coords)
-        flat = self.field.grid.data.float().flatten(2).transpose(1, 2).reshape(b * rh * rw, c)
-        g = self.artifact.grid.data.float().flatten(2).transpose(1, 2)  # (B, P, C)
-        resid = (raw.float() - interp.apply(flat)).view(b, views, p, c) - g[:, None]
+        resid = self._view_residuals(raw, coords, views, interp)
         kept = keep.view(b, views, p)
         energy = resid.pow(2).sum(-1) * kept
         e_full = energy[:, 0].sum(1) / kept[:, 0].sum(1).clamp_min(1)

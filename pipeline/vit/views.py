@@ -113,7 +113,7 @@ def sample_boxes(n: int, config: ViewConfig, generator: torch.Generator) -> tupl
     The area fraction is uniform in ``config.scale`` and the aspect ratio log-uniform in ``config.ratio``;
     draws that do not fit the unit square are redrawn (ten tries, then the box is shrunk to fit). With
     ``config.near_full_share``, the last ``round(share * n)`` boxes are drawn the same way at
-    ``config.near_full_scale`` (from the same generator, after the others, so the others do not change).
+    ``config.near_full_scale``, from the same generator after the others (a share of 0 draws as before it existed).
     """
     near = round(config.near_full_share * n)
     if near:
